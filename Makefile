@@ -1,0 +1,37 @@
+# Every target does its own set-up: a fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+TORCH_CPU_VERSION := 2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(VENV)/.stamp
+
+# torch first: without a GPU, pin the CPU build so pip does not resolve the multi-GB CUDA wheel.
+$(VENV)/.stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(PIP) install --quiet "torch>=2.13"; \
+	else \
+	    $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/meshweave run --nproc 4 --config configs/tiny.toml --out $(DEMO_OUT) --checkpoint.resume=none
+	$(VENV)/bin/meshweave plot $(DEMO_OUT)
+	@echo "demo done: metrics in $(DEMO_OUT)/metrics.jsonl, plots in $(DEMO_OUT)/plots/, checkpoints in $(DEMO_OUT)/checkpoints/"
+
+test: venv
+	$(PY) -m pytest -q -rs --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,421 @@
+"""Run configuration: dataclasses, TOML loading, ``--section.key=value`` overrides, validation.
+
+Everything a run needs is one :class:`Config`. It is resolved (TOML file, then command-line
+overrides) and validated in the launching process before any process group exists, so a bad value
+costs one line on stderr and exit code 2, never a traceback from eight ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value. The message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape. Parameter names follow Hugging Face Llama one-to-one."""
+
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    vocab_size: int = 320
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``embedded`` is Python's own pydoc topics, byte-tokenized."""
+
+    source: str = "embedded"
+    eval_fraction: float = 0.05
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the device mesh, slowest to fastest: pp, dp_replicate, dp_shard, cp, tp.
+
+    ``dp_shard = -1`` fills whatever the other degrees leave of the world size.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    mixed_precision: str = "none"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    fused: str = "auto"
+
+
+@dataclass
+class CommConfig:
+    bucket_mb: float = 25.0
+    overlap: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    keep: int = 2
+    resume: str = "auto"
+    save_final: bool = True
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1
+    progress: bool = True
+    peak_tflops: float = 0.0
+    wandb: bool = False
+    wandb_project: str = "meshweave"
+    wandb_run_name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    global_batch: int = 32
+    micro_batch: int = 0
+    seq_len: int = 128
+    dtype: str = "fp32"
+    eval_interval: int = 0
+    eval_batches: int = 4
+    max_bad_steps: int = 5
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/default"
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "out")
+
+# Allowed values for string options; one table so --help and validation agree.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "parallel.mixed_precision": ("none", "bf16"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.fused": ("auto", "true", "false"),
+    "train.dtype": ("fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+HELP: dict[str, str] = {
+    "model.ffn_dim": "SwiGLU hidden width",
+    "model.vocab_size": "embedding rows; must cover the tokenizer's vocabulary",
+    "data.source": "'embedded' or a directory written by `meshweave data prepare`",
+    "data.eval_fraction": "share of documents held out for eval",
+    "parallel.dp_shard": "FSDP degree; -1 fills the rest of the world size",
+    "parallel.dp_replicate": "replicated data-parallel degree (HSDP when dp_shard > 1)",
+    "parallel.mixed_precision": "FSDP param dtype policy: none | bf16 (fp32 reduce)",
+    "optim.min_lr_ratio": "final LR as a fraction of optim.lr",
+    "optim.grad_clip": "max global grad norm; 0 disables clipping",
+    "optim.fused": "fused AdamW: auto uses it where the device supports it",
+    "comm.bucket_mb": "gradient bucket size for the replicated all-reduce",
+    "comm.overlap": "launch bucket all-reduces during backward",
+    "checkpoint.interval": "save every N steps (0: only at the end)",
+    "checkpoint.keep": "complete checkpoints kept",
+    "checkpoint.resume": "auto (newest complete, if any) | none | PATH",
+    "log.peak_tflops": "device peak for MFU; 0 looks the GPU up in a table",
+    "train.global_batch": "sequences per optimizer step across all data-parallel ranks",
+    "train.micro_batch": "sequences per forward per rank; 0 = no accumulation",
+    "train.eval_interval": "eval every N steps (0: never)",
+    "train.max_bad_steps": "abort after this many non-finite steps in a row",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overrides
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _field_types(section_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(key: str, value: Any, tp: type) -> Any:
+    """Convert a TOML value or a command-line string to ``tp``, or raise ConfigError."""
+    if isinstance(value, str) and tp is not str:
+        text = value.strip()
+        try:
+            if tp is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+        return float(value)
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def _known(section: str) -> str:
+    cls = type(getattr(Config(), section))
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.key`` (or ``out``) on ``cfg`` from a TOML value or string, type-checked."""
+    if key == "out":
+        cfg.out = _coerce("out", value, str)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown option {key!r}: options are <section>.<key> with section in "
+                          f"{', '.join(SECTIONS)} (see `meshweave train --help`)")
+    obj = getattr(cfg, section)
+    types = _field_types(type(obj))
+    if name not in types:
+        raise ConfigError(f"unknown option {key!r}: {section} has {_known(section)}")
+    setattr(obj, name, _coerce(key, value, types[name]))
+
+
+def load_toml(path: str | os.PathLike[str], cfg: Config | None = None) -> Config:
+    """Read a TOML file of ``[section]`` tables onto ``cfg`` (default: a fresh Config)."""
+    cfg = cfg or Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            set_value(cfg, section, table)
+            continue
+        for name, value in table.items():
+            set_value(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def parse_overrides(args: list[str], cfg: Config) -> Config:
+    """Apply ``--section.key=value`` / ``--section.key value`` / ``--out DIR`` to ``cfg``."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        set_value(cfg, key, value)
+        i += 1
+    return cfg
+
+
+def resolve(config_path: str | None, overrides: list[str]) -> Config:
+    """The run's config: defaults, then the TOML file, then the overrides, then validation."""
+    cfg = load_toml(config_path) if config_path else Config()
+    parse_overrides(overrides, cfg)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError for the first impossible value. Pure: touches no process group.
+
+    ``world_size`` defaults to ``$WORLD_SIZE`` (1 outside torchrun); the parallel degrees are
+    checked against it so a bad layout fails before any rank connects.
+    """
+    m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    _require(m.dim % m.n_heads == 0, "model.dim",
+             f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {_divisors(m.n_heads)})")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.dim",
+             f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    _require(m.init_std > 0, "model.init_std", "must be > 0")
+
+    _require(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    if cfg.data.source != "embedded":
+        _require(Path(cfg.data.source, "index.json").is_file(), "data.source",
+                 f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
+                 "'embedded' or run `meshweave data prepare`")
+
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            for name, v in value.items():
+                allowed = CHOICES.get(f"{key}.{name}")
+                if allowed and v not in allowed:
+                    raise ConfigError(f"{key}.{name}={v!r}: choose one of {', '.join(allowed)}")
+
+    _require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
+    _require(t.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: no accumulation)")
+    _require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
+    _require(t.seq_len <= m.max_seq_len, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    _require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
+    _require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be > 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+
+    _require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    _require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
+    _require(bool(cfg.out), "out", "must name a directory")
+
+    validate_layout(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """Check the parallel degrees against the world size and the model; fill ``dp_shard=-1``."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("dp_replicate", "tp", "cp", "pp", "ep"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (fill)")
+    for key in ("tp", "cp", "pp", "ep"):
+        _require(getattr(p, key) == 1, f"parallel.{key}",
+                 f"{getattr(p, key)} is not supported yet: this build has data parallelism "
+                 f"(dp_replicate, dp_shard) only; set parallel.{key}=1")
+    others = p.dp_replicate * p.tp * p.cp * p.pp
+    if p.dp_shard == -1:
+        _require(world_size % others == 0, "parallel.dp_replicate",
+                 f"dp_replicate*tp*cp*pp={others} does not divide the world size {world_size} "
+                 f"(choose degrees whose product divides {world_size})")
+        p.dp_shard = world_size // others
+    total = others * p.dp_shard
+    _require(total == world_size, "parallel",
+             f"dp_replicate*dp_shard*tp*cp*pp={total} but the world size is {world_size} "
+             "(make the product equal the number of processes, or set parallel.dp_shard=-1)")
+    dp = p.dp_replicate * p.dp_shard
+    _require(t.global_batch % dp == 0, "train.global_batch",
+             f"{t.global_batch} is not divisible by the data-parallel degree {dp} "
+             f"(use a multiple of {dp})")
+    if t.micro_batch:
+        per_rank = t.global_batch // dp
+        _require(per_rank % t.micro_batch == 0, "train.micro_batch",
+                 f"{t.micro_batch} does not divide the per-rank batch {per_rank} "
+                 f"(choose one of {_divisors(per_rank)})")
+    _require(p.mixed_precision == "none" or p.dp_shard > 1 or p.dp_replicate == 1 and world_size == 1,
+             "parallel.mixed_precision", "bf16 params need FSDP (parallel.dp_shard > 1)")
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text that :func:`load_toml` reads back to an equal Config."""
+    lines = [f"out = {_toml_value(cfg.out)}", ""]
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf") if not math.isnan(v) else "nan"
+    if isinstance(v, int):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def options_help() -> str:
+    """Every option with its type, default and allowed values, for ``meshweave train --help``."""
+    default = Config()
+    rows = [f"  {'--out DIR':<38} run directory (default: runs/default)"]
+    for section in SECTIONS:
+        obj = getattr(default, section)
+        for f in dataclasses.fields(obj):
+            key = f"{section}.{f.name}"
+            value = getattr(obj, f.name)
+            extra = HELP.get(key, "")
+            if key in CHOICES:
+                extra = (extra + "; " if extra else "") + "one of " + "|".join(CHOICES[key])
+            rows.append(f"  {'--' + key + '=' + _toml_value(value):<38} {extra}".rstrip())
+    return "\n".join(rows)
