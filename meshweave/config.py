@@ -117,6 +117,7 @@ class TrainConfig:
     eval_interval: int = 0
     eval_batches: int = 4
     max_bad_steps: int = 5
+    stop_at_step: int = 0
     device: str = "auto"
 
 
@@ -166,6 +167,7 @@ HELP: dict[str, str] = {
     "train.micro_batch": "sequences per forward per rank; 0 = no accumulation",
     "train.eval_interval": "eval every N steps (0: never)",
     "train.max_bad_steps": "abort after this many non-finite steps in a row",
+    "train.stop_at_step": "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps",
 }
 
 
@@ -328,6 +330,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
     _require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+    _require(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: run to train.steps)")
 
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

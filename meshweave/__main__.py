@@ -1,0 +1,3 @@
+from meshweave.cli import main
+
+raise SystemExit(main())

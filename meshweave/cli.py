@@ -1,0 +1,144 @@
+"""The ``meshweave`` command: train | run | data prepare | plot.
+
+Configuration errors are one line on stderr and exit code 2, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meshweave.config import ConfigError, options_help, resolve, validate
+
+TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]
+       meshweave run --nproc N [--config FILE] [--out DIR] [--section.key=value ...]
+
+Train a model. `train` runs in this process, or in each worker under torchrun
+(`torchrun --nproc-per-node N -m meshweave train ...`); `run` starts torchrun itself on a free
+loopback port. Options are read from --config (TOML, [section] tables), then overridden by
+--section.key=value (or --section.key value) on the command line.
+
+options (--key=default):
+  --config FILE                          TOML file of [section] tables
+"""
+
+
+def _fail(msg: str) -> int:
+    print(f"meshweave: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config FILE`` / ``--config=FILE`` out of the override list."""
+    path, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file: --config configs/tiny.toml")
+            path, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--config="):
+            path = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return path, rest
+
+
+def _wants_help(args: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in args)
+
+
+def cmd_train(args: list[str]) -> int:
+    if _wants_help(args):
+        print(TRAIN_USAGE + options_help())
+        return 0
+    try:
+        cfg = resolve(*_split_config(args))
+        from meshweave.trainer.loop import check_data_fits_model  # torch import only after parsing
+
+        check_data_fits_model(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    from meshweave.trainer.loop import NonFiniteLossError, train
+
+    try:
+        train(cfg)
+    except NonFiniteLossError as e:
+        return _fail(str(e))
+    return 0
+
+
+def cmd_run(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshweave run", add_help=False)
+    parser.add_argument("--nproc", type=int, default=1)
+    known, rest = parser.parse_known_args(args)
+    if _wants_help(args):
+        print("meshweave run --nproc N [train options]: torchrun on a free loopback port\n")
+        print(TRAIN_USAGE + options_help())
+        return 0
+    if known.nproc < 1:
+        return _fail(f"--nproc={known.nproc}: must be >= 1")
+    try:
+        config_path, overrides = _split_config(rest)
+        cfg = resolve(config_path, overrides)
+        validate(cfg, world_size=known.nproc)
+        from meshweave.trainer.loop import check_data_fits_model
+
+        check_data_fits_model(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    from meshweave.launch.local import run_local
+
+    return run_local(known.nproc, rest)
+
+
+def cmd_data(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshweave data", description="Prepare token shards.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="tokenize text files into tokens.bin + index.json")
+    prep.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
+    prep.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path")
+    prep.add_argument("--out", required=True, help="output directory")
+    ns = parser.parse_args(args)
+    from meshweave.trainer.data import prepare
+
+    try:
+        index = prepare(ns.input, ns.tokenizer, ns.out)
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    print(f"wrote {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
+          f"(vocab {index['vocab_size']:,}, {index['dtype']}) to {ns.out}")
+    return 0
+
+
+def cmd_plot(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshweave plot", description="PNG plots of a run's metrics.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
+    ns = parser.parse_args(args)
+    from meshweave.trainer.plots import plot_run
+
+    try:
+        paths = plot_run(ns.run_dir, ns.out)
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    for p in paths:
+        print(p)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: meshweave {train,run,data,plot} ...\n"
+              "  train   train in this process (or per torchrun worker)\n"
+              "  run     train with N local processes (starts torchrun)\n"
+              "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
+              "  plot    write PNGs of a run's loss, throughput and comm bytes",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,219 @@
+"""Every collective meshweave issues, and the ledger that accounts for it.
+
+A collective runs on a :class:`CommGroup` — a process group plus the mesh-dimension name it
+belongs to — and records ``(dim, op, bytes_sent, seconds)`` in the process-wide :data:`LEDGER`.
+
+``bytes_sent`` is what one rank puts on the wire under the bandwidth-optimal algorithm for the op
+(ring / pairwise), so it is comparable across backends and world sizes:
+
+==================  ===========================================================
+all_reduce          2 (n-1)/n x tensor bytes
+all_gather          (n-1)/n x output bytes   (= (n-1) x input bytes)
+reduce_scatter      (n-1)/n x input bytes
+broadcast           (n-1)/n x tensor bytes   (pipelined broadcast, averaged over ranks)
+all_to_all          input bytes addressed to other ranks (exact, from the split sizes)
+send                tensor bytes;  recv: 0 (the sender accounts for it)
+==================  ===========================================================
+
+``seconds`` is the host-observed time from launch until :meth:`Handle.wait` returns. For an async
+op that overlaps compute it is time in flight, not time exposed; the trainer measures exposure
+separately as the wait before the optimizer step. Groups of size 1 move nothing and record
+nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """A process group with the name of the mesh dimension it spans (the ledger's key)."""
+
+    pg: dist.ProcessGroup
+    dim: str
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.pg)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.pg)
+
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh, dim: str) -> "CommGroup":
+        """The group of ``mesh[dim]`` (a named, possibly flattened, dimension)."""
+        return cls(mesh.get_group(dim), dim)
+
+    @classmethod
+    def world(cls) -> "CommGroup":
+        return cls(dist.group.WORLD, "world")
+
+
+class CommLedger:
+    """Bytes, seconds and call counts per ``"<dim>/<op>"``: cumulative and since the last step."""
+
+    def __init__(self) -> None:
+        self.total_bytes: dict[str, int] = defaultdict(int)
+        self.total_seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._step_bytes: dict[str, int] = defaultdict(int)
+        self._step_seconds: dict[str, float] = defaultdict(float)
+
+    def record(self, dim: str, op: str, nbytes: int, seconds: float = 0.0) -> None:
+        key = f"{dim}/{op}"
+        self.total_bytes[key] += nbytes
+        self._step_bytes[key] += nbytes
+        self.calls[key] += 1
+        self.add_seconds(dim, op, seconds)
+
+    def add_seconds(self, dim: str, op: str, seconds: float) -> None:
+        key = f"{dim}/{op}"
+        self.total_seconds[key] += seconds
+        self._step_seconds[key] += seconds
+
+    def take_step(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Bytes and seconds per key since the previous call, then start a new step."""
+        out = dict(self._step_bytes), dict(self._step_seconds)
+        self._step_bytes.clear()
+        self._step_seconds.clear()
+        return out
+
+    def cumulative_bytes(self) -> int:
+        return sum(self.total_bytes.values())
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+LEDGER = CommLedger()
+
+
+class Handle:
+    """An in-flight collective. ``wait()`` blocks until done and books its time once."""
+
+    def __init__(self, work: dist.Work | None, dim: str, op: str, started: float) -> None:
+        self._work, self._dim, self._op, self._started = work, dim, op, started
+        self._done = work is None
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._work.wait()
+        self._done = True
+        LEDGER.add_seconds(self._dim, self._op, time.perf_counter() - self._started)
+
+    def is_completed(self) -> bool:
+        return self._done or self._work.is_completed()
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handle:
+    started = time.perf_counter()
+    LEDGER.record(group.dim, op, nbytes)
+    handle = Handle(fn(), group.dim, op, started)
+    if not async_op:
+        handle.wait()
+    return handle
+
+
+_DONE = Handle(None, "", "", 0.0)
+
+
+def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM,
+               async_op: bool = False) -> Handle:
+    """In-place all-reduce of ``t`` over ``group`` (collective: every member calls it).
+
+    Use SUM and divide yourself rather than AVG: gloo's AVG has produced wrong results.
+    """
+    n = group.size
+    if n == 1:
+        return _DONE
+    return _launch(group, "all_reduce", 2 * (n - 1) * _nbytes(t) // n,
+                   lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True), async_op)
+
+
+def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = False) -> Handle:
+    """Gather every member's ``t`` into ``out`` (``[n * t.shape[0], ...]``, rank order)."""
+    n = group.size
+    if n == 1:
+        out.copy_(t)
+        return _DONE
+    return _launch(group, "all_gather", (n - 1) * _nbytes(t),
+                   lambda: dist.all_gather_into_tensor(out, t, group=group.pg, async_op=True), async_op)
+
+
+def reduce_scatter_into(out: Tensor, t: Tensor, group: CommGroup,
+                        op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
+    """Reduce ``t`` (``[n * out.shape[0], ...]``) over ``group``; this rank keeps its chunk."""
+    n = group.size
+    if n == 1:
+        out.copy_(t)
+        return _DONE
+    return _launch(group, "reduce_scatter", (n - 1) * _nbytes(t) // n,
+                   lambda: dist.reduce_scatter_tensor(out, t, op=op, group=group.pg, async_op=True), async_op)
+
+
+def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bool = False) -> Handle:
+    """Overwrite ``t`` on every member with the copy held by group rank ``src_group_rank``."""
+    n = group.size
+    if n == 1:
+        return _DONE
+    src = dist.get_global_rank(group.pg, src_group_rank)
+    return _launch(group, "broadcast", (n - 1) * _nbytes(t) // n,
+                   lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True), async_op)
+
+
+def all_to_all_single(out: Tensor, t: Tensor, group: CommGroup,
+                      out_splits: Sequence[int] | None = None, in_splits: Sequence[int] | None = None,
+                      async_op: bool = False) -> Handle:
+    """Exchange dim-0 chunks of ``t``: chunk i goes to group rank i (uneven with split sizes)."""
+    n = group.size
+    if n == 1:
+        out.copy_(t)
+        return _DONE
+    row = _nbytes(t) // max(t.shape[0], 1)
+    rows = list(in_splits) if in_splits is not None else [t.shape[0] // n] * n
+    sent = (sum(rows) - rows[group.rank]) * row
+    return _launch(group, "all_to_all", sent,
+                   lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group.pg, async_op=True),
+                   async_op)
+
+
+def send(t: Tensor, group: CommGroup, dst_group_rank: int) -> Handle:
+    """Point-to-point send to group rank ``dst_group_rank`` (async; wait before reusing ``t``)."""
+    dst = dist.get_global_rank(group.pg, dst_group_rank)
+    return _launch(group, "send", _nbytes(t), lambda: dist.isend(t, dst=dst, group=group.pg), True)
+
+
+def recv(t: Tensor, group: CommGroup, src_group_rank: int) -> Handle:
+    """Point-to-point receive into ``t`` from group rank ``src_group_rank`` (async)."""
+    src = dist.get_global_rank(group.pg, src_group_rank)
+    return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True)
+
+
+def barrier(group: CommGroup) -> None:
+    """Block until every member arrives (moves no payload)."""
+    if group.size > 1:
+        _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False)
+
+
+def all_reduce_scalars(values: Sequence[float], group: CommGroup, device: torch.device,
+                       dtype: torch.dtype = torch.float64) -> list[float]:
+    """SUM-reduce a few Python numbers in one collective; returns the sums as floats."""
+    t = torch.tensor(list(values), dtype=dtype, device=device)
+    all_reduce(t, group)
+    return t.tolist()

@@ -1,0 +1,72 @@
+"""Who am I in the job: rank information from torchrun / SLURM / nothing, device, process group.
+
+The one place that chooses between CUDA + NCCL and CPU + gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info() -> RankInfo:
+    """Rank layout from torchrun's variables, else SLURM's (one task per rank), else one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                        int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+    return RankInfo(0, 1, 0, 1)
+
+
+def pick_device(preference: str, info: RankInfo) -> torch.device:
+    """``cuda:<local_rank>`` when asked for or available (``auto``), else the CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device, info: RankInfo, timeout_s: float = 600.0) -> None:
+    """Create the default process group (NCCL on CUDA, gloo on CPU); also for a single process.
+
+    A lone process gets a private in-memory store, so every code path runs the same collectives
+    (each a no-op on a group of one) whether or not it was launched by torchrun.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError("multi-process run without MASTER_ADDR/MASTER_PORT: launch with torchrun, "
+                           "`meshweave run --nproc N`, or slurm/train.sbatch")
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,181 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+The model knows nothing about meshes. Two seams let ``parallel/`` split it without edits here:
+
+- layers live in a ``ModuleDict`` keyed by their global index, and ``embed_tokens``, ``norm`` and
+  ``lm_head`` may be ``None``, so a pipeline stage is the same class with parts removed;
+- attention calls ``self.attn_op(q, k, v, causal)`` (the kernel contract in DESIGN.md), which
+  context parallelism rebinds.
+
+Parameter names are Hugging Face Llama's with the ``model.`` prefix dropped (see :func:`hf_name`),
+and rotary embeddings use the same half-split convention, so weights map one-to-one with no
+permutation. Initial values come from :func:`init_value`, a pure function of (seed, name, shape):
+every layout materialises the same full tensors and keeps its own shard of them.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from meshweave.config import ModelConfig
+from meshweave.kernels.attention import attention
+
+Tensor = torch.Tensor
+AttentionOp = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32: bf16 variance loses the small-activation tail.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[seq, head_dim]`` for integer ``positions`` ``[seq]`` (half-split layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``[b, s, h, d]`` by the tables ``[s, d]``; pairs are (i, i + d/2) as in HF."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.attn_op: AttentionOp = attention
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        # -1 instead of n_heads: tensor parallelism leaves each rank a slice of the heads.
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out, _ = self.attn_op(q, k, v, True)
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward(tokens [b, s]) -> logits [b, s, vocab]`` on the last stage.
+
+    A stage without ``embed_tokens`` takes hidden states ``[b, s, dim]`` instead of tokens; one
+    without ``lm_head`` returns hidden states. ``positions`` ``[s]`` default to ``0..s-1``; context
+    parallelism passes the positions of the rank's sequence shard.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_layers = False
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
+        for layer in self.layers.values():
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+    def set_attention_op(self, op: AttentionOp) -> None:
+        """Route every layer's attention through ``op`` (same contract as kernels.attention)."""
+        for layer in self.layers.values():
+            layer.self_attn.attn_op = op
+
+
+def init_value(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> Tensor:
+    """The initial fp32 value of parameter ``name`` of full shape ``shape``, on the CPU.
+
+    A pure function of (seed, name, shape): any layout that materialises it and keeps its own
+    shard gets the same model. Residual-branch outputs are scaled by 1/sqrt(2 * n_layers).
+    """
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std = std / math.sqrt(2 * cfg.n_layers)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
+    """Parameter count of the full (unsharded) model; tied weights counted once."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embedding and name.startswith("embed_tokens")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def hf_name(name: str) -> str:
+    """Hugging Face Llama name of a meshweave parameter (``layers.0...`` -> ``model.layers.0...``)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transformer:
+    """The model on ``device`` without initial values (``meta`` by default); see :func:`init_value`."""
+    with torch.device(device):
+        return Transformer(cfg)

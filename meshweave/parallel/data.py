@@ -1,0 +1,70 @@
+"""Data parallelism: replicated (meshweave's bucketed all-reduce), FSDP2, or HSDP.
+
+- ``dp_shard > 1``: FSDP2 ``fully_shard`` per decoder layer, then the root; with
+  ``dp_replicate > 1`` too, the 2-D mesh makes it HSDP (shard inside, replicate across).
+- only ``dp_replicate > 1``: parameters stay whole; gradients go through
+  :class:`meshweave.comm.overlap.GradientReducer`, bucketed and overlapped with backward.
+
+Either way gradients are **summed** over data-parallel ranks: the trainer divides the loss by the
+global token count, so the sum is the gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from meshweave.comm.overlap import GradientReducer
+from meshweave.config import Config
+from meshweave.parallel.dims import ParallelDims, ParallelMesh
+
+MIXED_PRECISION = {
+    "none": None,
+    "bf16": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+}
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str) -> None:
+    """Shard ``model`` with FSDP2 over dp_shard (HSDP over dp_replicate x dp_shard)."""
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    kwargs = {"mesh": dp_mesh}
+    if MIXED_PRECISION[mixed_precision] is not None:
+        kwargs["mp_policy"] = MIXED_PRECISION[mixed_precision]
+    layers = list(model.layers.values())
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    _sum_not_average(model)
+
+
+def _sum_not_average(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
+    """Apply the configured data parallelism; returns the reducer the trainer must ``finish()``.
+
+    Returns ``None`` when FSDP owns the reduction or there is no data parallelism.
+    """
+    if dims.dp_shard > 1:
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)
+        return None
+    if dims.dp_replicate > 1:
+        return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
+                               bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=cfg.comm.overlap)
+    return None
+
+
+def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool) -> contextlib.AbstractContextManager:
+    """Context for one micro-step: sync gradients only on the last one of an accumulation."""
+    if reducer is not None:
+        return contextlib.nullcontext() if enabled else reducer.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()

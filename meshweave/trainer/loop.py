@@ -1,0 +1,263 @@
+"""The training loop: set-up in DESIGN.md's order, then step, log, evaluate, checkpoint.
+
+One step: this rank's microbatches -> global valid-token count (one tiny all-reduce) -> forward /
+backward per microbatch, loss = token-sum / global token count, gradient sync only on the last
+microbatch -> gradient exchange finished -> global grad norm + clip -> non-finite guard ->
+optimizer step -> metrics (loss, comm bytes from the ledger, throughput, MFU, memory).
+
+Because the loss is normalised by the *global* number of valid tokens and gradients are summed
+over data-parallel ranks, a step under any data-parallel layout computes the same gradient as one
+process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
+from meshweave.config import Config, ConfigError, to_toml
+from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
+from meshweave.models.llama import Transformer, build_model, num_params
+from meshweave.parallel.data import gradient_sync
+from meshweave.parallel.dims import ParallelDims
+from meshweave.parallel.parallelize import materialize, parallelize
+from meshweave.trainer.checkpoint import CheckpointManager
+from meshweave.trainer.data import ShardedLoader, build_datasets
+from meshweave.trainer.metrics import (
+    GpuTelemetry,
+    MetricsLogger,
+    device_peak_tflops,
+    mfu,
+    model_flops_per_token,
+    peak_memory_bytes,
+)
+from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Owns one rank's part of a run. ``fit()`` trains to ``train.steps`` and returns the losses."""
+
+    def __init__(self, cfg: Config, info: RankInfo | None = None) -> None:
+        self.cfg = cfg
+        self.info = info or rank_info()
+        self.device = pick_device(cfg.train.device, self.info)
+        self.dims = ParallelDims.from_config(cfg.parallel)
+        init_process_group(self.device, self.info)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_group: CommGroup = self.mesh.group("dp")
+        self.world = CommGroup.world()
+        self.run_dir = Path(cfg.out)
+        torch.manual_seed(cfg.train.seed)
+
+        self.model: Transformer = build_model(cfg.model)
+        self.n_params = num_params(self.model)
+        self.flops_per_token = model_flops_per_token(num_params(self.model, exclude_embedding=True),
+                                                     cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
+        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg)
+        materialize(self.model, self.device, cfg.train.seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+
+        self.train_set, self.eval_set, _ = build_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
+        dp_size, dp_rank = self.dp_group.size, self.dp_group.rank
+        self.micro_batch = cfg.train.micro_batch or cfg.train.global_batch // dp_size
+        self.loader = ShardedLoader(self.train_set, cfg.train.global_batch, self.micro_batch, dp_rank,
+                                    dp_size, cfg.train.seed)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world)
+        self._prepare_run_dir()
+        self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
+                                    dataclasses.asdict(cfg))
+        self.telemetry = GpuTelemetry()
+        self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
+        self._resume()
+
+    # ---------------------------------------------------------------------------------------
+    # set-up helpers
+
+    def _prepare_run_dir(self) -> None:
+        if self.info.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
+
+    def _trainer_state(self) -> dict[str, int | float]:
+        return {"step": self.step, "consumed_samples": self.loader.consumed_samples,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "lr": lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.steps)}
+
+    def _resume(self) -> None:
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            self.logger.event(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
+            return
+        state = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.loader.load_state_dict({"consumed_samples": int(state["consumed_samples"]), "seed": self.cfg.train.seed})
+        self.logger.event(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------------------------------
+    # one step
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs.to(self.device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def train_step(self) -> dict:
+        """One optimizer step over one global batch; returns its metrics record."""
+        started = time.perf_counter()
+        microbatches = self.loader.next_batch()
+        local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+        (global_tokens,) = all_reduce_scalars([local_tokens], self.dp_group, self.device)
+        set_lr(self.optimizer, lr := lr_at(self.step, self.cfg.optim, self.cfg.train.steps))
+
+        loss_sum = 0.0
+        for i, (inputs, labels) in enumerate(microbatches):
+            with gradient_sync(self.model, self.reducer, enabled=i == len(microbatches) - 1):
+                loss = self._loss_sum(inputs, labels) / max(global_tokens, 1.0)
+                loss.backward()
+            loss_sum += loss.item()
+        if self.reducer is not None:
+            self.reducer.finish()
+        (loss_value,) = all_reduce_scalars([loss_sum], self.dp_group, self.device)
+        grad_norm = self._clip_gradients()
+
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.logger.event(f"step {self.step + 1}: non-finite loss={loss_value} grad_norm={grad_norm}; "
+                              f"step skipped ({self.bad_steps} in a row)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
+                                     f"(last loss={loss_value}); lower optim.lr, check the data, or raise "
+                                     "train.max_bad_steps")
+
+        self.step += 1
+        step_time = time.perf_counter() - started
+        step_tokens = self.cfg.train.global_batch * self.cfg.train.seq_len
+        self.tokens_seen += step_tokens
+        comm_bytes, comm_seconds = LEDGER.take_step()
+        tokens_per_s = step_tokens / step_time
+        return {
+            "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+            "mfu": mfu(tokens_per_s / self.info.world_size, self.flops_per_token, self.peak_tflops),
+            "mem_peak_bytes": peak_memory_bytes(self.device),
+            "comm_bytes": comm_bytes, "comm_bytes_total": LEDGER.cumulative_bytes(),
+            "comm_seconds": {k: round(v, 6) for k, v in comm_seconds.items()},
+            "dp_exposed_wait_s": self.reducer.exposed_wait_s if self.reducer is not None else None,
+            "skipped_steps": self.skipped_steps,
+            **self.telemetry.read(),
+        }
+
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of all gradients (over every shard), clipped to ``optim.grad_clip``."""
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ---------------------------------------------------------------------------------------
+    # eval, checkpoint, loop
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over ``train.eval_batches`` global batches of the held-out split."""
+        if len(self.eval_set) == 0:
+            return None
+        loader = ShardedLoader(self.eval_set, self.cfg.train.global_batch, self.micro_batch,
+                               self.dp_group.rank, self.dp_group.size, self.cfg.train.seed)
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(self.cfg.train.eval_batches):
+            for inputs, labels in loader.next_batch():
+                loss_sum += self._loss_sum(inputs, labels).item()
+                tokens += int((labels != IGNORE_INDEX).sum())
+        self.model.train()
+        loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.dp_group, self.device)
+        return loss_sum / max(tokens, 1.0)
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state())
+        self.logger.event(f"saved checkpoint {path}")
+
+    def fit(self) -> list[float]:
+        """Train until ``train.steps`` (or ``train.stop_at_step``); returns this run's losses."""
+        cfg = self.cfg
+        last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+        losses = []
+        self.model.train()
+        while self.step < last:
+            record = self.train_step()
+            losses.append(record["loss"])
+            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == last):
+                record["eval_loss"] = self.evaluate()
+            if self.step % cfg.log.interval == 0 or self.step == last:
+                self.logger.log(record)
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save_checkpoint()
+        if cfg.checkpoint.save_final and self.step == last and self.checkpoints.latest() != \
+                self.checkpoints.root / f"step-{self.step}":
+            self.save_checkpoint()
+        return losses
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def check_data_fits_model(cfg: Config) -> None:
+    """ConfigError when the data's vocabulary is larger than ``model.vocab_size`` (no groups needed)."""
+    if cfg.data.source == "embedded":
+        from meshweave.trainer.data import ByteTokenizer
+
+        vocab = ByteTokenizer().vocab_size
+    else:
+        vocab = json.loads((Path(cfg.data.source) / "index.json").read_text())["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}")
+
+
+def train(cfg: Config) -> list[float]:
+    """Run a whole training job on this rank (collective over the job); returns its losses."""
+    check_data_fits_model(cfg)
+    trainer = Trainer(cfg)
+    try:
+        losses = trainer.fit()
+        trainer.logger.event(f"done at step {trainer.step}; run directory {cfg.out}")
+        return losses
+    finally:
+        trainer.close()
+        destroy_process_group()

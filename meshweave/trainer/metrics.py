@@ -1,0 +1,472 @@
+"""Training metrics: FLOPs and MFU accounting, memory and GPU telemetry, and the run's log sinks.
+
+Rank 0 owns every sink. One logged step is one JSON object on one line of ``metrics.jsonl`` in
+the run directory, so a crashed or resumed run leaves a file that is still readable line by line;
+the same record goes to the console (a compact line, under a tqdm bar when progress is on) and,
+when enabled, to Weights & Biases. Lifecycle messages go to ``events.log``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import json
+import math
+import netrc
+import os
+import re
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm import tqdm
+
+# Every line of metrics.jsonl carries these keys (None when not measured), in this order.
+METRIC_KEYS: tuple[str, ...] = (
+    "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",
+    "mem_peak_bytes", "comm_bytes", "comm_bytes_total", "gpu_util", "gpu_mem_bytes", "gpu_power_w",
+)
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+
+def model_flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 n_layers dim seq_len``.
+
+    ``6 N`` is forward (2N) plus backward (4N) for the dense matmuls over the non-embedding
+    parameters; ``12 L d T`` is the attention score and value matmuls (QK^T and AV, forward and
+    backward) that the parameter count misses. This is the PaLM appendix-B / nanoGPT estimate: it
+    ignores causal masking savings and activation recomputation, so MFU stays comparable across
+    runs that differ only in activation checkpointing.
+    """
+    return 6.0 * n_params_non_embedding + 12.0 * n_layers * dim * seq_len
+
+
+# Dense (no structured sparsity) peak tensor-core TFLOPs per device for bf16 inputs with fp32
+# accumulation, from the vendors' datasheets. V100 has no bf16, so its fp16 figure stands in.
+PEAK_TFLOPS: dict[str, float] = {
+    "B200": 2250.0,
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "A100": 312.0,
+    "A10G": 70.0,   # AWS's A10 variant: lower clocks and power than the A10
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "V100": 125.0,  # fp16
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "MI300X": 1307.0,
+}
+
+# Device-name patterns to table keys, most specific first: "A10" must not claim an A100 or A10G,
+# and an H100 that names no form factor (e.g. "NVIDIA H100 80GB HBM3") is the SXM part.
+_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"\bB200\b", "B200"),
+    (r"\bH200\b", "H200"),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL"),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe"),
+    (r"\bH100\b", "H100 SXM"),
+    (r"\bA100\b", "A100"),
+    (r"\bA10G\b", "A10G"),
+    (r"\bA10\b", "A10"),
+    (r"\bL40S\b", "L40S"),
+    (r"\bL40\b", "L40"),
+    (r"\bL4\b", "L4"),
+    (r"\bV100\b", "V100"),
+    (r"\bRTX 4090\b", "RTX 4090"),
+    (r"\bRTX 3090\b", "RTX 3090"),
+    (r"\bMI300X\b", "MI300X"),
+)
+
+
+def lookup_peak_tflops(device_name: str) -> float | None:
+    """Peak dense bf16 TFLOPs for a device name as CUDA/ROCm reports it, or None if unknown."""
+    for pattern, key in _NAME_PATTERNS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def device_peak_tflops(override: float) -> float | None:
+    """Per-device peak TFLOPs: ``override`` if > 0, else the table entry for the current GPU.
+
+    None when neither is known (CPU runs, unlisted GPUs), which makes MFU None rather than wrong.
+    """
+    if override > 0:
+        return float(override)
+    if torch.cuda.is_available():
+        return lookup_peak_tflops(torch.cuda.get_device_name())
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation as a fraction in [0, 1]: achieved FLOP/s over the device peak.
+
+    None when the peak is unknown or not positive.
+    """
+    if peak_tflops is None or peak_tflops <= 0:
+        return None
+    return tokens_per_s_per_device * flops_per_token / (peak_tflops * 1e12)
+
+
+# --------------------------------------------------------------------------------------------
+# memory and GPU telemetry
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water memory in bytes: CUDA allocator peak on a GPU, else the process's peak RSS."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+class GpuTelemetry:
+    """Utilisation, memory in use and power draw of this process's GPU, read through NVML.
+
+    Every field is None when pynvml (package ``nvidia-ml-py``) is missing, there is no GPU, or
+    NVML cannot answer; construction and :meth:`read` never raise.
+    """
+
+    def __init__(self, device_index: int | None = None) -> None:
+        self._nvml: Any = None
+        self._handle: Any = None
+        if not torch.cuda.is_available():
+            return
+        try:
+            import pynvml
+        except ImportError:
+            return
+        try:
+            pynvml.nvmlInit()
+        except Exception:
+            return
+        self._nvml = pynvml
+        index = torch.cuda.current_device() if device_index is None else device_index
+        self._handle = self._find_handle(pynvml, index)
+        if self._handle is None:
+            self.close()
+
+    @staticmethod
+    def _find_handle(pynvml: Any, index: int) -> Any:
+        # NVML numbers every GPU on the host while CUDA numbers only CUDA_VISIBLE_DEVICES, so the
+        # UUID is the reliable link; the index is a fallback for builds without props.uuid.
+        try:
+            dev_uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+            if dev_uuid is not None:
+                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{dev_uuid}")
+        except Exception:
+            pass
+        try:
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:
+            return None
+
+    @property
+    def available(self) -> bool:
+        """Whether :meth:`read` can return real values."""
+        return self._handle is not None
+
+    def read(self) -> dict[str, float | int | None]:
+        """``{gpu_util (percent), gpu_mem_bytes (device-wide used), gpu_power_w}``; None if unknown."""
+        out: dict[str, float | int | None] = {"gpu_util": None, "gpu_mem_bytes": None, "gpu_power_w": None}
+        if self._handle is None:
+            return out
+        nv, h = self._nvml, self._handle
+        # Each query may be unsupported on a given board (power on some consumer cards), so one
+        # failure must not hide the others.
+        try:
+            out["gpu_util"] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+        except Exception:
+            pass
+        try:
+            out["gpu_mem_bytes"] = int(nv.nvmlDeviceGetMemoryInfo(h).used)
+        except Exception:
+            pass
+        try:
+            out["gpu_power_w"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0  # NVML reports milliwatts
+        except Exception:
+            pass
+        return out
+
+    def close(self) -> None:
+        """Shut NVML down; later reads return None fields. Safe to call twice."""
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+        self._nvml = None
+        self._handle = None
+
+
+class StepTimer:
+    """Wall-clock time of a training step, synchronising CUDA so queued kernels are counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sync = device.type == "cuda" and torch.cuda.is_available()
+        self._device = device
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        """Begin a step (after draining work queued by the previous one)."""
+        if self._sync:
+            torch.cuda.synchronize(self._device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since :meth:`start`, once all work queued on the device has finished."""
+        if self._sync:
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter() - self._t0
+
+
+# --------------------------------------------------------------------------------------------
+# record serialisation and console formatting
+
+
+def to_json_value(value: Any) -> Any:
+    """``value`` as plain JSON data: tensors and numpy scalars become numbers, nan/inf become None.
+
+    Unknown objects become their ``str``: a log line must never be what kills a long run.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return to_json_value(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, without importing numpy here
+        return to_json_value(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def format_console_line(record: dict[str, Any], total_steps: int) -> str:
+    """The compact one-line summary of a record; fields that are None or absent are left out."""
+    def has(key: str) -> bool:
+        return record.get(key) is not None
+
+    parts = [f"step {record['step']}/{total_steps}"]
+    if has("loss"):
+        parts.append(f"loss {record['loss']:.4f}")
+    if has("eval_loss"):
+        parts.append(f"eval {record['eval_loss']:.4f}")
+    if has("lr"):
+        parts.append(f"lr {record['lr']:.1e}")
+    if has("grad_norm"):
+        parts.append(f"gnorm {record['grad_norm']:.3f}")
+    if has("tokens_per_s"):
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if has("mfu"):
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    comm = record.get("comm_bytes")
+    if isinstance(comm, dict) and comm:
+        parts.append(f"comm {sum(v for v in comm.values() if v is not None) / 1e6:.2f} MB")
+    return " | ".join(parts)
+
+
+def _wandb_credentials_present() -> bool:
+    """Whether wandb would find an API key without prompting (env, settings file or netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings")
+        if settings.get("default", "api_key", fallback=""):
+            return True
+    except configparser.Error:
+        pass
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = host.split("/")[0].split(":")[0]
+    for path in (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"):
+        if path and Path(path).is_file():
+            try:
+                if netrc.netrc(str(path)).authenticators(host):
+                    return True
+            except (netrc.NetrcParseError, OSError):
+                continue
+    return False
+
+
+def _wandb_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as wandb wants it: comm_bytes flattened to ``comm/<dim>/<op>``, Nones dropped."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "step" or value is None:
+            continue
+        if key == "comm_bytes" and isinstance(value, dict):
+            out.update({f"comm/{k}": v for k, v in value.items() if v is not None})
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the logger
+
+
+class MetricsLogger:
+    """Rank 0's sinks for step records and events: metrics.jsonl, events.log, console, wandb.
+
+    On any other rank every method is a no-op and nothing is created. Each :meth:`log` call
+    appends exactly one complete line to ``metrics.jsonl`` and flushes it, and an existing file is
+    appended to, never truncated, so a resumed run keeps its history (the trainer rewinds it if
+    it must).
+    """
+
+    def __init__(self, run_dir: str, log_cfg: Any, total_steps: int, is_rank0: bool,
+                 config_dict: dict[str, Any] | None = None, start_step: int = 0) -> None:
+        self.enabled = is_rank0
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self._metrics: TextIO | None = None
+        self._events: TextIO | None = None
+        self._bar: tqdm | None = None
+        self._wandb_run: Any = None
+        self._telemetry: GpuTelemetry | None = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = self._open_append(self.run_dir / "metrics.jsonl")
+        self._events = self._open_append(self.run_dir / "events.log")
+        self._telemetry = GpuTelemetry()
+        if log_cfg.progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step",
+                             dynamic_ncols=True, desc="train")
+        if log_cfg.wandb:
+            self._wandb_run = self._init_wandb(log_cfg, config_dict, start_step)
+
+    @staticmethod
+    def _open_append(path: Path) -> TextIO:
+        # A crash mid-write can leave a final line without its newline; start on a fresh line so
+        # the torn line stays one malformed line instead of corrupting the next record too.
+        torn = False
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        f = open(path, "a", encoding="utf-8")
+        if torn:
+            f.write("\n")
+            f.flush()
+        return f
+
+    def _init_wandb(self, log_cfg: Any, config_dict: dict[str, Any] | None, start_step: int) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("log.wandb=true but wandb is not installed: "
+                               "pip install 'meshweave[wandb]' (or set log.wandb=false)") from None
+        # An explicit WANDB_MODE is the user's choice; otherwise never block on a login prompt.
+        mode = None
+        if not os.environ.get("WANDB_MODE") and not _wandb_credentials_present():
+            mode = "offline"
+            self.event("wandb: no API key or login found, logging offline "
+                       "(sync later with `wandb sync`)")
+        # Keep the run id in the run directory so a resumed run continues the same wandb run.
+        id_file = self.run_dir / "wandb" / "run_id"
+        run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else ""
+        if not run_id:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+        return wandb.init(project=log_cfg.wandb_project, name=log_cfg.wandb_run_name or None,
+                          config=config_dict, dir=str(self.run_dir), mode=mode, id=run_id,
+                          resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one step record (must have ``step``) to every sink.
+
+        Missing :data:`METRIC_KEYS` are filled with None (GPU telemetry is read here when absent),
+        extra keys are kept, and values are made JSON-safe (nan/inf -> null).
+        """
+        if not self.enabled:
+            return
+        if "step" not in record:
+            raise ValueError("MetricsLogger.log: record has no 'step'")
+        if "gpu_util" not in record and self._telemetry is not None:
+            record = {**self._telemetry.read(), **record}
+        clean = {key: to_json_value(record.get(key)) for key in METRIC_KEYS}
+        if clean["comm_bytes"] is None:
+            clean["comm_bytes"] = {}
+        clean.update({k: to_json_value(v) for k, v in record.items() if k not in clean})
+
+        assert self._metrics is not None
+        self._metrics.write(json.dumps(clean, allow_nan=False) + "\n")
+        self._metrics.flush()
+
+        line = format_console_line(clean, self.total_steps)
+        if self._bar is not None:
+            step = int(clean["step"])
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            postfix = {}
+            if clean["loss"] is not None:
+                postfix["loss"] = f"{clean['loss']:.4f}"
+            if clean["lr"] is not None:
+                postfix["lr"] = f"{clean['lr']:.1e}"
+            if clean["tokens_per_s"] is not None:
+                postfix["tok/s"] = f"{clean['tokens_per_s']:,.0f}"
+            self._bar.set_postfix(postfix, refresh=False)
+            tqdm.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+        if self._wandb_run is not None:
+            self._wandb_run.log(_wandb_record(clean), step=int(clean["step"]))
+
+    def event(self, msg: str) -> None:
+        """Append ``<local ISO time> msg`` to events.log and print ``[meshweave] msg``."""
+        if not self.enabled:
+            return
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        if self._events is not None:
+            self._events.write(f"{stamp} {msg}\n")
+            self._events.flush()
+        line = f"[meshweave] {msg}"
+        if self._bar is not None:
+            tqdm.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        """Close the bar, finish wandb, shut NVML and close the files. Safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        if self._telemetry is not None:
+            self._telemetry.close()
+            self._telemetry = None
+        for f in (self._metrics, self._events):
+            if f is not None:
+                f.close()
+        self._metrics = self._events = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
