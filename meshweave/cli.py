@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshweave.config import ConfigError, options_help, resolve, validate
+from meshweave.config import ConfigError, options_help, resolve
 
 TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]
        meshweave run --nproc N [--config FILE] [--out DIR] [--section.key=value ...]
@@ -81,8 +81,7 @@ def cmd_run(args: list[str]) -> int:
         return _fail(f"--nproc={known.nproc}: must be >= 1")
     try:
         config_path, overrides = _split_config(rest)
-        cfg = resolve(config_path, overrides)
-        validate(cfg, world_size=known.nproc)
+        cfg = resolve(config_path, overrides, world_size=known.nproc)
         from meshweave.trainer.loop import check_data_fits_model
 
         check_data_fits_model(cfg)

@@ -269,11 +269,11 @@ def parse_overrides(args: list[str], cfg: Config) -> Config:
     return cfg
 
 
-def resolve(config_path: str | None, overrides: list[str]) -> Config:
+def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:
     """The run's config: defaults, then the TOML file, then the overrides, then validation."""
     cfg = load_toml(config_path) if config_path else Config()
     parse_overrides(overrides, cfg)
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

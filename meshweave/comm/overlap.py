@@ -74,6 +74,8 @@ class GradientReducer:
                  overlap: bool = True, scale: float = 1.0) -> None:
         unique: dict[int, nn.Parameter] = {}
         for p in params:
+            if p.is_meta:
+                raise ValueError("GradientReducer needs materialised parameters: build it after to_empty/init")
             if p.requires_grad:
                 unique.setdefault(id(p), p)
         self.group, self.overlap, self.scale = group, overlap, scale

@@ -45,20 +45,17 @@ def _sum_not_average(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
-    """Apply the configured data parallelism; returns the reducer the trainer must ``finish()``.
-
-    Returns ``None`` when FSDP owns the reduction or there is no data parallelism.
-    """
-    if dims.dp_shard > 1:
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)
+def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
+    """The bucketed all-reduce for replicated-only data parallelism, or ``None`` when FSDP or a
+    single replica owns the reduction. Call it after materialisation: hooks bind to the real
+    parameters, which ``to_empty`` replaces."""
+    if dims.dp_shard > 1 or dims.dp_replicate == 1:
         return None
-    if dims.dp_replicate > 1:
-        return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
-                               bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=cfg.comm.overlap)
-    return None
+    return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
+                           bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=cfg.comm.overlap)
 
 
 def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool) -> contextlib.AbstractContextManager:

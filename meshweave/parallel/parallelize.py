@@ -14,14 +14,22 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
 from meshweave.models.llama import Transformer, init_value
-from meshweave.parallel.data import apply_data_parallel
+from meshweave.parallel.data import apply_fsdp, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 
 
-def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
-    """Apply every configured parallelism to ``model`` (still on meta); returns the DP reducer."""
+def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
+                device: torch.device) -> GradientReducer | None:
+    """Split ``model`` (on meta) for this rank, then materialise and initialise it on ``device``.
+
+    Returns the replicated data-parallel reducer the trainer must ``finish()`` each step, or
+    ``None`` when FSDP (or nothing) reduces gradients. Collective over the job.
+    """
     model.checkpoint_layers = cfg.parallel.activation_checkpointing
-    return apply_data_parallel(model, dims, mesh, cfg)
+    if dims.dp_shard > 1:
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)
+    materialize(model, device, cfg.train.seed)
+    return replicated_reducer(model, dims, mesh, cfg)
 
 
 @torch.no_grad()

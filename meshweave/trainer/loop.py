@@ -29,7 +29,7 @@ from meshweave.launch.env import RankInfo, destroy_process_group, init_process_g
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import ParallelDims
-from meshweave.parallel.parallelize import materialize, parallelize
+from meshweave.parallel.parallelize import parallelize
 from meshweave.trainer.checkpoint import CheckpointManager
 from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
@@ -68,8 +68,7 @@ class Trainer:
         self.n_params = num_params(self.model)
         self.flops_per_token = model_flops_per_token(num_params(self.model, exclude_embedding=True),
                                                      cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
-        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg)
-        materialize(self.model, self.device, cfg.train.seed)
+        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
 
@@ -83,6 +82,7 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self._saved_step = -1
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world)
         self._prepare_run_dir()
         self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
@@ -108,11 +108,15 @@ class Trainer:
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
         if path is None:
             self.logger.event(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
+            if self.checkpoints.complete():
+                self.logger.event(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
+                                  "checkpoints; they are replaced as this run saves")
             return
         state = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.loader.load_state_dict({"consumed_samples": int(state["consumed_samples"]), "seed": self.cfg.train.seed})
+        self._saved_step = self.step
         self.logger.event(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------
@@ -211,6 +215,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state())
+        self._saved_step = self.step
         self.logger.event(f"saved checkpoint {path}")
 
     def fit(self) -> list[float]:
@@ -228,8 +233,7 @@ class Trainer:
                 self.logger.log(record)
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint()
-        if cfg.checkpoint.save_final and self.step == last and self.checkpoints.latest() != \
-                self.checkpoints.root / f"step-{self.step}":
+        if cfg.checkpoint.save_final and self.step == last and self._saved_step != self.step:
             self.save_checkpoint()
         return losses
 

@@ -8,7 +8,6 @@ when enabled, to Weights & Biases. Lifecycle messages go to ``events.log``.
 
 from __future__ import annotations
 
-import configparser
 import datetime
 import json
 import math
@@ -48,51 +47,34 @@ def model_flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, 
 
 
 # Dense (no structured sparsity) peak tensor-core TFLOPs per device for bf16 inputs with fp32
-# accumulation, from the vendors' datasheets. V100 has no bf16, so its fp16 figure stands in.
-PEAK_TFLOPS: dict[str, float] = {
-    "B200": 2250.0,
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "A100": 312.0,
-    "A10G": 70.0,   # AWS's A10 variant: lower clocks and power than the A10
-    "A10": 125.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L4": 121.0,
-    "V100": 125.0,  # fp16
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "MI300X": 1307.0,
-}
-
-# Device-name patterns to table keys, most specific first: "A10" must not claim an A100 or A10G,
-# and an H100 that names no form factor (e.g. "NVIDIA H100 80GB HBM3") is the SXM part.
-_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"\bB200\b", "B200"),
-    (r"\bH200\b", "H200"),
-    (r"\bH100\b.*\bNVL\b", "H100 NVL"),
-    (r"\bH100\b.*\bPCIe\b", "H100 PCIe"),
-    (r"\bH100\b", "H100 SXM"),
-    (r"\bA100\b", "A100"),
-    (r"\bA10G\b", "A10G"),
-    (r"\bA10\b", "A10"),
-    (r"\bL40S\b", "L40S"),
-    (r"\bL40\b", "L40"),
-    (r"\bL4\b", "L4"),
-    (r"\bV100\b", "V100"),
-    (r"\bRTX 4090\b", "RTX 4090"),
-    (r"\bRTX 3090\b", "RTX 3090"),
-    (r"\bMI300X\b", "MI300X"),
+# accumulation, from the vendors' datasheets, as (device-name pattern, label, TFLOPs). Most
+# specific first: "A10" must not claim an A100 or A10G, and an H100 that names no form factor
+# (e.g. "NVIDIA H100 80GB HBM3") is the SXM part.
+_DEVICES: tuple[tuple[str, str, float], ...] = (
+    (r"\bB200\b", "B200", 2250.0),
+    (r"\bH200\b", "H200", 989.0),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 835.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.0),
+    (r"\bH100\b", "H100 SXM", 989.0),
+    (r"\bA100\b", "A100", 312.0),
+    (r"\bA10G\b", "A10G", 70.0),  # AWS's A10 variant: lower clocks and power than the A10
+    (r"\bA10\b", "A10", 125.0),
+    (r"\bL40S\b", "L40S", 362.0),
+    (r"\bL40\b", "L40", 181.0),
+    (r"\bL4\b", "L4", 121.0),
+    (r"\bV100\b", "V100", 125.0),  # no bf16 on Volta: its fp16 figure stands in
+    (r"\bRTX 4090\b", "RTX 4090", 165.0),
+    (r"\bRTX 3090\b", "RTX 3090", 71.0),
+    (r"\bMI300X\b", "MI300X", 1307.0),
 )
+PEAK_TFLOPS: dict[str, float] = {label: tflops for _, label, tflops in _DEVICES}
 
 
 def lookup_peak_tflops(device_name: str) -> float | None:
     """Peak dense bf16 TFLOPs for a device name as CUDA/ROCm reports it, or None if unknown."""
-    for pattern, key in _NAME_PATTERNS:
+    for pattern, _, tflops in _DEVICES:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return PEAK_TFLOPS[key]
+            return tflops
     return None
 
 
@@ -145,11 +127,9 @@ class GpuTelemetry:
             return
         try:
             import pynvml
-        except ImportError:
-            return
-        try:
+
             pynvml.nvmlInit()
-        except Exception:
+        except Exception:  # not installed, or no driver NVML can talk to (e.g. ROCm)
             return
         self._nvml = pynvml
         index = torch.cuda.current_device() if device_index is None else device_index
@@ -179,24 +159,22 @@ class GpuTelemetry:
 
     def read(self) -> dict[str, float | int | None]:
         """``{gpu_util (percent), gpu_mem_bytes (device-wide used), gpu_power_w}``; None if unknown."""
-        out: dict[str, float | int | None] = {"gpu_util": None, "gpu_mem_bytes": None, "gpu_power_w": None}
-        if self._handle is None:
-            return out
         nv, h = self._nvml, self._handle
+        queries = {
+            "gpu_util": lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+            "gpu_mem_bytes": lambda: int(nv.nvmlDeviceGetMemoryInfo(h).used),
+            "gpu_power_w": lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,  # NVML reports mW
+        }
+        out: dict[str, float | int | None] = dict.fromkeys(queries)
+        if h is None:
+            return out
         # Each query may be unsupported on a given board (power on some consumer cards), so one
         # failure must not hide the others.
-        try:
-            out["gpu_util"] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
-        except Exception:
-            pass
-        try:
-            out["gpu_mem_bytes"] = int(nv.nvmlDeviceGetMemoryInfo(h).used)
-        except Exception:
-            pass
-        try:
-            out["gpu_power_w"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0  # NVML reports milliwatts
-        except Exception:
-            pass
+        for key, query in queries.items():
+            try:
+                out[key] = query()
+            except Exception:
+                pass
         return out
 
     def close(self) -> None:
@@ -214,21 +192,21 @@ class StepTimer:
     """Wall-clock time of a training step, synchronising CUDA so queued kernels are counted."""
 
     def __init__(self, device: torch.device) -> None:
-        self._sync = device.type == "cuda" and torch.cuda.is_available()
-        self._device = device
+        self._device = device if device.type == "cuda" and torch.cuda.is_available() else None
         self._t0 = time.perf_counter()
+
+    def _now(self) -> float:
+        if self._device is not None:
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
 
     def start(self) -> None:
         """Begin a step (after draining work queued by the previous one)."""
-        if self._sync:
-            torch.cuda.synchronize(self._device)
-        self._t0 = time.perf_counter()
+        self._t0 = self._now()
 
     def stop(self) -> float:
         """Seconds since :meth:`start`, once all work queued on the device has finished."""
-        if self._sync:
-            torch.cuda.synchronize(self._device)
-        return time.perf_counter() - self._t0
+        return self._now() - self._t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,9 +218,7 @@ def to_json_value(value: Any) -> Any:
 
     Unknown objects become their ``str``: a log line must never be what kills a long run.
     """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
+    if value is None or isinstance(value, (bool, str, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -255,29 +231,21 @@ def to_json_value(value: Any) -> Any:
         return [to_json_value(v) for v in value]
     if hasattr(value, "tolist"):  # numpy scalars and arrays, without importing numpy here
         return to_json_value(value.tolist())
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
     return str(value)
+
+
+_CONSOLE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("loss", "loss {:.4f}"), ("eval_loss", "eval {:.4f}"), ("lr", "lr {:.1e}"),
+    ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1f}%"),
+)
 
 
 def format_console_line(record: dict[str, Any], total_steps: int) -> str:
     """The compact one-line summary of a record; fields that are None or absent are left out."""
-    def has(key: str) -> bool:
-        return record.get(key) is not None
-
     parts = [f"step {record['step']}/{total_steps}"]
-    if has("loss"):
-        parts.append(f"loss {record['loss']:.4f}")
-    if has("eval_loss"):
-        parts.append(f"eval {record['eval_loss']:.4f}")
-    if has("lr"):
-        parts.append(f"lr {record['lr']:.1e}")
-    if has("grad_norm"):
-        parts.append(f"gnorm {record['grad_norm']:.3f}")
-    if has("tokens_per_s"):
-        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
-    if has("mfu"):
-        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    for key, fmt in _CONSOLE_FIELDS:
+        if record.get(key) is not None:
+            parts.append(fmt.format(100 * record[key] if key == "mfu" else record[key]))
     comm = record.get("comm_bytes")
     if isinstance(comm, dict) and comm:
         parts.append(f"comm {sum(v for v in comm.values() if v is not None) / 1e6:.2f} MB")
@@ -285,27 +253,15 @@ def format_console_line(record: dict[str, Any], total_steps: int) -> str:
 
 
 def _wandb_credentials_present() -> bool:
-    """Whether wandb would find an API key without prompting (env, settings file or netrc)."""
+    """Whether wandb would find credentials without prompting: env, or `wandb login`'s netrc."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
-    settings = configparser.ConfigParser()
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     try:
-        settings.read(config_dir / "settings")
-        if settings.get("default", "api_key", fallback=""):
-            return True
-    except configparser.Error:
-        pass
-    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    host = host.split("/")[0].split(":")[0]
-    for path in (os.environ.get("NETRC"), Path.home() / ".netrc", Path.home() / "_netrc"):
-        if path and Path(path).is_file():
-            try:
-                if netrc.netrc(str(path)).authenticators(host):
-                    return True
-            except (netrc.NetrcParseError, OSError):
-                continue
-    return False
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host.split(":")[0]) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
 
 
 def _wandb_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -354,7 +310,11 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step",
                              dynamic_ncols=True, desc="train")
         if log_cfg.wandb:
-            self._wandb_run = self._init_wandb(log_cfg, config_dict, start_step)
+            try:
+                self._wandb_run = self._init_wandb(log_cfg, config_dict, start_step)
+            except BaseException:
+                self.close()
+                raise
 
     @staticmethod
     def _open_append(path: Path) -> TextIO:
@@ -420,18 +380,10 @@ class MetricsLogger:
             step = int(clean["step"])
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
-            postfix = {}
-            if clean["loss"] is not None:
-                postfix["loss"] = f"{clean['loss']:.4f}"
-            if clean["lr"] is not None:
-                postfix["lr"] = f"{clean['lr']:.1e}"
-            if clean["tokens_per_s"] is not None:
-                postfix["tok/s"] = f"{clean['tokens_per_s']:,.0f}"
-            self._bar.set_postfix(postfix, refresh=False)
-            tqdm.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-
+            shown = (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.1e}"), ("tok/s", "tokens_per_s", "{:,.0f}"))
+            self._bar.set_postfix({name: fmt.format(clean[key]) for name, key, fmt in shown
+                                   if clean[key] is not None}, refresh=False)
+        self._say(line)
         if self._wandb_run is not None:
             self._wandb_run.log(_wandb_record(clean), step=int(clean["step"]))
 
@@ -443,7 +395,10 @@ class MetricsLogger:
         if self._events is not None:
             self._events.write(f"{stamp} {msg}\n")
             self._events.flush()
-        line = f"[meshweave] {msg}"
+        self._say(f"[meshweave] {msg}")
+
+    def _say(self, line: str) -> None:
+        # tqdm.write lifts the bar out of the way so the line is not printed through it.
         if self._bar is not None:
             tqdm.write(line, file=sys.stdout)
         else:
