@@ -33,7 +33,6 @@ from meshweave.parallel.parallelize import parallelize
 from meshweave.trainer.checkpoint import CheckpointManager
 from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
-    GpuTelemetry,
     MetricsLogger,
     device_peak_tflops,
     mfu,
@@ -85,11 +84,17 @@ class Trainer:
         self._saved_step = -1
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world)
         self._prepare_run_dir()
-        self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
-                                    dataclasses.asdict(cfg))
-        self.telemetry = GpuTelemetry()
         self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
-        self._resume()
+        resumed_from = self._resume()
+        self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
+                                    dataclasses.asdict(cfg), start_step=self.step)
+        if resumed_from is None:
+            self.logger.event(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
+            if self.checkpoints.complete():
+                self.logger.event(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
+                                  "checkpoints; they are replaced as this run saves")
+        else:
+            self.logger.event(f"resumed from {resumed_from} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------
     # set-up helpers
@@ -104,20 +109,17 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "lr": lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.steps)}
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """Load the checkpoint ``checkpoint.resume`` names, if any; returns its path."""
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
         if path is None:
-            self.logger.event(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
-            if self.checkpoints.complete():
-                self.logger.event(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
-                                  "checkpoints; they are replaced as this run saves")
-            return
+            return None
         state = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.loader.load_state_dict({"consumed_samples": int(state["consumed_samples"]), "seed": self.cfg.train.seed})
         self._saved_step = self.step
-        self.logger.event(f"resumed from {path} at step {self.step}")
+        return path
 
     # ---------------------------------------------------------------------------------------
     # one step
@@ -182,7 +184,6 @@ class Trainer:
             "comm_seconds": {k: round(v, 6) for k, v in comm_seconds.items()},
             "dp_exposed_wait_s": self.reducer.exposed_wait_s if self.reducer is not None else None,
             "skipped_steps": self.skipped_steps,
-            **self.telemetry.read(),
         }
 
     def _clip_gradients(self) -> float:
