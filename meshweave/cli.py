@@ -65,7 +65,8 @@ def cmd_train(args: list[str]) -> int:
     try:
         train(cfg)
     except NonFiniteLossError as e:
-        return _fail(str(e))
+        print(f"meshweave: training aborted: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
