@@ -23,7 +23,8 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/meshweave run --nproc 4 --config configs/tiny.toml --out $(DEMO_OUT) --checkpoint.resume=none
+	$(VENV)/bin/meshweave run --nproc 4 --config configs/tiny.toml --out $(DEMO_OUT) \
+	    --parallel.dp_replicate=4 --checkpoint.resume=none
 	$(VENV)/bin/meshweave plot $(DEMO_OUT)
 	@echo "demo done: metrics in $(DEMO_OUT)/metrics.jsonl, plots in $(DEMO_OUT)/plots/, checkpoints in $(DEMO_OUT)/checkpoints/"
 

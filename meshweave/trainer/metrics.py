@@ -306,7 +306,8 @@ class MetricsLogger:
         self._metrics = self._open_append(self.run_dir / "metrics.jsonl")
         self._events = self._open_append(self.run_dir / "events.log")
         self._telemetry = GpuTelemetry()
-        if log_cfg.progress:
+        # A bar in a log file is a wall of carriage returns: only draw it on a terminal.
+        if log_cfg.progress and sys.stderr.isatty():
             self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step",
                              dynamic_ncols=True, desc="train")
         if log_cfg.wandb:

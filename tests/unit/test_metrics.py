@@ -186,12 +186,22 @@ def test_resume_appends_and_isolates_a_torn_line(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
 
 
-def test_progress_bar_goes_to_stderr_and_lines_to_stdout(tmp_path: Path, capsys) -> None:
+def test_progress_bar_goes_to_stderr_and_lines_to_stdout(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with MetricsLogger(str(tmp_path), quiet_cfg(progress=True), total_steps=4, is_rank0=True) as log:
         log.log(full_record(2))
     captured = capsys.readouterr()
     assert "step 2/4 | loss" in captured.out
     assert "2/4" in captured.err and "tok/s" in captured.err
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with MetricsLogger(str(tmp_path), quiet_cfg(progress=True), total_steps=4, is_rank0=True) as log:
+        log.log(full_record(2))
+    captured = capsys.readouterr()
+    assert "step 2/4 | loss" in captured.out
+    assert "2/4" not in captured.err
 
 
 def test_wandb_requested_but_missing_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
