@@ -8,6 +8,7 @@ costs one line on stderr and exit code 2, never a traceback from eight ranks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -297,6 +298,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     checked against it so a bad layout fails before any rank connects.
     """
     m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
+    for section in SECTIONS:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, float):
+                _require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         _require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     _require(m.dim % m.n_heads == 0, "model.dim",
@@ -405,7 +410,7 @@ def _toml_value(v: Any) -> str:
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf") if not math.isnan(v) else "nan"
     if isinstance(v, int):
         return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(str(v), ensure_ascii=False)  # JSON string escapes are valid TOML escapes
 
 
 def options_help() -> str:

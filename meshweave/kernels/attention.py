@@ -20,9 +20,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Ten
     """Scaled dot-product attention returning ``(out, lse_fp32)``; see the module contract."""
     _check_shapes(q, k, v)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # the kernels want [b, h, s, d]
-    if q.device.type == "cpu":
+    # Causal masks align bottom-right (query i sees keys up to i + s_k - s_q); the fused kernels
+    # align top-left, so unequal lengths take the reference path.
+    aligned = not causal or q.shape[1] == k.shape[1]
+    if q.device.type == "cpu" and aligned:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, is_causal=causal)
-    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _flash_ok(q, k):
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and aligned and _flash_ok(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, _expand_kv(kh, qh), _expand_kv(vh, qh),
                                                                       is_causal=causal)[:2]
     else:
@@ -38,8 +41,8 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
 
 
-def _flash_ok(q: Tensor, k: Tensor) -> bool:
-    return q.shape[-1] <= 256 and q.shape[1] == k.shape[1]
+def _flash_ok(q: Tensor) -> bool:
+    return q.shape[-1] <= 256
 
 
 def _expand_kv(kv: Tensor, q: Tensor) -> Tensor:

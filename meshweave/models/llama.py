@@ -120,9 +120,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
         self.checkpoint_layers = False
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share one tensor between embedding and head when ``tie_embeddings`` (and both exist).
+
+        Call again after anything that replaces parameters (``to_empty`` does).
+        """
+        if self.cfg.tie_embeddings and self.embed_tokens is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens

@@ -33,13 +33,14 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
     """Allocate ``model`` on ``device`` and fill it with :func:`init_value` (no communication).
 
     Each rank builds the full initial tensor from the seed and keeps its own shard, so the model
     is identical under every layout. Costs one full parameter on the host at a time.
     """
     model.to_empty(device=device)
+    model.tie_weights()
     for name, param in model.named_parameters():
         if isinstance(param, DTensor):
             full = init_value(name, param.shape, model.cfg, seed).to(device=device, dtype=param.dtype)

@@ -35,6 +35,13 @@ def test_four_process_layout_matches_one_process(tmp_path, reference, layout):
     assert_losses_match(reference, losses(train_run(tmp_path, 4, *layout, steps=STEPS)), rtol=1e-4)
 
 
+def test_tied_embeddings_stay_tied_under_fsdp(tmp_path_factory):
+    tied = ["--model.tie_embeddings=true"]
+    reference = losses(train_run(tmp_path_factory.mktemp("tied1"), 1, *tied, steps=STEPS))
+    sharded = losses(train_run(tmp_path_factory.mktemp("tied4"), 4, *tied, "--parallel.dp_shard=4", steps=STEPS))
+    assert_losses_match(reference, sharded, rtol=1e-4)
+
+
 def test_gradient_accumulation_in_one_process_matches(tmp_path, reference):
     assert_losses_match(reference, losses(train_run(tmp_path, 1, "--train.micro_batch=2", steps=STEPS)),
                         rtol=1e-4)

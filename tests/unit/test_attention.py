@@ -186,10 +186,6 @@ def test_reference_masked_rows_give_finite_zero_gradients():
     assert torch.equal(q.grad[:, :2], torch.zeros_like(q.grad[:, :2]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG kernels/attention.py:24: the CPU path calls _scaled_dot_product_flash_attention_for_cpu "
-    "for any lengths; its is_causal mask is top-left aligned, while reference_attention (and the "
-    "CUDA path, which falls back to it when s_q != s_k) aligns bottom-right"))
 @pytest.mark.parametrize("s_q,s_k", [(3, 5), (5, 3)], ids=["more-keys", "fewer-keys"])
 def test_attention_matches_reference_for_causal_unequal_lengths(s_q, s_k):
     q, k, v = qkv(4, 2, s_q=s_q, s_k=s_k)

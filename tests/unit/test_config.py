@@ -179,9 +179,6 @@ def test_to_toml_is_valid_toml_with_every_section():
     assert set(data) == {"out", *SECTIONS}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config.py:408 _toml_value escapes only backslash and quote; a newline or other control "
-    "character in a string option makes to_toml emit invalid TOML (run_dir/config.toml)"))
 def test_to_toml_round_trips_strings_with_control_characters(tmp_path):
     cfg = Config()
     cfg.log.wandb_run_name = "line one\nline two\ttabbed"
@@ -219,6 +216,12 @@ def test_validate_keeps_an_explicit_dp_shard():
 def test_validate_accepts_the_defaults_and_tiny_toml():
     validate(Config(), world_size=1)
     validate(load_toml(TINY), world_size=4)
+
+
+def test_infinite_bucket_size_is_rejected():
+    cfg = parse_overrides(["--comm.bucket_mb=inf"], Config())
+    with pytest.raises(ConfigError, match=r"comm\.bucket_mb"):
+        validate(cfg, world_size=1)
 
 
 def test_micro_batch_must_divide_the_per_rank_batch():

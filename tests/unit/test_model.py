@@ -212,10 +212,6 @@ def test_tied_model_matches_hf_tied_llama():
         torch.testing.assert_close(ours(x), hf(input_ids=x).logits, atol=HF_TOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG parallel/parallelize.py:42 materialize(): nn.Module.to_empty() replaces the meta "
-    "Parameter objects one module at a time, so lm_head.weight stops being embed_tokens.weight "
-    "and is then initialised separately; tie_embeddings=True silently trains two matrices"))
 def test_materialize_keeps_tied_embeddings_one_tensor():
     from meshweave.parallel.parallelize import materialize
 
