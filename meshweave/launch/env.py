@@ -67,6 +67,14 @@ def init_process_group(device: torch.device, info: RankInfo, timeout_s: float = 
                             device_id=device if device.type == "cuda" else None)
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(clean: bool = True) -> None:
+    """Tear down the default group; ``clean`` first waits for every rank (collective).
+
+    Pass ``clean=False`` on an error path, where peers may never reach the barrier.
+    """
     if dist.is_initialized():
+        if clean:
+            # A rank that leaves while a peer still drains its last collective aborts the peer's
+            # gloo threads ("terminate called without an active exception").
+            dist.barrier()
         dist.destroy_process_group()

@@ -259,10 +259,12 @@ def train(cfg: Config) -> list[float]:
     """Run a whole training job on this rank (collective over the job); returns its losses."""
     check_data_fits_model(cfg)
     trainer = Trainer(cfg)
+    clean = False
     try:
         losses = trainer.fit()
         trainer.logger.event(f"done at step {trainer.step}; run directory {cfg.out}")
+        clean = True
         return losses
     finally:
         trainer.close()
-        destroy_process_group()
+        destroy_process_group(clean)
