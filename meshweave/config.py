@@ -291,6 +291,13 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+def _common_divisors(m: ModelConfig, limit: int) -> str:
+    """Tensor-parallel degrees up to ``limit`` that divide every sharded model dimension."""
+    sizes = (m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size)
+    ok = [d for d in range(1, max(limit, m.n_kv_heads) + 1) if all(s % d == 0 for s in sizes)]
+    return ", ".join(map(str, ok))
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for the first impossible value. Pure: touches no process group.
 
@@ -361,10 +368,18 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     for key in ("dp_replicate", "tp", "cp", "pp", "ep"):
         _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (fill)")
-    for key in ("tp", "cp", "pp", "ep"):
+    for key in ("cp", "pp", "ep"):
         _require(getattr(p, key) == 1, f"parallel.{key}",
-                 f"{getattr(p, key)} is not supported yet: this build has data parallelism "
-                 f"(dp_replicate, dp_shard) only; set parallel.{key}=1")
+                 f"{getattr(p, key)} is not supported yet: this build has data and tensor parallelism "
+                 f"(dp_replicate, dp_shard, tp); set parallel.{key}=1")
+    m = cfg.model
+    for key, size in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim),
+                      ("vocab_size", m.vocab_size)):
+        _require(size % p.tp == 0, "parallel.tp",
+                 f"tp={p.tp} does not divide model.{key}={size} (choose tp in {_common_divisors(m, p.tp)})")
+    _require(t.seq_len % p.tp == 0, "parallel.tp",
+             f"tp={p.tp} does not divide train.seq_len={t.seq_len}: sequence parallelism shards the "
+             f"sequence (use a seq_len that is a multiple of {p.tp})")
     others = p.dp_replicate * p.tp * p.cp * p.pp
     if p.dp_shard == -1:
         _require(world_size % others == 0, "parallel.dp_replicate",

@@ -23,6 +23,8 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,6 +35,37 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 Tensor = torch.Tensor
+
+
+_GROUP_DIMS: dict[str, str] = {}
+_local = threading.local()
+
+
+def register_group(pg: dist.ProcessGroup, dim: str) -> None:
+    """Name the mesh dimension ``pg`` spans, for collectives torch issues on it (see capture.py)."""
+    _GROUP_DIMS[pg.group_name] = dim
+
+
+def dim_of(pg: dist.ProcessGroup) -> str:
+    """The registered mesh-dimension name of ``pg`` ("world" for the default group)."""
+    if pg.group_name in _GROUP_DIMS:
+        return _GROUP_DIMS[pg.group_name]
+    return "world" if pg == dist.group.WORLD else f"group:{pg.group_name}"
+
+
+@contextlib.contextmanager
+def suspend_recording():
+    """Collectives issued inside are not recorded again (the caller records them once)."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+
+
+def recording_suspended() -> bool:
+    return getattr(_local, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +157,9 @@ def _nbytes(t: Tensor) -> int:
 def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handle:
     started = time.perf_counter()
     LEDGER.record(group.dim, op, nbytes)
-    handle = Handle(fn(), group.dim, op, started)
+    with suspend_recording():
+        work = fn()
+    handle = Handle(work, group.dim, op, started)
     if not async_op:
         handle.wait()
     return handle

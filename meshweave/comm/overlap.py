@@ -21,45 +21,57 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshweave.comm.ops import CommGroup, Handle, all_reduce
 
 Tensor = torch.Tensor
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: tensor-parallel parameters and gradients are DTensors."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class _Bucket:
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-        self.numel = sum(p.numel() for p in params)
+        self.numel = sum(_local(p).numel() for p in params)
         self.ready = 0
         self.flat: Tensor | None = None
         self.handle: Handle | None = None
 
     def flatten(self) -> Tensor:
-        p0 = self.params[0]
+        p0 = _local(self.params[0])
         if self.flat is None:
             self.flat = torch.empty(self.numel, dtype=p0.dtype, device=p0.device)
         offset = 0
         for p in self.params:
-            n = p.numel()
+            n = _local(p).numel()
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                # Some DTensor backward rules leave the grad in another layout (e.g. a vocab-
+                # sharded embedding's grad replicated): bring it to the parameter's layout.
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
             if p.grad is None:
                 self.flat[offset:offset + n].zero_()
             else:
-                self.flat[offset:offset + n].copy_(p.grad.reshape(-1))
+                self.flat[offset:offset + n].copy_(_local(p.grad).reshape(-1))
             offset += n
         return self.flat
 
     def unflatten(self, scale: float) -> None:
         offset = 0
         for p in self.params:
-            n = p.numel()
-            chunk = self.flat[offset:offset + n].view_as(p)
+            local = _local(p)
+            n = local.numel()
+            chunk = self.flat[offset:offset + n].view_as(local)
             if scale != 1.0:
                 chunk.mul_(scale)
             if p.grad is None:
-                p.grad = chunk.clone()
+                grad = chunk.clone()
+                p.grad = DTensor.from_local(grad, p.device_mesh, p.placements) if isinstance(p, DTensor) else grad
             else:
-                p.grad.copy_(chunk)
+                _local(p.grad).copy_(chunk)
             offset += n
 
 
@@ -131,7 +143,7 @@ def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket
     """Consecutive groups of same-dtype/device parameters of at most ``bucket_bytes`` (>= 1 each)."""
     buckets, current, size = [], [], 0
     for p in params:
-        nbytes = p.numel() * p.element_size()
+        nbytes = _local(p).numel() * p.element_size()
         same_kind = not current or (current[0].dtype == p.dtype and current[0].device == p.device)
         if current and (size + nbytes > bucket_bytes or not same_kind):
             buckets.append(_Bucket(current))

@@ -134,7 +134,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
+            # From the input, not h: sequence parallelism leaves h a shard of the sequence.
+            positions = torch.arange(tokens.shape[1], device=h.device)
         cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
         for layer in self.layers.values():
             if self.checkpoint_layers and torch.is_grad_enabled():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from meshweave.comm.ops import CommGroup
+from meshweave.comm.ops import CommGroup, register_group
 from meshweave.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -43,7 +43,11 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> "ParallelMesh":
         """The job's DeviceMesh with every named dim plus the flattened ``dp`` (collective)."""
         root = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        return ParallelMesh(root, {"dp": root["dp_replicate", "dp_shard"]._flatten("dp")})
+        mesh = ParallelMesh(root, {"dp": root["dp_replicate", "dp_shard"]._flatten("dp")})
+        # Flattened first: where torch reuses one group for two names, the named dim wins.
+        for name in (*mesh.flattened, *MESH_DIMS):
+            register_group(mesh[name].get_group(), name)
+        return mesh
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Turn a model on ``meta`` into this rank's trainable part, in the composition order of DESIGN.md.
 
-Order: (PP split) -> (TP/SP) -> (CP attention binding) -> (EP) -> activation checkpointing ->
+Order: (PP split) -> TP/SP -> (CP attention binding) -> (EP) -> activation checkpointing ->
 data parallelism (FSDP / replicated) -> materialise and initialise. The bracketed steps arrive
-with their parallelisms; this build applies the rest.
+with their parallelisms; this build applies TP, activation checkpointing and data parallelism.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from meshweave.config import Config
 from meshweave.models.llama import Transformer, init_value
 from meshweave.parallel.data import apply_fsdp, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
+from meshweave.parallel.tensor import apply_tensor_parallel
 
 
 def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
@@ -25,6 +26,8 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg:
     Returns the replicated data-parallel reducer the trainer must ``finish()`` each step, or
     ``None`` when FSDP (or nothing) reduces gradients. Collective over the job.
     """
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     model.checkpoint_layers = cfg.parallel.activation_checkpointing
     if dims.dp_shard > 1:
         apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)

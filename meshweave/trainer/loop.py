@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
 from meshweave.config import Config, ConfigError, to_toml
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
@@ -30,6 +31,7 @@ from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import ParallelDims
 from meshweave.parallel.parallelize import parallelize
+from meshweave.parallel.tensor import loss_context
 from meshweave.trainer.checkpoint import CheckpointManager
 from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
@@ -57,6 +59,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.info)
         self.dims = ParallelDims.from_config(cfg.parallel)
         init_process_group(self.device, self.info)
+        capture.install()
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_group: CommGroup = self.mesh.group("dp")
         self.world = CommGroup.world()
@@ -145,10 +148,11 @@ class Trainer:
 
         loss_sum = 0.0
         for i, (inputs, labels) in enumerate(microbatches):
-            with gradient_sync(self.model, self.reducer, enabled=i == len(microbatches) - 1):
+            last = i == len(microbatches) - 1
+            with gradient_sync(self.model, self.reducer, enabled=last), loss_context(self.dims.tp > 1):
                 loss = self._loss_sum(inputs, labels) / max(global_tokens, 1.0)
                 loss.backward()
-            loss_sum += loss.item()
+            loss_sum += _scalar(loss)
         if self.reducer is not None:
             self.reducer.finish()
         (loss_value,) = all_reduce_scalars([loss_sum], self.dp_group, self.device)
@@ -208,7 +212,8 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for _ in range(self.cfg.train.eval_batches):
             for inputs, labels in loader.next_batch():
-                loss_sum += self._loss_sum(inputs, labels).item()
+                with loss_context(self.dims.tp > 1):
+                    loss_sum += _scalar(self._loss_sum(inputs, labels))
                 tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
         loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.dp_group, self.device)
@@ -240,6 +245,11 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+
+
+def _scalar(t: torch.Tensor) -> float:
+    """A 0-d loss as a float; under loss parallelism it is a replicated DTensor."""
+    return (t.to_local() if isinstance(t, DTensor) else t).item()
 
 
 def check_data_fits_model(cfg: Config) -> None:

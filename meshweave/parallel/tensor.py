@@ -1,0 +1,68 @@
+"""Tensor parallelism with sequence parallelism, as DTensor plans over the ``tp`` mesh dim.
+
+Per decoder layer (Megatron-style, the sequence-parallel variant):
+
+- norms run sequence-parallel: activations between blocks are sharded on the sequence dim
+  (``Shard(1)``), so norms and residual adds cost 1/tp of the memory and compute;
+- attention and MLP inputs are all-gathered to the full sequence; q/k/v and gate/up are
+  column-parallel (each rank owns ``n_heads/tp`` heads, ``n_kv_heads/tp`` KV heads, ``ffn/tp``
+  columns), o/down are row-parallel and reduce-scatter back onto the sequence shards;
+- the embedding is vocab-parallel (row-wise over the vocabulary, reduce-scattered onto sequence
+  shards), and the head is column-parallel over the vocabulary with logits left sharded, so the
+  cross entropy runs under :func:`loss_context` without gathering full-vocab logits on any rank.
+
+The model code is unchanged: attention reshapes with ``-1`` heads and reads the full sequence
+length from the replicated input. Divisibility is checked by config validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from meshweave.models.llama import Transformer
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Shard ``model`` in place over ``tp_mesh`` (1-D). Call on the meta model, before FSDP."""
+    root_plan = {}
+    if model.embed_tokens is not None:
+        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        root_plan["norm"] = SequenceParallel()
+    if model.lm_head is not None:
+        root_plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                               use_local_output=False)
+    parallelize_module(model, tp_mesh, root_plan)
+    for layer in model.layers.values():
+        parallelize_module(layer, tp_mesh, {
+            "input_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    if model.cfg.tie_embeddings:
+        model.tie_weights()
+
+
+def loss_context(tp_enabled: bool) -> contextlib.AbstractContextManager:
+    """Where the loss and its backward must run: vocab-sharded cross entropy under TP."""
+    return loss_parallel() if tp_enabled else contextlib.nullcontext()
