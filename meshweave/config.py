@@ -282,20 +282,15 @@ def resolve(config_path: str | None, overrides: list[str], world_size: int | Non
 # validation
 
 
-def _require(ok: bool, key: str, msg: str) -> None:
+def require(ok: bool, key: str, msg: str) -> None:
+    """Raise ConfigError ``"<key>: <msg>"`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _divisors(n: int) -> str:
+def divisors(n: int) -> str:
+    """``"1, 2, 4"``: the divisors of ``n``, for error messages."""
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def _common_divisors(m: ModelConfig, limit: int) -> str:
-    """Tensor-parallel degrees up to ``limit`` that divide every sharded model dimension."""
-    sizes = (m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size)
-    ok = [d for d in range(1, max(limit, m.n_kv_heads) + 1) if all(s % d == 0 for s in sizes)]
-    return ", ".join(map(str, ok))
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -308,21 +303,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for section in SECTIONS:
         for name, value in dataclasses.asdict(getattr(cfg, section)).items():
             if isinstance(value, float):
-                _require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
+                require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-        _require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
-    _require(m.dim % m.n_heads == 0, "model.dim",
+        require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    require(m.dim % m.n_heads == 0, "model.dim",
              f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)")
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-             f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {_divisors(m.n_heads)})")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.dim",
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})")
+    require((m.dim // m.n_heads) % 2 == 0, "model.dim",
              f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings")
-    _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
-    _require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    require(m.init_std > 0, "model.init_std", "must be > 0")
 
-    _require(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    require(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
     if cfg.data.source != "embedded":
-        _require(Path(cfg.data.source, "index.json").is_file(), "data.source",
+        require(Path(cfg.data.source, "index.json").is_file(), "data.source",
                  f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
                  "'embedded' or run `meshweave data prepare`")
 
@@ -333,74 +328,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 if allowed and v not in allowed:
                     raise ConfigError(f"{key}.{name}={v!r}: choose one of {', '.join(allowed)}")
 
-    _require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
-    _require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
-    _require(t.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: no accumulation)")
-    _require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
-    _require(t.seq_len <= m.max_seq_len, "train.seq_len",
+    require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
+    require(t.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: no accumulation)")
+    require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
+    require(t.seq_len <= m.max_seq_len, "train.seq_len",
              f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
-    _require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
-    _require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
-    _require(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: run to train.steps)")
+    require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
+    require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+    require(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: run to train.steps)")
 
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
-    _require(o.eps > 0, "optim.eps", "must be > 0")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    require(o.eps > 0, "optim.eps", "must be > 0")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
 
-    _require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
-    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
-    _require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
-    _require(bool(cfg.out), "out", "must name a directory")
+    require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
+    require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
+    require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
+    require(bool(cfg.out), "out", "must name a directory")
 
-    validate_layout(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    from meshweave.parallel.dims import resolve_degrees  # layout rules live with the mesh
 
-
-def validate_layout(cfg: Config, world_size: int) -> None:
-    """Check the parallel degrees against the world size and the model; fill ``dp_shard=-1``."""
-    p, t = cfg.parallel, cfg.train
-    for key in ("dp_replicate", "tp", "cp", "pp", "ep"):
-        _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
-    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (fill)")
-    for key in ("cp", "pp", "ep"):
-        _require(getattr(p, key) == 1, f"parallel.{key}",
-                 f"{getattr(p, key)} is not supported yet: this build has data and tensor parallelism "
-                 f"(dp_replicate, dp_shard, tp); set parallel.{key}=1")
-    m = cfg.model
-    for key, size in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim),
-                      ("vocab_size", m.vocab_size)):
-        _require(size % p.tp == 0, "parallel.tp",
-                 f"tp={p.tp} does not divide model.{key}={size} (choose tp in {_common_divisors(m, p.tp)})")
-    _require(t.seq_len % p.tp == 0, "parallel.tp",
-             f"tp={p.tp} does not divide train.seq_len={t.seq_len}: sequence parallelism shards the "
-             f"sequence (use a seq_len that is a multiple of {p.tp})")
-    others = p.dp_replicate * p.tp * p.cp * p.pp
-    if p.dp_shard == -1:
-        _require(world_size % others == 0, "parallel.dp_replicate",
-                 f"dp_replicate*tp*cp*pp={others} does not divide the world size {world_size} "
-                 f"(choose degrees whose product divides {world_size})")
-        p.dp_shard = world_size // others
-    total = others * p.dp_shard
-    _require(total == world_size, "parallel",
-             f"dp_replicate*dp_shard*tp*cp*pp={total} but the world size is {world_size} "
-             "(make the product equal the number of processes, or set parallel.dp_shard=-1)")
-    dp = p.dp_replicate * p.dp_shard
-    _require(t.global_batch % dp == 0, "train.global_batch",
-             f"{t.global_batch} is not divisible by the data-parallel degree {dp} "
-             f"(use a multiple of {dp})")
-    if t.micro_batch:
-        per_rank = t.global_batch // dp
-        _require(per_rank % t.micro_batch == 0, "train.micro_batch",
-                 f"{t.micro_batch} does not divide the per-rank batch {per_rank} "
-                 f"(choose one of {_divisors(per_rank)})")
-    _require(p.mixed_precision == "none" or p.dp_shard > 1 or p.dp_replicate == 1 and world_size == 1,
-             "parallel.mixed_precision", "bf16 params need FSDP (parallel.dp_shard > 1)")
+    resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
 
 
 # --------------------------------------------------------------------------------------------

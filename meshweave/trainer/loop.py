@@ -29,7 +29,7 @@ from meshweave.config import Config, ConfigError, to_toml
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
-from meshweave.parallel.dims import ParallelDims
+from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.tensor import loss_context
 from meshweave.trainer.checkpoint import CheckpointManager
@@ -57,7 +57,7 @@ class Trainer:
         self.cfg = cfg
         self.info = info or rank_info()
         self.device = pick_device(cfg.train.device, self.info)
-        self.dims = ParallelDims.from_config(cfg.parallel)
+        self.dims = resolve_degrees(cfg, self.info.world_size)
         init_process_group(self.device, self.info)
         capture.install()
         self.mesh = self.dims.build_mesh(self.device.type)

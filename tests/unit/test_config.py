@@ -272,8 +272,20 @@ INVALID = [
     pytest.param(TRAIN, ["--model.vocab_size=100"], "model.vocab_size", id="vocab-smaller-than-data"),
     pytest.param(TRAIN, ["--config", "{tmp}/missing.toml"], "--config", id="missing-config-file"),
     pytest.param(TRAIN, ["--config={tmp}/broken.toml"], "--config", id="config-not-toml"),
-    pytest.param(TRAIN, ["--parallel.tp=2"], "parallel.tp", id="tp-not-supported"),
-    pytest.param(RUN4, ["--parallel.tp=2"], "parallel.tp", id="tp-not-supported-via-run"),
+    pytest.param(RUN4, ["--parallel.tp=4"], "parallel.tp", id="tp-not-dividing-kv-heads"),
+    pytest.param(RUN4, ["--parallel.tp=4", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.dim=64"],
+                 "parallel.tp", id="tp-not-dividing-heads"),
+    pytest.param(RUN4, ["--parallel.tp=2", "--model.ffn_dim=351"], "parallel.tp", id="tp-not-dividing-ffn"),
+    pytest.param(RUN4, ["--parallel.tp=2", "--model.vocab_size=321"], "parallel.tp", id="tp-not-dividing-vocab"),
+    pytest.param(RUN4, ["--parallel.tp=2", "--train.seq_len=127"], "parallel.tp",
+                 id="seq-len-not-divisible-for-sequence-parallel"),
+    pytest.param(RUN4, ["--parallel.tp=3"], "parallel", id="tp-not-dividing-world"),
+    pytest.param(RUN4, ["--parallel.tp=2", "--parallel.dp_shard=1"], "parallel",
+                 id="tp-times-dp-not-world-size"),
+    pytest.param(RUN4, ["--parallel.cp=2"], "parallel.cp", id="context-parallel-not-in-this-build"),
+    pytest.param(RUN4, ["--parallel.ep=2"], "parallel.ep", id="expert-degree-without-moe"),
+    pytest.param(RUN4, ["--parallel.mixed_precision=bf16", "--parallel.dp_replicate=4"],
+                 "parallel.mixed_precision", id="bf16-params-without-fsdp"),
 ]
 
 
