@@ -24,7 +24,7 @@ $(VENV)/.stamp: pyproject.toml
 
 demo: venv
 	$(VENV)/bin/meshweave run --nproc 4 --config configs/tiny.toml --out $(DEMO_OUT) \
-	    --parallel.dp_replicate=4 --checkpoint.resume=none
+	    --parallel.tp=2 --parallel.dp_shard=2 --checkpoint.resume=none
 	$(VENV)/bin/meshweave plot $(DEMO_OUT)
 	@echo "demo done: metrics in $(DEMO_OUT)/metrics.jsonl, plots in $(DEMO_OUT)/plots/, checkpoints in $(DEMO_OUT)/checkpoints/"
 
