@@ -49,6 +49,31 @@ def read_metrics(out: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def final_weights(out: Path) -> dict:
+    """The newest checkpoint's model weights as full tensors, whatever layout saved them."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    steps = sorted((Path(out) / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(steps[-1], f"{tmp}/full.pt")
+        state = torch.load(f"{tmp}/full.pt", weights_only=True)
+    return state["model"]
+
+
+def assert_weights_match(reference: dict, other: dict, rtol: float) -> float:
+    """Every parameter's max |diff| / max |reference| <= rtol; returns the largest seen."""
+    assert reference.keys() == other.keys()
+    worst = 0.0
+    for name, ref in reference.items():
+        rel = float((other[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        worst = max(worst, rel)
+        assert rel <= rtol, f"{name}: relative difference {rel:.2e} > {rtol:.0e}"
+    return worst
+
+
 def losses(records: list[dict]) -> list[float]:
     return [r["loss"] for r in records]
 
