@@ -56,6 +56,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``[b, s, h, d]`` by the tables ``[s, d]``; pairs are (i, i + d/2) as in HF."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    # In x's dtype: under autocast q/k come out of the projections in bf16 while the tables are
+    # built from fp32 activations, and attention needs q, k, v in one dtype.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
