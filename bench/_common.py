@@ -99,7 +99,11 @@ def free_port() -> int:
 
 
 def _worker_main(fn: Callable, rank: int, world: int, port: int, results: str, timeout: float,
-                 env: dict[str, str], args: tuple) -> None:
+                 env: dict[str, str], log_dir: str | None, args: tuple) -> None:
+    if log_dir:  # keep the bench's stdout for its tables: workers' chatter goes to a file per rank
+        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -124,15 +128,20 @@ class WorkerError(RuntimeError):
     """A worker failed or the job timed out; the message holds the first traceback."""
 
 
-def spawn(fn: Callable, world: int, *args: Any, timeout: float = 900, env: dict[str, str] | None = None) -> list[Any]:
+def spawn(fn: Callable, world: int, *args: Any, timeout: float = 900, env: dict[str, str] | None = None,
+          log_dir: Path | None = None) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned interpreters); rank-ordered results.
 
-    ``fn`` must live at module level of an importable module (or the main script).
+    ``fn`` must live at module level of an importable module (or the main script). With ``log_dir``
+    each rank's stdout/stderr go to ``log_dir/rank<r>.log``.
     """
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="meshweave-bench-") as results:
         port = free_port()
-        procs = [ctx.Process(target=_worker_main, args=(fn, r, world, port, results, timeout, env or {}, args),
+        procs = [ctx.Process(target=_worker_main, args=(fn, r, world, port, results, timeout, env or {},
+                                                             str(log_dir) if log_dir else None, args),
                              daemon=True, name=f"bench-rank{r}") for r in range(world)]
         for p in procs:
             p.start()

@@ -1,4 +1,4 @@
-"""The ``meshweave`` command: train | run | data prepare | plot.
+"""The ``meshweave`` command: train | run | data prepare | plot | ckpt.
 
 Configuration errors are one line on stderr and exit code 2, before any process group exists.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from meshweave.config import ConfigError, options_help, resolve
 
@@ -55,9 +56,9 @@ def cmd_train(args: list[str]) -> int:
         return 0
     try:
         cfg = resolve(*_split_config(args))
-        from meshweave.trainer.loop import check_data_fits_model  # torch import only after parsing
+        from meshweave.trainer.loop import preflight  # torch import only after parsing
 
-        check_data_fits_model(cfg)
+        preflight(cfg)
     except ConfigError as e:
         return _fail(str(e))
     from meshweave.trainer.loop import NonFiniteLossError, train
@@ -83,9 +84,9 @@ def cmd_run(args: list[str]) -> int:
     try:
         config_path, overrides = _split_config(rest)
         cfg = resolve(config_path, overrides, world_size=known.nproc)
-        from meshweave.trainer.loop import check_data_fits_model
+        from meshweave.trainer.loop import preflight
 
-        check_data_fits_model(cfg)
+        preflight(cfg)
     except ConfigError as e:
         return _fail(str(e))
     from meshweave.launch.local import run_local
@@ -128,17 +129,47 @@ def cmd_plot(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot}
+def cmd_ckpt(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshweave ckpt", description="Inspect and convert checkpoints.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    inspect = sub.add_parser("inspect", help="step, layout, tensors, sizes and validity of a step-N dir")
+    inspect.add_argument("path")
+    imp = sub.add_parser("import-hf", help="a Hugging Face Llama directory -> OUT/checkpoints/step-0")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out")
+    exp = sub.add_parser("export-hf", help="a step-N checkpoint -> a Hugging Face directory")
+    exp.add_argument("ckpt")
+    exp.add_argument("out")
+    ns = parser.parse_args(args)
+    from meshweave.trainer import hf
+    from meshweave.trainer.checkpoint import CheckpointError, describe
+
+    try:
+        if ns.action == "inspect":
+            print(describe(ns.path))
+        elif ns.action == "import-hf":
+            ckpt = hf.import_hf(ns.hf_dir, ns.out)
+            print(f"wrote {ckpt} and {Path(ns.out) / 'config.toml'}; train from it with "
+                  f"--config {Path(ns.out) / 'config.toml'} --checkpoint.init_from={ckpt}")
+        else:
+            print(f"wrote {hf.export_hf(ns.ckpt, ns.out)} (config.json + model.safetensors)")
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
+        return _fail(str(e))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot, "ckpt": cmd_ckpt}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: meshweave {train,run,data,plot} ...\n"
+        print("usage: meshweave {train,run,data,plot,ckpt} ...\n"
               "  train   train in this process (or per torchrun worker)\n"
               "  run     train with N local processes (starts torchrun)\n"
               "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
-              "  plot    write PNGs of a run's loss, throughput and comm bytes",
+              "  plot    write PNGs of a run's loss, throughput and comm bytes\n"
+              "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

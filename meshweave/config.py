@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 import math
 import os
 import tomllib
@@ -95,6 +96,8 @@ class CheckpointConfig:
     keep: int = 2
     resume: str = "auto"
     save_final: bool = True
+    async_: bool = False  # `--checkpoint.async`: a Python keyword, hence the underscore
+    init_from: str = ""
 
 
 @dataclass
@@ -162,7 +165,9 @@ HELP: dict[str, str] = {
     "comm.overlap": "launch bucket all-reduces during backward",
     "checkpoint.interval": "save every N steps (0: only at the end)",
     "checkpoint.keep": "complete checkpoints kept",
-    "checkpoint.resume": "auto (newest complete, if any) | none | PATH",
+    "checkpoint.resume": "auto (newest valid, if any) | none | PATH",
+    "checkpoint.async": "stage to host memory and write in the background while training continues",
+    "checkpoint.init_from": "start from these weights (Hugging Face dir or a meshweave step-N dir) when not resuming",
     "log.peak_tflops": "device peak for MFU; 0 looks the GPU up in a table",
     "train.global_batch": "sequences per optimizer step across all data-parallel ranks",
     "train.micro_batch": "sequences per forward per rank; 0 = no accumulation",
@@ -212,9 +217,18 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
     return value
 
 
+def option_name(field_name: str) -> str:
+    """The command-line / TOML name of a field: ``async_`` is ``async`` (keywords can't be fields)."""
+    return field_name[:-1] if field_name.endswith("_") else field_name
+
+
+def _field_name(option: str) -> str:
+    return option + "_" if keyword.iskeyword(option) else option
+
+
 def _known(section: str) -> str:
     cls = type(getattr(Config(), section))
-    return ", ".join(f.name for f in dataclasses.fields(cls))
+    return ", ".join(option_name(f.name) for f in dataclasses.fields(cls))
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
@@ -228,6 +242,7 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
                           f"{', '.join(SECTIONS)} (see `meshweave train --help`)")
     obj = getattr(cfg, section)
     types = _field_types(type(obj))
+    name = _field_name(name)
     if name not in types:
         raise ConfigError(f"unknown option {key!r}: {section} has {_known(section)}")
     setattr(obj, name, _coerce(key, value, types[name]))
@@ -350,6 +365,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    if cfg.checkpoint.init_from:
+        source = Path(cfg.checkpoint.init_from)
+        require((source / "config.json").is_file() or (source / "manifest.json").is_file(),
+                "checkpoint.init_from", f"{source} is neither a Hugging Face model directory (config.json) "
+                "nor a meshweave checkpoint (manifest.json)")
     require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
     require(bool(cfg.out), "out", "must name a directory")
@@ -369,7 +389,7 @@ def to_toml(cfg: Config) -> str:
     for section in SECTIONS:
         lines.append(f"[{section}]")
         for name, value in dataclasses.asdict(getattr(cfg, section)).items():
-            lines.append(f"{name} = {_toml_value(value)}")
+            lines.append(f"{option_name(name)} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -391,7 +411,7 @@ def options_help() -> str:
     for section in SECTIONS:
         obj = getattr(default, section)
         for f in dataclasses.fields(obj):
-            key = f"{section}.{f.name}"
+            key = f"{section}.{option_name(f.name)}"
             value = getattr(obj, f.name)
             extra = HELP.get(key, "")
             if key in CHOICES:

@@ -32,7 +32,8 @@ from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.tensor import loss_context
-from meshweave.trainer.checkpoint import CheckpointManager
+from meshweave.trainer.checkpoint import CheckpointManager, checkpoint_info
+from meshweave.trainer.hf import check_init_from, load_initial_weights
 from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
     MetricsLogger,
@@ -85,19 +86,16 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self._saved_step = -1
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world,
+                                             checkpoint_info(cfg, self.info.world_size),
+                                             async_save=cfg.checkpoint.async_)
         self._prepare_run_dir()
         self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
-        resumed_from = self._resume()
+        messages = self._start()
         self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
                                     dataclasses.asdict(cfg), start_step=self.step)
-        if resumed_from is None:
-            self.logger.event(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
-            if self.checkpoints.complete():
-                self.logger.event(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
-                                  "checkpoints; they are replaced as this run saves")
-        else:
-            self.logger.event(f"resumed from {resumed_from} at step {self.step}")
+        for message in messages:
+            self.logger.event(message)
 
     # ---------------------------------------------------------------------------------------
     # set-up helpers
@@ -112,17 +110,34 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "lr": lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.steps)}
 
-    def _resume(self) -> Path | None:
-        """Load the checkpoint ``checkpoint.resume`` names, if any; returns its path."""
-        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+    def _start(self) -> list[str]:
+        """Resume from a checkpoint, or initialise from ``checkpoint.init_from``; returns the
+        events to log (the logger starts at the resumed step, so it is created afterwards)."""
+        messages: list[str] = []
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume, messages.append)
         if path is None:
-            return None
-        state = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
+            messages.append(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
+            if self.cfg.checkpoint.resume == "none" and self.checkpoints.complete():
+                messages.append(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
+                                "checkpoints; they are replaced as this run saves")
+            if self.cfg.checkpoint.init_from:
+                load_initial_weights(self.model, self.cfg)
+                messages.append(f"initialised weights from {self.cfg.checkpoint.init_from}")
+            return messages
+        state, manifest = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.loader.load_state_dict({"consumed_samples": int(state["consumed_samples"]), "seed": self.cfg.train.seed})
         self._saved_step = self.step
-        return path
+        messages.append(f"resumed from {path} at step {self.step}")
+        if manifest.get("world_size") != self.info.world_size:
+            # Per-rank RNG streams do not map across world sizes: derive fresh ones from the seed,
+            # the step and the rank, so the new layout's run is deterministic too.
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.step + self.info.rank)
+            messages.append(f"layout changed ({manifest.get('layout')} on {manifest.get('world_size')} ranks "
+                            f"-> {self.dims} on {self.info.world_size}): model and optimizer resharded, "
+                            "RNG streams re-derived from the seed")
+        return messages
 
     # ---------------------------------------------------------------------------------------
     # one step
@@ -180,7 +195,7 @@ class Trainer:
         comm_bytes, comm_seconds = LEDGER.take_step()
         tokens_per_s = step_tokens / step_time
         return {
-            "step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "time": time.time(), "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
             "mfu": mfu(tokens_per_s / self.info.world_size, self.flops_per_token, self.peak_tflops),
             "mem_peak_bytes": peak_memory_bytes(self.device),
@@ -222,7 +237,15 @@ class Trainer:
     def save_checkpoint(self) -> None:
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state())
         self._saved_step = self.step
-        self.logger.event(f"saved checkpoint {path}")
+        self.logger.event(f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_
+                          else f"saved checkpoint {path}")
+
+    def _report_async_commit(self) -> None:
+        commit = self.checkpoints.last_commit
+        if self.cfg.checkpoint.async_ and commit and commit.get("reported") is None:
+            commit["reported"] = True
+            self.logger.event(f"checkpoint step-{commit['step']} committed after "
+                              f"{commit['committed_unix'] - commit['started_unix']:.2f}s in the background")
 
     def fit(self) -> list[float]:
         """Train until ``train.steps`` (or ``train.stop_at_step``); returns this run's losses."""
@@ -239,11 +262,17 @@ class Trainer:
                 self.logger.log(record)
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save_checkpoint()
+            self._report_async_commit()
         if cfg.checkpoint.save_final and self.step == last and self._saved_step != self.step:
             self.save_checkpoint()
         return losses
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Finish any background checkpoint write (collective unless ``clean`` is False, on an error
+        path where peers may be gone), then close the sinks."""
+        if clean:
+            self.checkpoints.wait()
+            self._report_async_commit()
         self.logger.close()
 
 
@@ -252,8 +281,10 @@ def _scalar(t: torch.Tensor) -> float:
     return (t.to_local() if isinstance(t, DTensor) else t).item()
 
 
-def check_data_fits_model(cfg: Config) -> None:
-    """ConfigError when the data's vocabulary is larger than ``model.vocab_size`` (no groups needed)."""
+def preflight(cfg: Config) -> None:
+    """Checks that read files but need no process group: the data's vocabulary fits the model and
+    ``checkpoint.init_from`` has the model's shape. ConfigError otherwise."""
+    check_init_from(cfg)
     if cfg.data.source == "embedded":
         from meshweave.trainer.data import ByteTokenizer
 
@@ -267,7 +298,7 @@ def check_data_fits_model(cfg: Config) -> None:
 
 def train(cfg: Config) -> list[float]:
     """Run a whole training job on this rank (collective over the job); returns its losses."""
-    check_data_fits_model(cfg)
+    preflight(cfg)
     trainer = Trainer(cfg)
     clean = False
     try:
@@ -276,5 +307,5 @@ def train(cfg: Config) -> list[float]:
         clean = True
         return losses
     finally:
-        trainer.close()
+        trainer.close(clean)
         destroy_process_group(clean)

@@ -41,7 +41,8 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
 def test_keep_prunes_old_checkpoints_and_leaves_no_tmp(tmp_path):
     train_run(tmp_path, 1, "--checkpoint.interval=2", "--checkpoint.keep=2", steps=8)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-6", "step-8"]
+    assert names == ["LATEST", "step-6", "step-8"]
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step-8"
 
 
 def test_resume_from_explicit_path(tmp_path):

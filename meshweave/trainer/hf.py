@@ -1,0 +1,176 @@
+"""Hugging Face interop for Llama-family dense models: config translation and safetensors weights.
+
+meshweave parameter names are Hugging Face Llama's without the ``model.`` prefix (see
+:func:`meshweave.models.llama.hf_name`), and rotary embeddings use the same half-split layout, so
+weights move with a rename only — no permutation, bit-exact both ways.
+
+- :func:`import_hf` turns a HF model directory into a meshweave checkpoint (``step-0``, model only)
+  plus a ``config.toml`` holding the translated model section;
+- :func:`export_hf` writes a checkpoint's model as ``config.json`` + ``model.safetensors``;
+- :func:`load_hf_weights` reads a HF directory into meshweave-named full tensors, for
+  ``--checkpoint.init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from meshweave.config import Config, ConfigError, ModelConfig, to_toml
+from meshweave.models.llama import build_model, hf_name
+from meshweave.trainer.checkpoint import checkpoint_info, read_manifest, verify, write_manifest
+from meshweave.trainer.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
+
+_SUPPORTED = ("LlamaForCausalLM",)
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """meshweave's model section for a HF ``config.json`` dict (Llama family)."""
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in _SUPPORTED or hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"config.json: architecture {arch} / model_type {hf.get('model_type')} is not "
+                          f"supported (supported: {', '.join(_SUPPORTED)})")
+    if hf.get("rope_scaling"):
+        raise ConfigError("config.json: rope_scaling is not supported yet (plain RoPE only)")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", dim // heads) != dim // heads:
+        raise ConfigError(f"config.json: head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError("config.json: attention/MLP biases are not supported (Llama has none)")
+    return ModelConfig(
+        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)))
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+    """A HF ``LlamaForCausalLM`` ``config.json`` dict for meshweave's model section."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": "float32", "head_dim": cfg.dim // cfg.n_heads,
+    }
+
+
+def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    return model_config_from_hf(json.loads(path.read_text()))
+
+
+def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a HF directory (single or sharded safetensors), renamed to meshweave's names.
+
+    Checks that the names are exactly the model's: a missing or unexpected tensor is an error.
+    """
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    hf_state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (hf_dir / name).is_file():
+            raise FileNotFoundError(f"{hf_dir / name}: missing (safetensors weights required)")
+        hf_state.update(load_file(hf_dir / name))
+    cfg = read_hf_config(hf_dir)
+    wanted = {hf_name(n): n for n in build_model(cfg).state_dict()}
+    missing = sorted(set(wanted) - set(hf_state))
+    if cfg.tie_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    unexpected = sorted(set(hf_state) - set(wanted) - {"lm_head.weight"} if cfg.tie_embeddings
+                        else set(hf_state) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(f"{hf_dir}: weights do not match the config (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    state = {wanted[k]: v for k, v in hf_state.items() if k in wanted}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Write ``out/config.toml`` and ``out/checkpoints/step-0`` (model weights, DCP) from ``hf_dir``.
+
+    Returns the checkpoint directory; usable as ``--checkpoint.init_from``.
+    """
+    cfg = Config(model=read_hf_config(hf_dir), out=str(out))
+    state = load_hf_weights(hf_dir)
+    ckpt = Path(out) / "checkpoints" / "step-0"
+    ckpt.mkdir(parents=True, exist_ok=False)
+    dcp.save({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
+    write_manifest(ckpt, checkpoint_info(cfg, world_size=1, source=f"import-hf {hf_dir}"))
+    (Path(out) / "config.toml").write_text(to_toml(cfg))
+    return ckpt
+
+
+def read_model_weights(ckpt: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A verified meshweave checkpoint's model config and full model tensors (no process group)."""
+    manifest = verify(Path(ckpt))
+    cfg = ModelConfig(**manifest["model"])
+    state: dict[str, Any] = {}
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeEmptyLoadPlanner(keys={"model"}),
+             no_dist=True)
+    return cfg, state["model"]
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint's model as a HF directory (``config.json`` + ``model.safetensors``)."""
+    cfg, state = read_model_weights(ckpt)
+    hf_state = {hf_name(k): v.contiguous() for k, v in state.items()
+                if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=2) + "\n")
+    return out
+
+
+_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings")
+
+
+def initial_weights_config(source: str | Path) -> ModelConfig:
+    """The model config of an ``init_from`` source: a HF directory or a meshweave checkpoint."""
+    source = Path(source)
+    if (source / "config.json").is_file():
+        return read_hf_config(source)
+    return ModelConfig(**read_manifest(source)["model"])
+
+
+def check_init_from(cfg: Config) -> None:
+    """ConfigError if ``checkpoint.init_from`` holds a differently shaped model (no process group)."""
+    if not cfg.checkpoint.init_from:
+        return
+    source = initial_weights_config(cfg.checkpoint.init_from)
+    for key in _SHAPE_KEYS:
+        if getattr(source, key) != getattr(cfg.model, key):
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} but checkpoint.init_from "
+                              f"{cfg.checkpoint.init_from} has {key}={getattr(source, key)}; set "
+                              f"--model.{key}={getattr(source, key)} (or use its config.toml)")
+
+
+def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
+    """Overwrite ``model`` (any layout) with the full weights ``checkpoint.init_from`` names.
+
+    Every rank reads the source and keeps its own shard (collective through DCP's state-dict API).
+    """
+    source = Path(cfg.checkpoint.init_from)
+    if (source / "config.json").is_file():
+        state = load_hf_weights(source)
+    else:
+        _, state = read_model_weights(source)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
