@@ -233,7 +233,7 @@ class CheckpointManager:
 
     def _commit(self, step: int, tmp: Path, future: Future, started: float) -> None:
         future.result()  # DCP writes .metadata only after every rank's data is written
-        write_manifest(tmp, {**self.info, "step": step, "saved_unix": started})
+        write_manifest(tmp, {**self.info, "step": step, "saved_unix": started, "written_unix": time.time()})
         final = self.root / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -13,14 +13,17 @@ weights move with a rename only — no permutation, bit-exact both ways.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from meshweave.config import Config, ConfigError, ModelConfig, to_toml
 from meshweave.models.llama import build_model, hf_name
@@ -28,6 +31,14 @@ from meshweave.trainer.checkpoint import checkpoint_info, read_manifest, verify,
 from meshweave.trainer.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
 
 _SUPPORTED = ("LlamaForCausalLM",)
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """DCP without a process group, minus its warning that it is assuming exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -112,20 +123,42 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     state = load_hf_weights(hf_dir)
     ckpt = Path(out) / "checkpoints" / "step-0"
     ckpt.mkdir(parents=True, exist_ok=False)
-    dcp.save({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
+    with _single_process():
+        dcp.save({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
     write_manifest(ckpt, checkpoint_info(cfg, world_size=1, source=f"import-hf {hf_dir}"))
     (Path(out) / "config.toml").write_text(to_toml(cfg))
     return ckpt
 
 
+def read_checkpoint(ckpt: str | Path, prefix: str = "") -> dict[str, Any]:
+    """The entries of a verified checkpoint whose dotted names start with ``prefix``, as full
+    tensors under those names; needs no process group and no model."""
+    verify(Path(ckpt))
+    reader = SafeFileSystemReader(str(ckpt))
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+    state: dict[str, Any] = {}
+    # The private loader, as torch's own dcp_to_torch_save uses: the public one only fills keys
+    # the caller's dict already has.
+    with _single_process():
+        _load_state_dict(state, storage_reader=reader, planner=SafeEmptyLoadPlanner(keys=keys), no_dist=True)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", state)
+    return flat
+
+
 def read_model_weights(ckpt: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A verified meshweave checkpoint's model config and full model tensors (no process group)."""
-    manifest = verify(Path(ckpt))
-    cfg = ModelConfig(**manifest["model"])
-    state: dict[str, Any] = {}
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeEmptyLoadPlanner(keys={"model"}),
-             no_dist=True)
-    return cfg, state["model"]
+    cfg = ModelConfig(**read_manifest(Path(ckpt))["model"])
+    flat = read_checkpoint(ckpt, prefix="model.")
+    return cfg, {k.removeprefix("model."): v for k, v in flat.items()}
 
 
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:

@@ -32,7 +32,7 @@ from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.tensor import loss_context
-from meshweave.trainer.checkpoint import CheckpointManager, checkpoint_info
+from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
 from meshweave.trainer.hf import check_init_from, load_initial_weights
 from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
@@ -283,8 +283,14 @@ def _scalar(t: torch.Tensor) -> float:
 
 def preflight(cfg: Config) -> None:
     """Checks that read files but need no process group: the data's vocabulary fits the model and
-    ``checkpoint.init_from`` has the model's shape. ConfigError otherwise."""
+    ``checkpoint.init_from`` has the model's shape, an explicit ``checkpoint.resume`` path verifies.
+    ConfigError otherwise."""
     check_init_from(cfg)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        try:
+            verify(Path(cfg.checkpoint.resume))
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.resume: {e} (use auto to fall back to the newest valid one)") from None
     if cfg.data.source == "embedded":
         from meshweave.trainer.data import ByteTokenizer
 
