@@ -7,11 +7,12 @@ parallel layout is proven against the one-process trajectory with :func:`assert_
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from meshweave.trainer import plots
 
 MESHWEAVE = [sys.executable, "-m", "meshweave"]
 
@@ -38,15 +39,9 @@ def train_run(out: Path, nproc: int, *overrides: str, steps: int = 20, check: bo
 
 
 def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl records in order; a step logged twice (a resumed run) keeps the last."""
+    """metrics.jsonl records in step order (a step logged twice keeps the last); [] if none."""
     path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
+    return plots.read_metrics(path) if path.exists() and path.stat().st_size else []
 
 
 def final_weights(out: Path) -> dict:
