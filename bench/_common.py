@@ -33,31 +33,14 @@ QUIET_RUN = ["--log.progress=false", "--checkpoint.save_final=false", "--checkpo
 # the real CLI
 
 
-def run_cli(out: Path, nproc: int, args: Sequence[str], timeout: float = 600) -> tuple[list[dict], float, str]:
-    """``python -m meshweave run --nproc N --out OUT ARGS``; returns (metrics records, seconds, error).
-
-    ``error`` is "" on success, else the exit code and the tail of stderr. One intra-op thread per
-    worker (several workers share a couple of cores).
-    """
-    cmd = [sys.executable, "-m", "meshweave", "run", f"--nproc={nproc}", f"--out={out}", *QUIET_RUN, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return read_metrics(out), time.perf_counter() - started, f"timed out after {timeout:.0f}s"
-    elapsed = time.perf_counter() - started
-    error = "" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
-    return read_metrics(out), elapsed, error
-
-
 def start_cli(out: Path, nproc: int, args: Sequence[str]) -> subprocess.Popen:
-    """Like :func:`run_cli` but returns the running process (stdout/stderr go to files in OUT)."""
+    """Start ``python -m meshweave run --nproc N --out OUT ARGS`` (one intra-op thread per worker);
+    returns the process. Its stdout/stderr go to OUT/stdout.log and OUT/stderr.log."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "meshweave", "run", f"--nproc={nproc}", f"--out={out}", *QUIET_RUN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
-    return subprocess.Popen(cmd, stdout=open(out / "stdout.log", "w"), stderr=open(out / "stderr.log", "w"),
-                            env=env, cwd=ROOT)
+    with open(out / "stdout.log", "w") as stdout, open(out / "stderr.log", "w") as stderr:
+        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=ROOT)
 
 
 def _pythonpath() -> str:
@@ -192,10 +175,6 @@ def fmt_int(x: float | None) -> str:
 
 def fmt_ratio(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
 
 
 class Report:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -66,3 +66,17 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
 def loss_context(tp_enabled: bool) -> contextlib.AbstractContextManager:
     """Where the loss and its backward must run: vocab-sharded cross entropy under TP."""
     return loss_parallel() if tp_enabled else contextlib.nullcontext()
+
+
+def settle_gradients(params: list) -> None:
+    """Bring each DTensor gradient to its parameter's layout, once per step.
+
+    Sequence-parallel norm weights are replicated but their gradients come out ``Partial`` (each
+    rank holds its sequence shard's contribution). Left so, the grad-norm and the optimizer step
+    would each all-reduce them; settling them here does it once. A no-op for gradients already in
+    their parameter's layout (everything FSDP or the replicated reducer has handled).
+    """
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and grad.placements != p.placements:
+            p.grad = grad.redistribute(p.device_mesh, p.placements)

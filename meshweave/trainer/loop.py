@@ -31,7 +31,7 @@ from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
-from meshweave.parallel.tensor import loss_context
+from meshweave.parallel.tensor import loss_context, settle_gradients
 from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
 from meshweave.trainer.hf import check_init_from, load_initial_weights
 from meshweave.trainer.data import ShardedLoader, build_datasets
@@ -170,6 +170,7 @@ class Trainer:
             loss_sum += _scalar(loss)
         if self.reducer is not None:
             self.reducer.finish()
+        settle_gradients(self.params)
         (loss_value,) = all_reduce_scalars([loss_sum], self.dp_group, self.device)
         grad_norm = self._clip_gradients()
 
