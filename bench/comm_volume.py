@@ -16,7 +16,7 @@ Three tables, printed and written to ``--out`` (markdown + one PNG):
 Step times on a shared 2-core CPU box are not absolute speeds: only the ratios measured side by
 side mean anything, and gloo on loopback says nothing about NCCL overlap on a GPU.
 
-    .venv/bin/python bench/comm_volume.py            # ~10 min
+    .venv/bin/python bench/comm_volume.py            # ~4-5 min on 2 cores
     .venv/bin/python bench/comm_volume.py --quick    # ~2 min, fewer steps and repetitions
 """
 
@@ -656,7 +656,7 @@ def table3(args: argparse.Namespace, report: Report) -> None:
         ratios = [x / y for x, y in zip(r_ref, per)]
         rows.append([label, f"{med * 1e3:.0f}", f"{min(per) * 1e3:.0f}-{max(per) * 1e3:.0f}",
                      fmt_ratio(statistics.median(ratios)), f"{min(ratios):.3f}-{max(ratios):.3f}",
-                     f"{_loss_diff(res, ref, label):.1e}"])
+                     f"{_loss_diff(res, ref, label):.1e} (step 1: {_loss_diff(res, ref, label, 1):.1e})"])
     if skip:
         rows.append(["DeepSpeed ZeRO-3", f"skipped: {skip}", "", "", "", ""])
     text = [title,
@@ -692,12 +692,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions (~2 min)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="steps per Table 1 run (median over steps 2..N) and timed steps per block in Tables 2-3")
+                    help="steps per Table 1 run (median over steps 2..N); rounds (one step per variant) per "
+                         "repetition in Tables 2-3")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions in Tables 2-3")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per variant in Tables 2-3")
     ap.add_argument("--tables", default="1,2,3", help="which tables to run, e.g. 1 or 2,3")
     ap.add_argument("--jobs", type=int, default=None, help="Table 1 CLI runs at a time (bytes do not depend on it)")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "comm_volume")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "comm_volume",
+                    help="where the markdown, the plot, Table 1's run directories and worker logs go")
     args = ap.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 6)
     args.reps = args.reps or (2 if args.quick else 8)
