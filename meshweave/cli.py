@@ -50,10 +50,21 @@ def _wants_help(args: list[str]) -> bool:
     return any(a in ("-h", "--help") for a in args)
 
 
+def _timed_out(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
 def cmd_train(args: list[str]) -> int:
     if _wants_help(args):
         print(TRAIN_USAGE + options_help())
         return 0
+    from meshweave.launch.env import LaunchError, rank_info
+
+    try:
+        info = rank_info()
+    except LaunchError as e:
+        return _fail(f"launch environment: {e}")
     try:
         cfg = resolve(*_split_config(args))
         from meshweave.trainer.loop import preflight  # torch import only after parsing
@@ -67,6 +78,16 @@ def cmd_train(args: list[str]) -> int:
         train(cfg)
     except NonFiniteLossError as e:
         print(f"meshweave: training aborted: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not _timed_out(e):
+            raise
+        from meshweave.comm.ops import LAST_LAUNCHED
+
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"meshweave: rank {info.rank}: {LAST_LAUNCHED['op']} on mesh dim {LAST_LAUNCHED['dim']} did not "
+              f"complete within comm.timeout_s={cfg.comm.timeout_s:g}s: another rank is hung or gone "
+              f"(backend: {first})", file=sys.stderr)
         return 1
     return 0
 

@@ -88,6 +88,7 @@ class OptimConfig:
 class CommConfig:
     bucket_mb: float = 25.0
     overlap: bool = True
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -163,6 +164,7 @@ HELP: dict[str, str] = {
     "optim.fused": "fused AdamW: auto uses it where the device supports it",
     "comm.bucket_mb": "gradient bucket size for the replicated all-reduce",
     "comm.overlap": "launch bucket all-reduces during backward",
+    "comm.timeout_s": "a collective that does not complete in this time fails the run, naming the op",
     "checkpoint.interval": "save every N steps (0: only at the end)",
     "checkpoint.keep": "complete checkpoints kept",
     "checkpoint.resume": "auto (newest valid, if any) | none | PATH",
@@ -363,6 +365,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
 
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
+    require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     if cfg.checkpoint.init_from:

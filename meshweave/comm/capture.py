@@ -98,6 +98,7 @@ def _wrap(fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at
         if not isinstance(payload, Tensor) or n <= 1:
             return fn(*args, **kwargs)
         dim = ops.dim_of(pg)
+        ops.note_launch(dim, op)
         started = time.perf_counter()
         with ops.suspend_recording():
             result = fn(*args, **kwargs)

@@ -39,6 +39,12 @@ Tensor = torch.Tensor
 
 _GROUP_DIMS: dict[str, str] = {}
 _local = threading.local()
+# The newest collective this process launched: what a timeout error names.
+LAST_LAUNCHED: dict[str, str] = {"dim": "-", "op": "-"}
+
+
+def note_launch(dim: str, op: str) -> None:
+    LAST_LAUNCHED["dim"], LAST_LAUNCHED["op"] = dim, op
 
 
 def register_group(pg: dist.ProcessGroup, dim: str) -> None:
@@ -157,6 +163,7 @@ def _nbytes(t: Tensor) -> int:
 def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handle:
     started = time.perf_counter()
     LEDGER.record(group.dim, op, nbytes)
+    note_launch(group.dim, op)
     with suspend_recording():
         work = fn()
     handle = Handle(work, group.dim, op, started)

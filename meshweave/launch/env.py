@@ -25,16 +25,46 @@ class RankInfo:
         return self.rank == 0
 
 
-def rank_info() -> RankInfo:
-    """Rank layout from torchrun's variables, else SLURM's (one task per rank), else one process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                        int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                        int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
-    return RankInfo(0, 1, 0, 1)
+class LaunchError(RuntimeError):
+    """The launch environment contradicts itself; the message names the variables."""
+
+
+def _int_var(env: dict[str, str], name: str, default: int | None = None) -> int:
+    if name not in env:
+        if default is None:
+            raise LaunchError(f"${name} is not set")
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise LaunchError(f"${name}={env[name]!r} is not an integer") from None
+
+
+def rank_info(env: dict[str, str] | None = None) -> RankInfo:
+    """Rank layout from torchrun's variables, else SLURM's (one task per rank), else one process.
+
+    Raises LaunchError for a contradictory environment (one of RANK / WORLD_SIZE without the
+    other, a rank outside the world, a local rank outside the node).
+    """
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env or "WORLD_SIZE" in env:
+        if ("RANK" in env) != ("WORLD_SIZE" in env):
+            present, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+            raise LaunchError(f"${present} is set but ${missing} is not: launch with torchrun (which sets "
+                              "both), `meshweave run`, or unset it for a single process")
+        world = _int_var(env, "WORLD_SIZE")
+        info = RankInfo(_int_var(env, "RANK"), world, _int_var(env, "LOCAL_RANK", 0),
+                        _int_var(env, "LOCAL_WORLD_SIZE", world))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        info = RankInfo(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS"),
+                        _int_var(env, "SLURM_LOCALID", 0), int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+    else:
+        return RankInfo(0, 1, 0, 1)
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        raise LaunchError(f"rank {info.rank} is outside a world of {info.world_size} (check RANK / WORLD_SIZE)")
+    if not 0 <= info.local_rank < max(info.local_world_size, 1):
+        raise LaunchError(f"LOCAL_RANK={info.local_rank} is outside LOCAL_WORLD_SIZE={info.local_world_size}")
+    return info
 
 
 def pick_device(preference: str, info: RankInfo) -> torch.device:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
 from meshweave.config import Config, ConfigError, to_toml
+from meshweave.launch.preemption import StopRequest
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
@@ -59,7 +61,7 @@ class Trainer:
         self.info = info or rank_info()
         self.device = pick_device(cfg.train.device, self.info)
         self.dims = resolve_degrees(cfg, self.info.world_size)
-        init_process_group(self.device, self.info)
+        init_process_group(self.device, self.info, timeout_s=cfg.comm.timeout_s)
         capture.install()
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_group: CommGroup = self.mesh.group("dp")
@@ -86,6 +88,7 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self._saved_step = -1
+        self.stopped_early = False
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world,
                                              checkpoint_info(cfg, self.info.world_size),
                                              async_save=cfg.checkpoint.async_)
@@ -249,24 +252,39 @@ class Trainer:
                               f"{commit['committed_unix'] - commit['started_unix']:.2f}s in the background")
 
     def fit(self) -> list[float]:
-        """Train until ``train.steps`` (or ``train.stop_at_step``); returns this run's losses."""
-        cfg = self.cfg
-        last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-        losses = []
+        """Train until ``train.steps`` (or ``train.stop_at_step``, or an agreed stop signal);
+        returns this run's losses."""
+        last = min(self.cfg.train.steps, self.cfg.train.stop_at_step or self.cfg.train.steps)
+        losses: list[float] = []
+        stop = StopRequest()
         self.model.train()
-        while self.step < last:
-            record = self.train_step()
-            losses.append(record["loss"])
-            if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == last):
-                record["eval_loss"] = self.evaluate()
-            if self.step % cfg.log.interval == 0 or self.step == last:
-                self.logger.log(record)
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+        try:
+            while self.step < last:
+                losses.append(self._step_and_bookkeep(last))
+                signum = stop.agreed(self.world, self.device)
+                if signum and self.step < last:
+                    self.logger.event(f"stop requested ({signal.Signals(signum).name}) at step {self.step}: "
+                                      "checkpointing and exiting; resume with --checkpoint.resume=auto")
+                    self.stopped_early = True
+                    break
+            if (self.cfg.checkpoint.save_final or self.stopped_early) and self._saved_step != self.step:
                 self.save_checkpoint()
-            self._report_async_commit()
-        if cfg.checkpoint.save_final and self.step == last and self._saved_step != self.step:
-            self.save_checkpoint()
+        finally:
+            stop.restore()
         return losses
+
+    def _step_and_bookkeep(self, last: int) -> float:
+        """One step, then eval / log / checkpoint as configured; returns the step's loss."""
+        cfg = self.cfg
+        record = self.train_step()
+        if cfg.train.eval_interval and (self.step % cfg.train.eval_interval == 0 or self.step == last):
+            record["eval_loss"] = self.evaluate()
+        if self.step % cfg.log.interval == 0 or self.step == last:
+            self.logger.log(record)
+        if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            self.save_checkpoint()
+        self._report_async_commit()
+        return record["loss"]
 
     def close(self, clean: bool = True) -> None:
         """Finish any background checkpoint write (collective unless ``clean`` is False, on an error
