@@ -82,3 +82,19 @@ def assert_losses_match(reference: list[float], other: list[float], rtol: float)
         worst = max(worst, rel)
         assert rel <= rtol, f"step {step}: loss {b!r} vs reference {a!r} (rel diff {rel:.2e} > {rtol:.0e})"
     return worst
+
+
+def worker_pids(out: Path) -> list[int]:
+    """PIDs of the training processes (not torchrun's agent, not `meshweave run`) writing to ``out``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "train" in args and f"--out={out}" in args and "torch.distributed.run" not in args and "meshweave" in args:
+            pids.append(int(proc.name))
+    return sorted(pids)

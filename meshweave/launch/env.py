@@ -93,8 +93,23 @@ def init_process_group(device: torch.device, info: RankInfo, timeout_s: float = 
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise RuntimeError("multi-process run without MASTER_ADDR/MASTER_PORT: launch with torchrun, "
                            "`meshweave run --nproc N`, or slurm/train.sbatch")
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+    dist.init_process_group(backend, store=_attempt_store(info, timeout), rank=info.rank,
+                            world_size=info.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
+
+
+def _attempt_store(info: RankInfo, timeout: datetime.timedelta) -> dist.Store:
+    """The job's key-value store, namespaced by torchrun's restart count.
+
+    After a worker dies and torchrun restarts the group, the store may still hold the previous
+    attempt's keys (gloo peer addresses of dead processes); a rank that reads one before its peer
+    overwrites it connects to nothing and hangs. A prefix per attempt keeps attempts apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=not agent_store and info.rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"meshweave/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def destroy_process_group(clean: bool = True) -> None:

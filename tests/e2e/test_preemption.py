@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from parity import MESHWEAVE, TINY, losses, read_metrics, train_run
+from parity import MESHWEAVE, TINY, losses, read_metrics, train_run, worker_pids
 
 STEPS = 30
 
@@ -25,9 +25,7 @@ def test_usr1_checkpoints_agreed_step_then_resume_matches(tmp_path, nproc):
         while len(read_metrics(out)) < 3 and proc.poll() is None:
             time.sleep(0.05)
         # Signal only the training processes (one rank when several): the others must learn it too.
-        workers = subprocess.run(["pgrep", "-f", f"meshweave train .*--out={out}"], capture_output=True,
-                                 text=True).stdout.split()
-        os.kill(int(workers[-1]), signal.SIGUSR1)
+        os.kill(worker_pids(out)[-1], signal.SIGUSR1)
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()

@@ -1,0 +1,72 @@
+"""Faults: a worker killed with SIGKILL is restarted by torchrun and the job finishes as if
+nothing happened; a hung rank makes the others fail within the collective timeout, naming the op."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from parity import TINY, losses, read_metrics, train_run, worker_pids
+from meshweave.launch.local import free_port
+
+STEPS = 40
+
+
+def _torchrun(out, *extra, steps=STEPS, max_restarts=1):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "meshweave", "train",
+            *TINY, f"--train.steps={steps}", f"--out={out}", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+            *extra]
+
+
+def _wait_for_step(out, proc, step):
+    while max((r["step"] for r in read_metrics(out)), default=0) < step and proc.poll() is None:
+        time.sleep(0.05)
+
+
+def test_kill_9_worker_restarts_and_finishes_with_the_uninterrupted_loss(tmp_path):
+    whole = losses(train_run(tmp_path / "whole", 2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+                             steps=STEPS))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(out, "--checkpoint.interval=4", "--checkpoint.resume=auto",
+                                      "--checkpoint.keep=20"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _wait_for_step(out, proc, 6)
+        os.kill(worker_pids(out)[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in (out / "events.log").read_text()
+    records = read_metrics(out)
+    assert records[-1]["step"] == STEPS
+    assert records[-1]["loss"] == whole[-1]  # bitwise: the restart resumed exact state
+    assert losses(records) == whole
+
+
+def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
+    out = tmp_path / "hung"
+    proc = subprocess.Popen(_torchrun(out, "--comm.timeout_s=5", steps=100_000, max_restarts=0),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stopped = None
+    try:
+        _wait_for_step(out, proc, 2)
+        stopped = worker_pids(out)[-1]
+        os.kill(stopped, signal.SIGSTOP)  # alive but silent: the worst kind of failure
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+    assert proc.returncode != 0
+    line = next(l for l in err.splitlines() if "did not complete within" in l)
+    assert "comm.timeout_s=5s" in line and "all_reduce on mesh dim" in line and line.startswith("meshweave: rank ")
