@@ -179,18 +179,53 @@ def cmd_ckpt(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot, "ckpt": cmd_ckpt}
+def cmd_slurm(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshweave slurm", description="Render or submit the sbatch script.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    for name, help_text in (("render", "print the sbatch script"), ("submit", "sbatch it with the training options")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--nodes", type=int, default=2)
+        p.add_argument("--nproc-per-node", type=int, default=1)
+        p.add_argument("--time", default="01:00:00")
+        p.add_argument("--job-name", default="meshweave")
+        p.add_argument("--warning-s", type=int, default=120, help="seconds before the limit to checkpoint")
+        p.add_argument("--partition", default="")
+        p.add_argument("--account", default="")
+        if name == "submit":
+            p.add_argument("--dry-run", action="store_true")
+    ns, train_args = parser.parse_known_args(args)
+    from meshweave.launch.slurm import SbatchOptions, render_sbatch, submit
+
+    opts = SbatchOptions(nodes=ns.nodes, nproc_per_node=ns.nproc_per_node, time=ns.time, job_name=ns.job_name,
+                         warning_s=ns.warning_s, partition=ns.partition, account=ns.account)
+    if ns.action == "render":
+        print(render_sbatch(opts), end="")
+        return 0
+    try:
+        config_path, overrides = _split_config(train_args)
+        resolve(config_path, overrides, world_size=ns.nodes * ns.nproc_per_node)
+        print(submit(opts, train_args, dry_run=ns.dry_run))
+    except ConfigError as e:
+        return _fail(str(e))
+    except (OSError, RuntimeError) as e:
+        return _fail(f"slurm submit: {e}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot, "ckpt": cmd_ckpt,
+            "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: meshweave {train,run,data,plot,ckpt} ...\n"
+        print("usage: meshweave {train,run,data,plot,ckpt,slurm} ...\n"
               "  train   train in this process (or per torchrun worker)\n"
               "  run     train with N local processes (starts torchrun)\n"
               "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
               "  plot    write PNGs of a run's loss, throughput and comm bytes\n"
-              "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights",
+              "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights\n"
+              "  slurm   render / submit the sbatch script (one torchrun per node, requeue on preemption)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
