@@ -98,3 +98,16 @@ def worker_pids(out: Path) -> list[int]:
         if "train" in args and f"--out={out}" in args and "torch.distributed.run" not in args and "meshweave" in args:
             pids.append(int(proc.name))
     return sorted(pids)
+
+
+def kill_workers(out: Path) -> None:
+    """SIGKILL any training process still writing to ``out`` (torchrun puts workers in their own
+    session, so killing the launcher alone can leave them running)."""
+    import signal
+
+    for pid in worker_pids(out):
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

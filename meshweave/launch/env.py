@@ -55,16 +55,34 @@ def rank_info(env: dict[str, str] | None = None) -> RankInfo:
         world = _int_var(env, "WORLD_SIZE")
         info = RankInfo(_int_var(env, "RANK"), world, _int_var(env, "LOCAL_RANK", 0),
                         _int_var(env, "LOCAL_WORLD_SIZE", world))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        names = ("RANK / WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    elif "SLURM_PROCID" in env and _int_var(env, "SLURM_NTASKS", 1) > 1:
         info = RankInfo(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS"),
-                        _int_var(env, "SLURM_LOCALID", 0), int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+                        _int_var(env, "SLURM_LOCALID", 0), _slurm_tasks_on_this_node(env))
+        names = ("SLURM_PROCID / SLURM_NTASKS", "SLURM_LOCALID", "tasks on this node")
     else:
         return RankInfo(0, 1, 0, 1)
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        raise LaunchError(f"rank {info.rank} is outside a world of {info.world_size} (check RANK / WORLD_SIZE)")
+        raise LaunchError(f"rank {info.rank} is outside a world of {info.world_size} (check {names[0]})")
     if not 0 <= info.local_rank < max(info.local_world_size, 1):
-        raise LaunchError(f"LOCAL_RANK={info.local_rank} is outside LOCAL_WORLD_SIZE={info.local_world_size}")
+        raise LaunchError(f"{names[1]}={info.local_rank} is outside {names[2]}={info.local_world_size}")
     return info
+
+
+def _slurm_tasks_on_this_node(env: dict[str, str]) -> int:
+    """Tasks on this node: SLURM_NTASKS_PER_NODE when given, else this node's entry of
+    SLURM_TASKS_PER_NODE (always set by srun; compressed like ``2(x3),1``)."""
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return _int_var(env, "SLURM_NTASKS_PER_NODE")
+    counts: list[int] = []
+    for part in env.get("SLURM_TASKS_PER_NODE", "1").split(","):
+        count, _, repeat = part.partition("(x")
+        try:
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        except ValueError:
+            raise LaunchError(f"$SLURM_TASKS_PER_NODE={env['SLURM_TASKS_PER_NODE']!r} is not a task list") from None
+    node = _int_var(env, "SLURM_NODEID", 0)
+    return counts[node] if node < len(counts) else counts[-1]
 
 
 def pick_device(preference: str, info: RankInfo) -> torch.device:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from parity import TINY, losses, read_metrics, train_run, worker_pids
+from parity import TINY, losses, kill_workers, read_metrics, train_run, worker_pids
 from meshweave.launch.local import free_port
 
 STEPS = 40
@@ -41,6 +41,7 @@ def test_kill_9_worker_restarts_and_finishes_with_the_uninterrupted_loss(tmp_pat
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
+        kill_workers(out)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in (out / "events.log").read_text()
     records = read_metrics(out)
@@ -67,6 +68,7 @@ def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
             except ProcessLookupError:
                 pass
         proc.kill()
+        kill_workers(out)
     assert proc.returncode != 0
     line = next(l for l in err.splitlines() if "did not complete within" in l)
     assert "comm.timeout_s=5s" in line and "all_reduce on mesh dim" in line and line.startswith("meshweave: rank ")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from parity import MESHWEAVE, TINY, losses, read_metrics, train_run, worker_pids
+from parity import MESHWEAVE, TINY, losses, kill_workers, read_metrics, train_run, worker_pids
 
 STEPS = 30
 
@@ -29,6 +29,7 @@ def test_usr1_checkpoints_agreed_step_then_resume_matches(tmp_path, nproc):
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
+        kill_workers(out)
     assert proc.returncode == 0, err[-3000:]
     events = (out / "events.log").read_text()
     assert "stop requested (SIGUSR1)" in events
