@@ -27,16 +27,16 @@ from torch.distributed.tensor import DTensor
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
 from meshweave.config import Config, ConfigError, to_toml
-from meshweave.launch.preemption import StopRequest
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
+from meshweave.launch.preemption import StopRequest
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.tensor import loss_context, settle_gradients
 from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
+from meshweave.trainer.data import IGNORE_INDEX, ShardedLoader, build_datasets
 from meshweave.trainer.hf import check_init_from, load_initial_weights
-from meshweave.trainer.data import ShardedLoader, build_datasets
 from meshweave.trainer.metrics import (
     MetricsLogger,
     device_peak_tflops,
@@ -45,9 +45,6 @@ from meshweave.trainer.metrics import (
     peak_memory_bytes,
 )
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
-
-IGNORE_INDEX = -100
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
