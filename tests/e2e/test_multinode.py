@@ -8,7 +8,7 @@ bytes travel over (loopback, or a veth between two network namespaces). Nothing 
 knows how many nodes there are, so the float operations and their order are identical: the losses
 are compared with ``==``, not a tolerance.
 
-The namespace test follows /work/shared/RECIPES.md: the 10.77.<n>.x addresses exist only inside the
+The namespace test follows ../shared/RECIPES.md (beside the repository): the 10.77.<n>.x addresses exist only inside the
 two namespaces it creates (their only route is the veth between them), and the namespaces are
 deleted afterwards, also on failure.
 """
