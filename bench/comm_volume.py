@@ -150,6 +150,9 @@ def analytical(lay: Layout) -> list[Term]:
 
     if dp > 1:  # the trainer's global token count and loss: one float64 all-reduce each
         terms.append(Term("dp/all_reduce", 2 * ar(dp, 8), "trainer: 2 f64 scalars"))
+    world = dp * t
+    if world > 1:  # the agreed-stop flag (launch/preemption.py): one int64 MAX all-reduce per step
+        terms.append(Term("world/all_reduce", ar(world, 8), "stop flag: 1 i64"))
 
     if S == 1 and R > 1:
         what = "all grads" + (" (tp-local)" if t > 1 else "")
