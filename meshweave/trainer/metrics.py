@@ -132,7 +132,7 @@ class GpuTelemetry:
         except Exception:  # not installed, or no driver NVML can talk to (e.g. ROCm)
             return
         self._nvml = pynvml
-        index = torch.cuda.current_device() if device_index is None else device_index
+        index = torch.accelerator.current_device_index() if device_index is None else device_index
         self._handle = self._find_handle(pynvml, index)
         if self._handle is None:
             self.close()
