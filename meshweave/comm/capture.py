@@ -27,6 +27,7 @@ from meshweave.comm import ops
 
 Tensor = torch.Tensor
 
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -73,19 +74,6 @@ _FUNCOL_RULES = {
 }
 
 
-def wire_bytes(kind: str, payload: Tensor, n: int) -> int:
-    """Bytes one rank sends for a collective of ``kind`` on ``payload`` over ``n`` ranks."""
-    b = _nbytes(payload)
-    return {
-        "all_reduce": 2 * (n - 1) * b // n,
-        "gather": (n - 1) * b,
-        "scatter": (n - 1) * b // n,
-        "bcast": (n - 1) * b // n,
-        "a2a": (n - 1) * b // n,
-        "p2p": b,
-    }[kind]
-
-
 def _wrap(fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at: tuple[int, str],
           synchronous: bool) -> Callable:
     @functools.wraps(fn)
@@ -103,7 +91,8 @@ def _wrap(fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at
         with ops.suspend_recording():
             result = fn(*args, **kwargs)
         waited = synchronous and not kwargs.get("async_op", False)
-        ops.LEDGER.record(dim, op, wire_bytes(kind, payload, n), time.perf_counter() - started if waited else 0.0)
+        seconds = time.perf_counter() - started if waited else 0.0
+        ops.LEDGER.record(dim, op, ops.wire_bytes(kind, _nbytes(payload), n), seconds)
         return result
 
     recorded.__meshweave_recorded__ = True

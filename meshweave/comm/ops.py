@@ -160,6 +160,19 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def wire_bytes(kind: str, nbytes: int, n: int) -> int:
+    """Bytes one of ``n`` ranks sends for a collective of ``kind`` on a tensor of ``nbytes``
+    (the input for gather / scatter / all-to-all): the table in the module docstring."""
+    return {
+        "all_reduce": 2 * (n - 1) * nbytes // n,
+        "gather": (n - 1) * nbytes,
+        "scatter": (n - 1) * nbytes // n,
+        "bcast": (n - 1) * nbytes // n,
+        "a2a": (n - 1) * nbytes // n,
+        "p2p": nbytes,
+    }[kind]
+
+
 def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handle:
     started = time.perf_counter()
     LEDGER.record(group.dim, op, nbytes)
@@ -184,7 +197,7 @@ def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SU
     n = group.size
     if n == 1:
         return _DONE
-    return _launch(group, "all_reduce", 2 * (n - 1) * _nbytes(t) // n,
+    return _launch(group, "all_reduce", wire_bytes("all_reduce", _nbytes(t), n),
                    lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True), async_op)
 
 
@@ -194,7 +207,7 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
     if n == 1:
         out.copy_(t)
         return _DONE
-    return _launch(group, "all_gather", (n - 1) * _nbytes(t),
+    return _launch(group, "all_gather", wire_bytes("gather", _nbytes(t), n),
                    lambda: dist.all_gather_into_tensor(out, t, group=group.pg, async_op=True), async_op)
 
 
@@ -205,7 +218,7 @@ def reduce_scatter_into(out: Tensor, t: Tensor, group: CommGroup,
     if n == 1:
         out.copy_(t)
         return _DONE
-    return _launch(group, "reduce_scatter", (n - 1) * _nbytes(t) // n,
+    return _launch(group, "reduce_scatter", wire_bytes("scatter", _nbytes(t), n),
                    lambda: dist.reduce_scatter_tensor(out, t, op=op, group=group.pg, async_op=True), async_op)
 
 
@@ -215,7 +228,7 @@ def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bo
     if n == 1:
         return _DONE
     src = dist.get_global_rank(group.pg, src_group_rank)
-    return _launch(group, "broadcast", (n - 1) * _nbytes(t) // n,
+    return _launch(group, "broadcast", wire_bytes("bcast", _nbytes(t), n),
                    lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True), async_op)
 
 
