@@ -6,6 +6,7 @@ Configuration errors are one line on stderr and exit code 2, before any process 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def _wants_help(args: list[str]) -> bool:
     return any(a in ("-h", "--help") for a in args)
 
 
+def _exit_without_finalizers(code: int) -> None:
+    """Leave now that the process group is destroyed and every file is closed.
+
+    Process-group objects still referenced (meshes, comm groups) own gloo threads; destroying
+    them during interpreter shutdown occasionally aborts the process ("terminate called without
+    an active exception", ~1 run in 40 here) after a run that finished cleanly.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _timed_out(error: BaseException) -> bool:
     text = str(error).lower()
     return "timed out" in text or "timeout" in text
@@ -76,6 +89,8 @@ def cmd_train(args: list[str]) -> int:
 
     try:
         train(cfg)
+        if info.world_size > 1:
+            _exit_without_finalizers(0)
     except NonFiniteLossError as e:
         print(f"meshweave: training aborted: {e}", file=sys.stderr)
         return 1
