@@ -108,10 +108,13 @@ def install() -> None:
     if _installed:
         return
     for name, (op, tensor_at, kind, group_at) in _DIST_RULES.items():
-        for module in (dist, c10d):
-            fn = getattr(module, name, None)
-            if fn is not None and not getattr(fn, "__meshweave_recorded__", False):
-                setattr(module, name, _wrap(fn, op, tensor_at, kind, group_at, synchronous=True))
+        fn = getattr(c10d, name, None)
+        if fn is not None and not getattr(fn, "__meshweave_recorded__", False):
+            # One wrapper in both namespaces: torch compares functions by identity (P2POp
+            # accepts only ``isend``/``irecv`` as c10d sees them).
+            wrapped = _wrap(fn, op, tensor_at, kind, group_at, synchronous=True)
+            setattr(c10d, name, wrapped)
+            setattr(dist, name, wrapped)
     for name, (op, tensor_at, kind, group_at) in _FUNCOL_RULES.items():
         fn = getattr(funcol, name, None)
         if fn is not None and not getattr(fn, "__meshweave_recorded__", False):

@@ -141,19 +141,21 @@ LEDGER = CommLedger()
 class Handle:
     """An in-flight collective. ``wait()`` blocks until done and books its time once."""
 
-    def __init__(self, work: dist.Work | None, dim: str, op: str, started: float) -> None:
+    def __init__(self, work: dist.Work | list[dist.Work] | None, dim: str, op: str, started: float) -> None:
         self._work, self._dim, self._op, self._started = work, dim, op, started
         self._done = work is None
 
     def wait(self) -> None:
         if self._done:
             return
-        self._work.wait()
+        for work in self._work if isinstance(self._work, list) else [self._work]:
+            work.wait()
         self._done = True
         LEDGER.add_seconds(self._dim, self._op, time.perf_counter() - self._started)
 
     def is_completed(self) -> bool:
-        return self._done or self._work.is_completed()
+        works = self._work if isinstance(self._work, list) else [self._work]
+        return self._done or all(w.is_completed() for w in works)
 
 
 def _nbytes(t: Tensor) -> int:
@@ -258,6 +260,25 @@ def recv(t: Tensor, group: CommGroup, src_group_rank: int) -> Handle:
     """Point-to-point receive into ``t`` from group rank ``src_group_rank`` (async)."""
     src = dist.get_global_rank(group.pg, src_group_rank)
     return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True)
+
+
+def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, int]],
+             group: CommGroup) -> Handle:
+    """Post a batch of point-to-point sends and receives at once (async; wait before touching them).
+
+    ``sends`` / ``recvs`` are ``(tensor, peer group rank)`` pairs. Every rank must post its batch
+    in an order consistent with its peers' (sends and receives between two ranks matched in
+    sequence) — on NCCL the batch is one coalesced launch, which is what keeps ring schedules free
+    of deadlocks. Books the sent bytes as one ``send`` entry.
+    """
+    if not sends and not recvs:
+        return _DONE
+    to_global = lambda peer: dist.get_global_rank(group.pg, peer)  # noqa: E731
+    def launch():
+        ops = [dist.P2POp(dist.isend, t, to_global(peer), group.pg) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, to_global(peer), group.pg) for t, peer in recvs]
+        return dist.batch_isend_irecv(ops)
+    return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True)
 
 
 def barrier(group: CommGroup) -> None:

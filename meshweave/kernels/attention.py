@@ -1,10 +1,21 @@
-"""The local attention op every attention path calls: ``attn(q, k, v, causal) -> (out, lse)``.
+"""The local attention op every attention path calls: ``attn(q, k, v, causal) -> (out, lse)``,
+its explicit backward, and the fp32 merge of partial results that context parallelism builds on.
 
 Contract (DESIGN.md): q ``[batch, seq, heads, head_dim]``, k/v ``[batch, seq, kv_heads, head_dim]``
 with ``heads % kv_heads == 0`` (grouped-query attention without materialising repeated K/V);
-``out`` has q's shape and dtype; ``lse`` is the fp32 log-sum-exp of the scaled scores,
-``[batch, heads, seq]``. Context-parallel methods merge partial results with ``lse``, so it must be
-exact and fp32 whatever the input dtype. Autograd flows through ``out``.
+``out`` has q's shape and dtype; ``lse`` is the log-sum-exp of the scaled scores,
+``[batch, heads, seq]``, in fp32 whatever the input dtype (fp64 for fp64 inputs, so
+double-precision tests stay exact). Context-parallel methods merge partial results with ``lse``,
+so it must be exact. Autograd flows through ``out``.
+
+Context-parallel methods compute attention block by block and need two more pieces:
+
+- :func:`attention_backward` — gradients of one block given the *final* (merged) ``out`` and
+  ``lse`` of its query rows, so blocks can be differentiated independently and summed;
+- :func:`merge_partial` — fold a block's ``(out, lse)`` into running fp32 accumulators
+  (DESIGN.md's formula). A block whose rows are all masked has ``lse = -inf`` and leaves the
+  accumulator untouched; merging into an empty accumulator takes the block as it is. Neither
+  produces NaN, which is where naive ``-inf - -inf`` merges break.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -30,7 +42,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Ten
                                                                       is_causal=causal)[:2]
     else:
         out, lse = _reference(qh, kh, vh, causal)
-    return out.transpose(1, 2), lse.float()
+    return out.transpose(1, 2), lse.to(accumulation_dtype(q.dtype))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64: the dtype of ``lse`` and of merges."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -67,7 +84,7 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, T
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(acc).min))
     out = torch.matmul(probs.nan_to_num(0.0), v.to(acc)).to(q.dtype)
-    return out, lse.float()
+    return out, lse.to(acc)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Tensor, Tensor]:
@@ -76,3 +93,75 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
     out, lse = _reference(*(t.transpose(1, 2) for t in (q, k, v)), causal)
     return out.transpose(1, 2), lse
 
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of one attention block, in the layout and dtype of q/k/v.
+
+    ``out`` ``[b, s_q, h, d]`` and ``lse`` ``[b, h, s_q]`` are the final values of these query
+    rows (after merging every block), so the block's softmax is recovered as
+    ``exp(scores - lse)`` and the per-block gradients of all blocks of a row sum to the full ones.
+    """
+    _check_shapes(q, k, v)
+    qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))
+    aligned = not causal or q.shape[1] == k.shape[1]
+    if q.device.type == "cpu" and aligned:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            doh.to(q.dtype), qh, kh, vh, oh.to(q.dtype), lse.to(torch.promote_types(q.dtype, torch.float32)),
+            0.0, causal)
+    else:
+        dq, dk, dv = _reference_backward(doh, qh, kh, vh, oh, lse, causal)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-torch block backward in ``[b, h, s, d]`` (fp32 math), GQA gradients summed per group."""
+    groups = q.shape[1] // k.shape[1]
+    acc = accumulation_dtype(q.dtype)
+    ke, ve = _expand_kv(k, q).to(acc), _expand_kv(v, q).to(acc)
+    qf, dof = q.to(acc), dout.to(acc)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(qf, ke.transpose(-1, -2)) * scale
+    if causal:
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        keep = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.exp(scores - lse.to(acc).unsqueeze(-1)).nan_to_num(0.0)
+    dv = torch.matmul(probs.transpose(-1, -2), dof)
+    dprobs = torch.matmul(dof, ve.transpose(-1, -2))
+    delta = (dof * out.to(acc)).sum(-1, keepdim=True)
+    dscores = probs * (dprobs - delta) * scale
+    dq = torch.matmul(dscores, ke)
+    dk = torch.matmul(dscores.transpose(-1, -2), qf)
+    if groups > 1:
+        b, h, s, d = dk.shape
+        dk = dk.view(b, h // groups, groups, s, d).sum(2)
+        dv = dv.view(b, h // groups, groups, s, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor,
+                  block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold one block's ``(block_out [b, s, h, d], block_lse [b, h, s])`` into fp32 accumulators.
+
+    Returns the new ``(out, lse)`` in :func:`accumulation_dtype`; ``out=None`` starts from the block. Implements
+    ``out -= sigmoid(blse - lse) * (out - bout)``, ``lse -= logsigmoid(lse - blse)`` row by row;
+    rows where the block is empty (``blse = -inf``) keep the accumulator, rows where the
+    accumulator is empty take the block.
+    """
+    acc = accumulation_dtype(block_out.dtype)
+    block_out, block_lse = block_out.to(acc), block_lse.to(acc)
+    if out is None:
+        return block_out.clone(), block_lse.clone()
+    acc_empty, block_empty = torch.isneginf(lse), torch.isneginf(block_lse)
+    # Substitute finite values where a side is empty so no -inf - -inf reaches the formula.
+    safe_lse = torch.where(acc_empty, block_lse, lse)
+    safe_blse = torch.where(block_empty, safe_lse, block_lse)
+    weight = torch.sigmoid(safe_blse - safe_lse)
+    weight = torch.where(block_empty, 0.0, torch.where(acc_empty, 1.0, weight))
+    new_out = out - weight.transpose(1, 2).unsqueeze(-1) * (out - block_out)
+    new_lse = torch.where(block_empty, lse,
+                          torch.where(acc_empty, block_lse, safe_lse - F.logsigmoid(safe_lse - safe_blse)))
+    return new_out, new_lse
