@@ -210,7 +210,7 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
         out.copy_(t)
         return _DONE
     return _launch(group, "all_gather", wire_bytes("gather", _nbytes(t), n),
-                   lambda: dist.all_gather_into_tensor(out, t, group=group.pg, async_op=True), async_op)
+                   lambda: dist.all_gather_single(out, t, group=group.pg, async_op=True), async_op)
 
 
 def reduce_scatter_into(out: Tensor, t: Tensor, group: CommGroup,
@@ -221,7 +221,7 @@ def reduce_scatter_into(out: Tensor, t: Tensor, group: CommGroup,
         out.copy_(t)
         return _DONE
     return _launch(group, "reduce_scatter", wire_bytes("scatter", _nbytes(t), n),
-                   lambda: dist.reduce_scatter_tensor(out, t, op=op, group=group.pg, async_op=True), async_op)
+                   lambda: dist.reduce_scatter_single(out, t, op=op, group=group.pg, async_op=True), async_op)
 
 
 def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bool = False) -> Handle:

@@ -193,3 +193,77 @@ def test_attention_matches_reference_for_causal_unequal_lengths(s_q, s_k):
     ref_out, ref_lse = reference_attention(q, k, v, True)
     torch.testing.assert_close(out, ref_out, atol=TOL_OUT, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=TOL_OUT, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces context parallelism builds on: block backward and the partial-result merge
+
+
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_attention_backward_matches_autograd(heads, kv_heads, causal):
+    from meshweave.kernels.attention import attention_backward
+
+    q, k, v = qkv(heads, kv_heads, s_q=9)
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = reference_attention(*leaves, causal)
+    out.backward(dout)
+    grads = attention_backward(dout, q, k, v, out.detach(), lse, causal)
+    for got, leaf in zip(grads, leaves):
+        assert (got - leaf.grad).abs().max() < TOL_GRAD
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_block_gradients_with_final_out_and_lse_sum_to_the_full_gradient(causal):
+    """Split the keys in two blocks: each block's backward, given the merged out/lse, contributes
+    its part, and the parts add up to the gradient of attention over all keys (ring attention's
+    backward relies on exactly this)."""
+    from meshweave.kernels.attention import attention_backward, merge_partial
+
+    q, k, v = qkv(4, 2, s_q=8)
+    dout = torch.randn_like(q)
+    first = reference_attention(q, k[:, :4], v[:, :4], False)
+    second = reference_attention(q, k[:, 4:], v[:, 4:], False)
+    out, lse = merge_partial(*merge_partial(None, None, *first), *second)
+    dq1, dk1, dv1 = attention_backward(dout, q, k[:, :4], v[:, :4], out, lse, False)
+    dq2, dk2, dv2 = attention_backward(dout, q, k[:, 4:], v[:, 4:], out, lse, False)
+    dq, dk, dv = attention_backward(dout, q, k, v, *reference_attention(q, k, v, False), False)
+    assert (dq1 + dq2 - dq).abs().max() < TOL_GRAD
+    assert (torch.cat([dk1, dk2], 1) - dk).abs().max() < TOL_GRAD
+    assert (torch.cat([dv1, dv2], 1) - dv).abs().max() < TOL_GRAD
+
+
+def test_merging_key_blocks_equals_attention_over_all_keys():
+    from meshweave.kernels.attention import merge_partial
+
+    q, k, v = qkv(4, 2, s_q=6, s_k=12)
+    out, lse = None, None
+    for block in range(3):
+        cols = slice(4 * block, 4 * block + 4)
+        out, lse = merge_partial(out, lse, *reference_attention(q, k[:, cols], v[:, cols], False))
+    want_out, want_lse = reference_attention(q, k, v, False)
+    assert (out - want_out).abs().max() < TOL_OUT
+    assert (lse - want_lse).abs().max() < TOL_OUT
+
+
+def test_merge_skips_empty_rows_without_nan():
+    """An all-masked block (lse = -inf) leaves the accumulator as it is, and an empty accumulator
+    takes the block as it is — no -inf - -inf = NaN on either side."""
+    from meshweave.kernels.attention import merge_partial
+
+    q, k, v = qkv(2, 2, s_q=5)
+    out, lse = reference_attention(q, k, v, False)
+    empty_lse = torch.full_like(lse, float("-inf"))
+    kept = merge_partial(out, lse, torch.zeros_like(out), empty_lse)
+    taken = merge_partial(torch.zeros_like(out), empty_lse, out, lse)
+    both_empty = merge_partial(torch.zeros_like(out), empty_lse, torch.zeros_like(out), empty_lse)
+    for got_out, got_lse in (kept, taken):
+        assert torch.equal(got_out, out) and torch.equal(got_lse, lse)
+    assert not both_empty[0].isnan().any() and torch.isneginf(both_empty[1]).all()
+
+
+def test_lse_is_fp32_for_bf16_inputs():
+    q, k, v = qkv(4, 2, dtype=torch.bfloat16)
+    out, lse = attention(q, k, v, True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
