@@ -65,6 +65,9 @@ class ParallelConfig:
     cp: int = 1
     pp: int = 1
     ep: int = 1
+    cp_method: str = "ring"
+    ulysses: int = 0
+    cp_inner: str = "ring"
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
 
@@ -144,6 +147,8 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if 
 # Allowed values for string options; one table so --help and validation agree.
 CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.mixed_precision": ("none", "bf16"),
+    "parallel.cp_method": ("ulysses", "ring", "tokenring", "hybrid"),
+    "parallel.cp_inner": ("ring", "tokenring"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", "true", "false"),
@@ -159,6 +164,10 @@ HELP: dict[str, str] = {
     "parallel.dp_shard": "FSDP degree; -1 fills the rest of the world size",
     "parallel.dp_replicate": "replicated data-parallel degree (HSDP when dp_shard > 1)",
     "parallel.mixed_precision": "FSDP param dtype policy: none | bf16 (fp32 reduce)",
+    "parallel.cp": "context-parallel degree: each sequence is split over this many ranks",
+    "parallel.cp_method": "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
+    "parallel.ulysses": "hybrid only: Ulysses degree inside each ring rank (0: largest power of 2 <= sqrt(cp))",
+    "parallel.cp_inner": "hybrid only: ring or tokenring across the Ulysses groups",
     "optim.min_lr_ratio": "final LR as a fraction of optim.lr",
     "optim.grad_clip": "max global grad norm; 0 disables clipping",
     "optim.fused": "fused AdamW: auto uses it where the device supports it",

@@ -5,6 +5,10 @@
 - only ``dp_replicate > 1``: parameters stay whole; gradients go through
   :class:`meshweave.comm.overlap.GradientReducer`, bucketed and overlapped with backward.
 
+Context-parallel ranks hold the same parameters and see different tokens, so for gradients they
+are data-parallel ranks: FSDP shards over ``dp_shard x cp`` and the replicated reducer sums over
+``dp_replicate x cp``.
+
 Either way gradients are **summed** over data-parallel ranks: the trainer divides the loss by the
 global token count, so the sum is the gradient of the global mean loss.
 """
@@ -28,8 +32,9 @@ MIXED_PRECISION = {
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str) -> None:
-    """Shard ``model`` with FSDP2 over dp_shard (HSDP over dp_replicate x dp_shard)."""
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across."""
+    shard = dims.shard_dim
+    dp_mesh = mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
     kwargs = {"mesh": dp_mesh}
     if MIXED_PRECISION[mixed_precision] is not None:
         kwargs["mp_policy"] = MIXED_PRECISION[mixed_precision]
@@ -52,9 +57,10 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
     """The bucketed all-reduce for replicated-only data parallelism, or ``None`` when FSDP or a
     single replica owns the reduction. Call it after materialisation: hooks bind to the real
     parameters, which ``to_empty`` replaces."""
-    if dims.dp_shard > 1 or dims.dp_replicate == 1:
+    if dims.dp_shard > 1 or dims.dp_replicate * dims.cp == 1:
         return None
-    return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
+    group = mesh.group("dp_cp" if dims.cp > 1 else "dp_replicate")
+    return GradientReducer(model.parameters(), group,
                            bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=cfg.comm.overlap)
 
 

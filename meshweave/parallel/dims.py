@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from meshweave.comm.ops import CommGroup
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-NOT_YET = {"cp": "context", "pp": "pipeline", "ep": "expert"}
+NOT_YET = {"pp": "pipeline", "ep": "expert"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class ParallelDims:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def loss_dim(self) -> str:
+        """The flattened dim over which token counts, losses and gradients are summed."""
+        return "dp_cp" if self.cp > 1 else "dp"
+
+    @property
+    def shard_dim(self) -> str:
+        """The dim FSDP shards parameters over (dp_shard, joined by cp when cp > 1)."""
+        return "dp_shard_cp" if self.cp > 1 else "dp_shard"
+
     def build_mesh(self, device_type: str) -> "ParallelMesh":
         """The job's DeviceMesh with every named dim plus the flattened ``dp`` (collective)."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -48,7 +58,13 @@ class ParallelDims:
         from meshweave.comm.ops import register_group
 
         root = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        mesh = ParallelMesh(root, {"dp": root["dp_replicate", "dp_shard"]._flatten("dp")})
+        flattened = {"dp": root["dp_replicate", "dp_shard"]._flatten("dp")}
+        if self.cp > 1:
+            # CP ranks see different tokens of the same sequences: for gradients and the loss
+            # they are data-parallel ranks too, and FSDP shards over dp_shard x cp.
+            flattened["dp_cp"] = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+            flattened["dp_shard_cp"] = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh = ParallelMesh(root, flattened)
         # Flattened first: where torch reuses one group for two names, the named dim wins.
         for name in (*mesh.flattened, *MESH_DIMS):
             register_group(mesh[name].get_group(), name)
@@ -65,7 +81,7 @@ class ParallelMesh:
     def __getitem__(self, name: str | tuple[str, ...]) -> "DeviceMesh":
         if isinstance(name, str) and name in self.flattened:
             return self.flattened[name]
-        return self.root[name]
+        return self.root[name]  # torch resolves flattened names inside tuples too
 
     def group(self, name: str) -> "CommGroup":
         """The comm-layer group of one named (or flattened) dim."""
@@ -80,6 +96,44 @@ def _tp_choices(m: ModelConfig, seq_len: int) -> str:
     return ", ".join(str(d) for d in range(1, min(sizes) + 1) if all(s % d == 0 for s in sizes))
 
 
+def default_ulysses_degree(cp: int) -> int:
+    """The hybrid's Ulysses degree when none is given: the largest power of two <= sqrt(cp)
+    dividing it (square-ish, Ulysses inside, ring across)."""
+    u = 1
+    while cp % (2 * u) == 0 and (2 * u) ** 2 <= cp:
+        u *= 2
+    return u
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """The sequence and head counts split as the chosen CP method needs (layout.py, ulysses.py)."""
+    p, m, seq = cfg.parallel, cfg.model, cfg.train.seq_len
+    require(p.ulysses >= 0, "parallel.ulysses", f"must be >= 0 (0: automatic), got {p.ulysses}")
+    require(not p.ulysses or p.cp_method == "hybrid", "parallel.ulysses",
+            f"{p.ulysses} only applies to parallel.cp_method=hybrid (cp_method={p.cp_method} uses all "
+            f"{p.cp} CP ranks one way); drop it or use hybrid")
+    if p.cp == 1:
+        return
+    ulysses = {"ulysses": p.cp, "ring": 1, "tokenring": 1}.get(p.cp_method) or p.ulysses or default_ulysses_degree(p.cp)
+    require(p.cp % ulysses == 0, "parallel.ulysses",
+            f"{ulysses} does not divide parallel.cp={p.cp} (choose one of {divisors(p.cp)})")
+    chunks = p.cp if p.cp_method == "ulysses" else 2 * p.cp
+    how = "pieces" if p.cp_method == "ulysses" else "zigzag chunks (2 x cp, for causal load balance)"
+    require(seq % chunks == 0, "train.seq_len",
+            f"{seq} does not split for cp={p.cp} with cp_method={p.cp_method}: it is cut into {chunks} "
+            f"{how}, so use a multiple of {chunks}")
+    require((seq // p.cp) % p.tp == 0, "train.seq_len",
+            f"each CP rank's {seq // p.cp} tokens are sharded again by tp={p.tp} (sequence parallelism): "
+            f"use a multiple of {p.cp * p.tp}")
+    if ulysses > 1 and m.n_heads % p.tp == 0 and m.n_kv_heads % p.tp == 0:
+        heads, kv = m.n_heads // p.tp, m.n_kv_heads // p.tp
+        require(heads % ulysses == 0, "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
+                f"Ulysses degree {ulysses} does not divide the {heads} attention heads per tp rank "
+                f"(choose a degree in {divisors(heads)}, or cp_method=ring)")
+        require(kv % ulysses == 0 or ulysses % kv == 0, "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
+                f"Ulysses degree {ulysses} neither divides nor is a multiple of the {kv} KV heads per tp rank")
+
+
 def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     """Validate ``cfg.parallel`` for ``world_size`` processes, fill ``dp_shard=-1``, return the dims.
 
@@ -92,7 +146,8 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     for key, what in NOT_YET.items():
         require(getattr(p, key) == 1, f"parallel.{key}",
                 f"{getattr(p, key)} asks for {what} parallelism, which this build does not have yet "
-                f"(it has dp_replicate, dp_shard, tp); set parallel.{key}=1")
+                f"(it has dp_replicate, dp_shard, tp, cp); set parallel.{key}=1")
+    _check_context_parallel(cfg)
 
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         size = getattr(m, key)

@@ -1,8 +1,8 @@
 """Turn a model on ``meta`` into this rank's trainable part, in the composition order of DESIGN.md.
 
-Order: (PP split) -> TP/SP -> (CP attention binding) -> (EP) -> activation checkpointing ->
+Order: (PP split) -> TP/SP -> CP attention binding -> (EP) -> activation checkpointing ->
 data parallelism (FSDP / replicated) -> materialise and initialise. The bracketed steps arrive
-with their parallelisms; this build applies TP, activation checkpointing and data parallelism.
+with their parallelisms.
 """
 
 from __future__ import annotations
@@ -14,20 +14,34 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
 from meshweave.models.llama import Transformer, init_value
+from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.data import apply_fsdp, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 from meshweave.parallel.tensor import apply_tensor_parallel
 
 
+def context_parallel(dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> ContextParallel | None:
+    """The run's context-parallel attention over ``mesh["cp"]``, or ``None`` when cp = 1.
+    Collective over the job (the hybrid method creates sub-groups)."""
+    if dims.cp == 1:
+        return None
+    p = cfg.parallel
+    return ContextParallel(mesh.group("cp"), p.cp_method, ulysses_degree=p.ulysses or None, inner=p.cp_inner)
+
+
 def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
-                device: torch.device) -> GradientReducer | None:
+                device: torch.device, cp: ContextParallel | None = None) -> GradientReducer | None:
     """Split ``model`` (on meta) for this rank, then materialise and initialise it on ``device``.
 
-    Returns the replicated data-parallel reducer the trainer must ``finish()`` each step, or
-    ``None`` when FSDP (or nothing) reduces gradients. Collective over the job.
+    ``cp`` (from :func:`context_parallel`) becomes every layer's attention op; the caller feeds
+    the model its sequence shards and their positions. Returns the replicated data-parallel
+    reducer the trainer must ``finish()`` each step, or ``None`` when FSDP (or nothing) reduces
+    gradients. Collective over the job.
     """
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if cp is not None:
+        model.set_attention_op(cp.attention_op)
     model.checkpoint_layers = cfg.parallel.activation_checkpointing
     if dims.dp_shard > 1:
         apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)

@@ -32,7 +32,7 @@ from meshweave.launch.preemption import StopRequest
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
-from meshweave.parallel.parallelize import parallelize
+from meshweave.parallel.parallelize import context_parallel, parallelize
 from meshweave.parallel.tensor import loss_context, settle_gradients
 from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
 from meshweave.trainer.data import IGNORE_INDEX, ShardedLoader, build_datasets
@@ -62,6 +62,8 @@ class Trainer:
         capture.install()
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_group: CommGroup = self.mesh.group("dp")
+        # Token counts, losses and gradients sum over data-parallel *and* context-parallel ranks.
+        self.loss_group: CommGroup = self.mesh.group(self.dims.loss_dim)
         self.world = CommGroup.world()
         self.run_dir = Path(cfg.out)
         torch.manual_seed(cfg.train.seed)
@@ -70,7 +72,8 @@ class Trainer:
         self.n_params = num_params(self.model)
         self.flops_per_token = model_flops_per_token(num_params(self.model, exclude_embedding=True),
                                                      cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
-        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg, self.device)
+        self.cp = context_parallel(self.dims, self.mesh, cfg)
+        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg, self.device, self.cp)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
 
@@ -147,18 +150,27 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _this_ranks_tokens(self, microbatches: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each microbatch's ``(inputs, labels)`` cut to this CP rank's shard of the sequence."""
+        if self.cp is None:
+            return microbatches
+        return [(self.cp.shard(inputs, 1), self.cp.shard(labels, 1)) for inputs, labels in microbatches]
+
     def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        positions = None
+        if self.cp is not None:
+            positions = self.cp.positions(self.cfg.train.seq_len, self.device)
         with self._autocast():
-            logits = self.model(inputs.to(self.device))
+            logits = self.model(inputs.to(self.device), positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics record."""
         started = time.perf_counter()
-        microbatches = self.loader.next_batch()
+        microbatches = self._this_ranks_tokens(self.loader.next_batch())
         local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        (global_tokens,) = all_reduce_scalars([local_tokens], self.dp_group, self.device)
+        (global_tokens,) = all_reduce_scalars([local_tokens], self.loss_group, self.device)
         set_lr(self.optimizer, lr := lr_at(self.step, self.cfg.optim, self.cfg.train.steps))
 
         loss_sum = 0.0
@@ -171,7 +183,7 @@ class Trainer:
         if self.reducer is not None:
             self.reducer.finish()
         settle_gradients(self.params)
-        (loss_value,) = all_reduce_scalars([loss_sum], self.dp_group, self.device)
+        (loss_value,) = all_reduce_scalars([loss_sum], self.loss_group, self.device)
         grad_norm = self._clip_gradients()
 
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
@@ -227,12 +239,12 @@ class Trainer:
         self.model.eval()
         loss_sum, tokens = 0.0, 0
         for _ in range(self.cfg.train.eval_batches):
-            for inputs, labels in loader.next_batch():
+            for inputs, labels in self._this_ranks_tokens(loader.next_batch()):
                 with loss_context(self.dims.tp > 1):
                     loss_sum += _scalar(self._loss_sum(inputs, labels))
                 tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
-        loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.dp_group, self.device)
+        loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.loss_group, self.device)
         return loss_sum / max(tokens, 1.0)
 
     def save_checkpoint(self) -> None:

@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import attention as local_attention
+from meshweave.parallel.dims import default_ulysses_degree
 from meshweave.parallel.context.layout import LayoutError, SequenceLayout
 from meshweave.parallel.context.ring import RingAttention
 from meshweave.parallel.context.tokenring import TokenRingAttention
@@ -73,7 +74,7 @@ class ContextParallel:
         self.method, self.inner = method, inner
         size = self.group.size
         if method == "hybrid":
-            ulysses = ulysses_degree or _default_ulysses(size)
+            ulysses = ulysses_degree or default_ulysses_degree(size)
             if size % ulysses or not 1 <= ulysses <= size:
                 raise ValueError(f"ulysses_degree={ulysses} does not divide the CP degree {size}")
         else:
@@ -172,14 +173,6 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return ctx.cp.shard(grad, ctx.seq_dim), None, None
-
-
-def _default_ulysses(size: int) -> int:
-    """Largest power of two <= sqrt(size) that divides it: a square-ish hybrid by default."""
-    u = 1
-    while size % (u * 2) == 0 and (u * 2) ** 2 <= size:
-        u *= 2
-    return u
 
 
 def _single(group: CommGroup) -> CommGroup:
