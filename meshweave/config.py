@@ -68,6 +68,10 @@ class ParallelConfig:
     cp_method: str = "ring"
     ulysses: int = 0
     cp_inner: str = "ring"
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0
+    pp_virtual_stages: int = 0
+    pp_layers: str = ""
     mixed_precision: str = "none"
     activation_checkpointing: bool = False
 
@@ -149,6 +153,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.mixed_precision": ("none", "bf16"),
     "parallel.cp_method": ("ulysses", "ring", "tokenring", "hybrid"),
     "parallel.cp_inner": ("ring", "tokenring"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", "true", "false"),
@@ -168,6 +173,11 @@ HELP: dict[str, str] = {
     "parallel.cp_method": "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
     "parallel.ulysses": "hybrid only: Ulysses degree inside each ring rank (0: largest power of 2 <= sqrt(cp))",
     "parallel.cp_inner": "hybrid only: ring or tokenring across the Ulysses groups",
+    "parallel.pp": "pipeline-parallel degree: the layers are split into this many stages (x virtual stages)",
+    "parallel.pp_schedule": "gpipe | 1f1b | interleaved_1f1b | interleaved_zb (zero bubble) | zbv (zero bubble, V)",
+    "parallel.pp_microbatches": "microbatches per step per pipeline (0: the number of stages)",
+    "parallel.pp_virtual_stages": "stages per rank for interleaved schedules (0: 2 for them, 1 otherwise)",
+    "parallel.pp_layers": "explicit split, e.g. '0-3,4-7' (one range per stage); empty: balance by cost",
     "optim.min_lr_ratio": "final LR as a fraction of optim.lr",
     "optim.grad_clip": "max global grad norm; 0 disables clipping",
     "optim.fused": "fused AdamW: auto uses it where the device supports it",

@@ -112,8 +112,9 @@ class Transformer(nn.Module):
     """Decoder-only LM. ``forward(tokens [b, s]) -> logits [b, s, vocab]`` on the last stage.
 
     A stage without ``embed_tokens`` takes hidden states ``[b, s, dim]`` instead of tokens; one
-    without ``lm_head`` returns hidden states. ``positions`` ``[s]`` default to ``0..s-1``; context
-    parallelism passes the positions of the rank's sequence shard.
+    without ``lm_head`` returns hidden states. ``positions`` ``[s]`` default to
+    ``rope_positions`` if set, else ``0..s-1``: context parallelism and pipeline stages set the
+    global positions of the tokens they see.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -124,6 +125,9 @@ class Transformer(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers = False
+        # Global positions of the tokens this model sees, when they are not 0..s-1 of its input:
+        # context parallelism (a shard of the sequence) and pipeline stages (hidden-state input).
+        self.rope_positions: Tensor | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -136,6 +140,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        if positions is None:
+            positions = self.rope_positions
         if positions is None:
             # From the input, not h: sequence parallelism leaves h a shard of the sequence.
             positions = torch.arange(tokens.shape[1], device=h.device)

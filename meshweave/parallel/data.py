@@ -31,8 +31,13 @@ MIXED_PRECISION = {
 }
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str) -> None:
-    """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across."""
+def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str,
+               roots: list[nn.Module] | None = None) -> None:
+    """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across.
+
+    Each decoder layer is one FSDP unit; ``roots`` (default: ``model``) take the rest — a
+    pipeline rank passes its stage modules, each of which must be its own FSDP root.
+    """
     shard = dims.shard_dim
     dp_mesh = mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
     kwargs = {"mesh": dp_mesh}
@@ -42,8 +47,9 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_p
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
-    fully_shard(model, **kwargs)
-    _sum_not_average(model)
+    for root in roots or [model]:
+        fully_shard(root, **kwargs)
+        _sum_not_average(root)
 
 
 def _sum_not_average(model: nn.Module) -> None:
@@ -53,7 +59,8 @@ def _sum_not_average(model: nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
-def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
+def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
+                       overlap: bool) -> GradientReducer | None:
     """The bucketed all-reduce for replicated-only data parallelism, or ``None`` when FSDP or a
     single replica owns the reduction. Call it after materialisation: hooks bind to the real
     parameters, which ``to_empty`` replaces."""
@@ -61,7 +68,7 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
         return None
     group = mesh.group("dp_cp" if dims.cp > 1 else "dp_replicate")
     return GradientReducer(model.parameters(), group,
-                           bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=cfg.comm.overlap)
+                           bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap)
 
 
 def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool) -> contextlib.AbstractContextManager:

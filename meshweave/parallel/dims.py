@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshweave.config import Config, ModelConfig, divisors, require
+from meshweave.parallel.stages import check_pipeline
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from meshweave.comm.ops import CommGroup
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-NOT_YET = {"pp": "pipeline", "ep": "expert"}
+NOT_YET = {"ep": "expert"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     for key, what in NOT_YET.items():
         require(getattr(p, key) == 1, f"parallel.{key}",
                 f"{getattr(p, key)} asks for {what} parallelism, which this build does not have yet "
-                f"(it has dp_replicate, dp_shard, tp, cp); set parallel.{key}=1")
+                f"(it has dp_replicate, dp_shard, tp, cp, pp); set parallel.{key}=1")
     _check_context_parallel(cfg)
 
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -176,6 +177,9 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
         require(per_rank % t.micro_batch == 0, "train.micro_batch",
                 f"{t.micro_batch} does not divide the per-rank batch {per_rank} "
                 f"(choose one of {divisors(per_rank)})")
+    require(p.pp_virtual_stages >= 0 and p.pp_microbatches >= 0, "parallel.pp_microbatches",
+            "pp_microbatches and pp_virtual_stages must be >= 0 (0: automatic)")
+    check_pipeline(cfg, t.global_batch // dp)
     require(p.mixed_precision == "none" or p.dp_shard > 1, "parallel.mixed_precision",
             f"{p.mixed_precision} parameters need FSDP (parallel.dp_shard > 1); "
             "for autocast without FSDP use train.dtype=bf16")

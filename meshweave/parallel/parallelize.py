@@ -1,11 +1,13 @@
 """Turn a model on ``meta`` into this rank's trainable part, in the composition order of DESIGN.md.
 
-Order: (PP split) -> TP/SP -> CP attention binding -> (EP) -> activation checkpointing ->
+Order: PP split -> TP/SP -> CP attention binding -> (EP) -> activation checkpointing ->
 data parallelism (FSDP / replicated) -> materialise and initialise. The bracketed steps arrive
 with their parallelisms.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from meshweave.models.llama import Transformer, init_value
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.data import apply_fsdp, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
+from meshweave.parallel.pipeline import PipelineParts, split_model
 from meshweave.parallel.tensor import apply_tensor_parallel
 
 
@@ -29,24 +32,37 @@ def context_parallel(dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> Con
     return ContextParallel(mesh.group("cp"), p.cp_method, ulysses_degree=p.ulysses or None, inner=p.cp_inner)
 
 
+@dataclass
+class Parallelized:
+    """What the trainer drives: the gradient reducer it must ``finish()`` each step (``None`` when
+    FSDP or nothing reduces), and this rank's pipeline stages (``None`` without pp)."""
+
+    reducer: GradientReducer | None
+    pipeline: PipelineParts | None
+
+
 def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
-                device: torch.device, cp: ContextParallel | None = None) -> GradientReducer | None:
+                device: torch.device, cp: ContextParallel | None = None) -> Parallelized:
     """Split ``model`` (on meta) for this rank, then materialise and initialise it on ``device``.
 
-    ``cp`` (from :func:`context_parallel`) becomes every layer's attention op; the caller feeds
-    the model its sequence shards and their positions. Returns the replicated data-parallel
-    reducer the trainer must ``finish()`` each step, or ``None`` when FSDP (or nothing) reduces
-    gradients. Collective over the job.
+    With pp > 1 ``model`` is pruned in place to this rank's stages (names stay global). ``cp``
+    (from :func:`context_parallel`) becomes every layer's attention op; the caller feeds the model
+    its sequence shards and sets their positions. Collective over the job.
     """
+    pipeline = split_model(model, cfg, mesh["pp"].get_local_rank()) if dims.pp > 1 else None
+    roots = pipeline.stages if pipeline else [model]
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if cp is not None:
         model.set_attention_op(cp.attention_op)
-    model.checkpoint_layers = cfg.parallel.activation_checkpointing
+    for root in {id(r): r for r in [model, *roots]}.values():
+        root.checkpoint_layers = cfg.parallel.activation_checkpointing
     if dims.dp_shard > 1:
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision)
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots)
     materialize(model, device, cfg.train.seed)
-    return replicated_reducer(model, dims, mesh, cfg)
+    # A pipeline schedule runs every microbatch's backward before the step: reduce once, after.
+    overlap = cfg.comm.overlap and pipeline is None
+    return Parallelized(replicated_reducer(model, dims, mesh, cfg, overlap), pipeline)
 
 
 @torch.no_grad()

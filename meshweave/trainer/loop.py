@@ -33,6 +33,7 @@ from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import context_parallel, parallelize
+from meshweave.parallel.pipeline import build_schedule, clip_pipeline_gradients
 from meshweave.parallel.tensor import loss_context, settle_gradients
 from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
 from meshweave.trainer.data import IGNORE_INDEX, ShardedLoader, build_datasets
@@ -73,7 +74,14 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(num_params(self.model, exclude_embedding=True),
                                                      cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
         self.cp = context_parallel(self.dims, self.mesh, cfg)
-        self.reducer = parallelize(self.model, self.dims, self.mesh, cfg, self.device, self.cp)
+        parts = parallelize(self.model, self.dims, self.mesh, cfg, self.device, self.cp)
+        self.reducer, self.pipeline = parts.reducer, parts.pipeline
+        self._set_positions()
+        self._loss_scale = 1.0  # 1 / global valid tokens of the step, for the pipeline's loss_fn
+        self.schedule = None
+        if self.pipeline is not None:
+            self.pp_group = self.mesh.group("pp")
+            self.schedule = build_schedule(self.pipeline, cfg, self.pp_group.pg, self.device, self._pipeline_loss)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
 
@@ -156,14 +164,44 @@ class Trainer:
             return microbatches
         return [(self.cp.shard(inputs, 1), self.cp.shard(labels, 1)) for inputs, labels in microbatches]
 
-    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        positions = None
-        if self.cp is not None:
-            positions = self.cp.positions(self.cfg.train.seq_len, self.device)
-        with self._autocast():
-            logits = self.model(inputs.to(self.device), positions)
+    def _set_positions(self) -> None:
+        """Give every model (or stage) the global RoPE positions of the tokens it sees: a CP
+        shard, and for pipeline stages (whose input is hidden states) the whole sequence."""
+        if self.cp is None and self.pipeline is None:
+            return
+        seq_len = self.cfg.train.seq_len
+        positions = (self.cp.positions(seq_len, self.device) if self.cp is not None
+                     else torch.arange(seq_len, device=self.device))
+        for module in [self.model, *(self.pipeline.stages if self.pipeline else [])]:
+            module.rope_positions = positions
+
+    def _token_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.to(self.device).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs.to(self.device))
+        return self._token_loss_sum(logits, labels)
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss for one pipeline microbatch: its token-loss sum over the step's
+        global token count (``_loss_scale``), so microbatch gradients add up to the step's."""
+        return self._token_loss_sum(logits, labels) * self._loss_scale
+
+    def _pipeline_pass(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool) -> float:
+        """Run the schedule over this rank's batch (all stages of the pipeline call it together);
+        returns this rank's share of the loss (its last-stage microbatch losses, else 0)."""
+        stage_ids = self.pipeline.stage_ids
+        args = (inputs.to(self.device),) if 0 in stage_ids else ()
+        target = labels.to(self.device) if self.pipeline.has_last_stage else None
+        losses: list = []
+        with self._autocast(), loss_context(self.dims.tp > 1):
+            if train:
+                self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            else:
+                self.schedule.eval(*args, target=target, losses=losses)
+        return sum(_scalar(loss) for loss in losses)
 
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics record."""
@@ -174,7 +212,12 @@ class Trainer:
         set_lr(self.optimizer, lr := lr_at(self.step, self.cfg.optim, self.cfg.train.steps))
 
         loss_sum = 0.0
-        for i, (inputs, labels) in enumerate(microbatches):
+        if self.pipeline is not None:
+            self._loss_scale = 1.0 / max(global_tokens, 1.0)
+            (inputs, labels), = microbatches
+            (loss_sum,) = all_reduce_scalars([self._pipeline_pass(inputs, labels, train=True)], self.pp_group,
+                                             self.device)
+        for i, (inputs, labels) in enumerate(microbatches if self.pipeline is None else []):
             last = i == len(microbatches) - 1
             with gradient_sync(self.model, self.reducer, enabled=last), loss_context(self.dims.tp > 1):
                 loss = self._loss_sum(inputs, labels) / max(global_tokens, 1.0)
@@ -221,6 +264,8 @@ class Trainer:
     def _clip_gradients(self) -> float:
         """Global L2 norm of all gradients (over every shard), clipped to ``optim.grad_clip``."""
         max_norm = self.cfg.optim.grad_clip or float("inf")
+        if self.pipeline is not None:
+            return clip_pipeline_gradients(self.params, max_norm, self.pp_group)
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -238,12 +283,18 @@ class Trainer:
                                self.dp_group.rank, self.dp_group.size, self.cfg.train.seed)
         self.model.eval()
         loss_sum, tokens = 0.0, 0
+        self._loss_scale = 1.0
         for _ in range(self.cfg.train.eval_batches):
             for inputs, labels in self._this_ranks_tokens(loader.next_batch()):
-                with loss_context(self.dims.tp > 1):
-                    loss_sum += _scalar(self._loss_sum(inputs, labels))
+                if self.pipeline is not None:
+                    loss_sum += self._pipeline_pass(inputs, labels, train=False)
+                else:
+                    with loss_context(self.dims.tp > 1):
+                        loss_sum += _scalar(self._loss_sum(inputs, labels))
                 tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
+        if self.pipeline is not None:
+            (loss_sum,) = all_reduce_scalars([loss_sum], self.pp_group, self.device)
         loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.loss_group, self.device)
         return loss_sum / max(tokens, 1.0)
 
