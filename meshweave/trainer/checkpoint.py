@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -51,6 +52,11 @@ from torch.distributed.checkpoint.state_dict import (
 from meshweave.comm.ops import CommGroup, barrier, broadcast
 from meshweave.config import Config
 from meshweave.trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner
+
+# Optimizer state and hyperparameters keyed per parameter name ("param_groups.<fqn>.lr"), not as
+# a list of groups saved by one rank: a pipeline rank holds only its stages' parameters, so only
+# per-name keys load onto another pipeline layout.
+LAYOUT_FREE = StateDictOptions(flatten_optimizer_state_dict=True)
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -211,7 +217,7 @@ class CheckpointManager:
         barrier(self.group)
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE),
             "trainer": _to_tensors(trainer_state),
         }
         torch.save(rng_state(), tmp / f"rng-rank{self.group.rank}.pt")
@@ -277,13 +283,13 @@ class CheckpointManager:
         manifest = read_manifest(path)
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE),
             "trainer": _to_tensors(trainer_state),
         }
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
                  process_group=self.group.pg)
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=LAYOUT_FREE)
         rng_file = Path(path) / f"rng-rank{self.group.rank}.pt"
         if manifest.get("world_size") == dist.get_world_size() and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
