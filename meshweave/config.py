@@ -89,6 +89,21 @@ class OptimConfig:
     schedule: str = "cosine"
     grad_clip: float = 1.0
     fused: str = "auto"
+    freeze_step: int = 100
+
+
+@dataclass
+class DiLoCoConfig:
+    """Streaming DiLoCo across the dp_replicate replicas (meshweave.comm.diloco)."""
+
+    enabled: bool = False
+    inner_steps: int = 100
+    fragments: int = 1
+    delay: int = 0
+    alpha: float = 0.0
+    quantize: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
 
 @dataclass
@@ -96,6 +111,7 @@ class CommConfig:
     bucket_mb: float = 25.0
     overlap: bool = True
     timeout_s: float = 600.0
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
 
 
 @dataclass
@@ -154,7 +170,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.cp_method": ("ulysses", "ring", "tokenring", "hybrid"),
     "parallel.cp_inner": ("ring", "tokenring"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
-    "optim.name": ("adamw", "sgd"),
+    "optim.name": ("adamw", "sgd", "onebit_adam"),
+    "comm.diloco.quantize": ("none", "fp4", "int4"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", "true", "false"),
     "train.dtype": ("fp32", "bf16"),
@@ -181,6 +198,13 @@ HELP: dict[str, str] = {
     "optim.min_lr_ratio": "final LR as a fraction of optim.lr",
     "optim.grad_clip": "max global grad norm; 0 disables clipping",
     "optim.fused": "fused AdamW: auto uses it where the device supports it",
+    "optim.freeze_step": "onebit_adam: exact Adam steps before the variance freezes and momentum goes 1-bit",
+    "comm.diloco.enabled": "Streaming DiLoCo: replicas (dp_replicate) sync every inner_steps, not every step",
+    "comm.diloco.inner_steps": "H: inner steps between two syncs of the same fragment",
+    "comm.diloco.fragments": "P: strided layer fragments, synced in turn H/P steps apart",
+    "comm.diloco.delay": "tau: steps the fragment's all-reduce runs in the background before it is merged",
+    "comm.diloco.alpha": "weight of the local weights when merging (0: take the global weights)",
+    "comm.diloco.quantize": "outer-gradient wire format (fp32 accumulation either way)",
     "comm.bucket_mb": "gradient bucket size for the replicated all-reduce",
     "comm.overlap": "launch bucket all-reduces during backward",
     "comm.timeout_s": "a collective that does not complete in this time fails the run, naming the op",
@@ -247,26 +271,52 @@ def _field_name(option: str) -> str:
     return option + "_" if keyword.iskeyword(option) else option
 
 
-def _known(section: str) -> str:
-    cls = type(getattr(Config(), section))
-    return ", ".join(option_name(f.name) for f in dataclasses.fields(cls))
+def _known(obj: Any) -> str:
+    return ", ".join(option_name(f.name) for f in dataclasses.fields(obj))
+
+
+def leaves(obj: Any, prefix: str) -> list[tuple[str, Any, str]]:
+    """``(dotted option name, owning dataclass, field name)`` of every option under ``obj``;
+    nested dataclasses (e.g. ``comm.diloco``) are sub-sections."""
+    found = []
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{option_name(f.name)}"
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found += leaves(value, key)
+        else:
+            found.append((key, obj, f.name))
+    return found
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Set ``section.key`` (or ``out``) on ``cfg`` from a TOML value or string, type-checked."""
+    """Set ``section[.sub].key`` (or ``out``) on ``cfg`` from a TOML value or string, type-checked.
+    A dict value (a TOML sub-table) sets each of its keys below ``key``."""
     if key == "out":
         cfg.out = _coerce("out", value, str)
         return
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
+    section, *path = key.split(".")
+    if section not in SECTIONS or not path:
         raise ConfigError(f"unknown option {key!r}: options are <section>.<key> with section in "
                           f"{', '.join(SECTIONS)} (see `meshweave train --help`)")
-    obj = getattr(cfg, section)
-    types = _field_types(type(obj))
-    name = _field_name(name)
-    if name not in types:
-        raise ConfigError(f"unknown option {key!r}: {section} has {_known(section)}")
-    setattr(obj, name, _coerce(key, value, types[name]))
+    obj, where = getattr(cfg, section), section
+    for i, part in enumerate(path):
+        name = _field_name(part)
+        types = _field_types(type(obj))
+        if name not in types:
+            raise ConfigError(f"unknown option {key!r}: {where} has {_known(obj)}")
+        if dataclasses.is_dataclass(types[name]):
+            if i == len(path) - 1:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} is a section: set its keys, e.g. --{key}.{_known(getattr(obj, name)).split(',')[0]}=...")
+                for sub, v in value.items():
+                    set_value(cfg, f"{key}.{sub}", v)
+                return
+            obj, where = getattr(obj, name), f"{where}.{part}"
+            continue
+        if i != len(path) - 1:
+            raise ConfigError(f"unknown option {key!r}: {where}.{part} is not a section")
+        setattr(obj, name, _coerce(key, value, types[name]))
 
 
 def load_toml(path: str | os.PathLike[str], cfg: Config | None = None) -> Config:
@@ -337,9 +387,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """
     m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
     for section in SECTIONS:
-        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+        for key, owner, name in leaves(getattr(cfg, section), section):
+            value = getattr(owner, name)
             if isinstance(value, float):
-                require(math.isfinite(value), f"{section}.{name}", f"must be a finite number, got {value}")
+                require(math.isfinite(value), key, f"must be a finite number, got {value}")
+            allowed = CHOICES.get(key)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     require(m.dim % m.n_heads == 0, "model.dim",
@@ -357,12 +411,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                  f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
                  "'embedded' or run `meshweave data prepare`")
 
-    for key, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, dict):
-            for name, v in value.items():
-                allowed = CHOICES.get(f"{key}.{name}")
-                if allowed and v not in allowed:
-                    raise ConfigError(f"{key}.{name}={v!r}: choose one of {', '.join(allowed)}")
 
     require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
@@ -409,10 +457,12 @@ def to_toml(cfg: Config) -> str:
     """The resolved config as TOML text that :func:`load_toml` reads back to an equal Config."""
     lines = [f"out = {_toml_value(cfg.out)}", ""]
     for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
-            lines.append(f"{option_name(name)} = {_toml_value(value)}")
-        lines.append("")
+        tables: dict[str, list[str]] = {}
+        for key, owner, name in leaves(getattr(cfg, section), section):
+            table, _, option = key.rpartition(".")
+            tables.setdefault(table, []).append(f"{option} = {_toml_value(getattr(owner, name))}")
+        for table, rows in tables.items():  # the section first, then its sub-sections
+            lines += [f"[{table}]", *rows, ""]
     return "\n".join(lines)
 
 
@@ -431,10 +481,8 @@ def options_help() -> str:
     default = Config()
     rows = [f"  {'--out DIR':<38} run directory (default: runs/default)"]
     for section in SECTIONS:
-        obj = getattr(default, section)
-        for f in dataclasses.fields(obj):
-            key = f"{section}.{option_name(f.name)}"
-            value = getattr(obj, f.name)
+        for key, owner, name in leaves(getattr(default, section), section):
+            value = getattr(owner, name)
             extra = HELP.get(key, "")
             if key in CHOICES:
                 extra = (extra + "; " if extra else "") + "one of " + "|".join(CHOICES[key])

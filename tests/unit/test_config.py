@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshweave.config import (
-    SECTIONS, Config, ConfigError, load_toml, option_name, parse_overrides, resolve, to_toml, validate,
+    SECTIONS, Config, ConfigError, leaves, load_toml, option_name, parse_overrides, resolve, to_toml, validate,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -365,13 +365,12 @@ def test_train_help_lists_every_option_with_its_default(train_help):
     default = Config()
     expected = set()
     for section in SECTIONS:
-        obj = getattr(default, section)
-        for f in dataclasses.fields(obj):
-            option = f"--{section}.{option_name(f.name)}"
+        for key, owner, name in leaves(getattr(default, section), section):  # sub-sections too
+            option = f"--{key}"
             expected.add(option)
             assert option in listed, f"{option} missing from `meshweave train --help`"
             shown = tomllib.loads(f"v = {listed[option]}")["v"]  # defaults are shown as TOML values
-            assert shown == getattr(obj, f.name) and type(shown) is type(getattr(obj, f.name)), option
+            assert shown == getattr(owner, name) and type(shown) is type(getattr(owner, name)), option
     assert set(listed) == expected  # and nothing that is not an option
 
 
