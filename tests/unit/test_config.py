@@ -340,10 +340,10 @@ def test_run_checks_the_layout_against_nproc(tmp_path):
 
 
 def help_options(text: str) -> dict[str, str]:
-    """``{"--section.key": "default text"}`` for every ``--section.key=default`` line."""
+    """``{"--section[.sub].key": "default text"}`` for every ``--section.key=default`` line."""
     options = {}
     for line in text.splitlines():
-        m = re.match(r"^\s+(--[a-z0-9_]+\.[a-z0-9_]+)=(\S+)", line)
+        m = re.match(r"^\s+(--[a-z0-9_]+(?:\.[a-z0-9_]+)+)=(\S+)", line)
         if m:
             options[m.group(1)] = m.group(2)
     return options
