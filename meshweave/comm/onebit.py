@@ -171,7 +171,8 @@ class OneBitAdam(torch.optim.Optimizer):
     ``exp_avg_sq``, ``worker_error`` (fp32, param-shaped), ``denom_floor``, ``v_correction``
     (``sqrt(1 - b2^T)``); the first parameter of each bucket also holds the bucket's
     ``server_error``. ``steps_done`` (global) lives in every param group. Error buffers differ per
-    rank: a checkpointer must save each rank's copy (DCP de-duplicates plain tensors by key).
+    rank and DCP keeps one copy per key, so ``state_dict()`` leaves them out and a checkpointer
+    saves :meth:`rank_local_state` per rank.
     """
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -216,20 +217,47 @@ class OneBitAdam(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         # Every trainable parameter gets its full state at the first step, gradient or not, so the
-        # state's keys (which DCP loads into) are the same in both phases.
+        # state's keys (which DCP loads into) are the same in both phases. Keys missing after a
+        # load (the rank-local error buffers, see rank_local_state) start from zero.
         for bucket in self._buckets():
             for p in bucket:
-                if self.state[p]:
-                    continue
-                self.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "worker_error": torch.zeros_like(p, dtype=torch.float32),
-                    "denom_floor": torch.tensor(0.0),
-                    "v_correction": torch.tensor(1.0),
-                }
+                state = self.state[p]
+                state.setdefault("step", torch.tensor(0.0))
+                state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+                state.setdefault("worker_error", torch.zeros_like(p, dtype=torch.float32))
+                state.setdefault("denom_floor", torch.tensor(0.0))
+                state.setdefault("v_correction", torch.tensor(1.0))
             self._server_error(bucket)
+
+    # Error-feedback buffers differ per rank, but a DCP checkpoint keeps one copy of each key: they
+    # travel in the checkpoint's per-rank file instead of the optimizer state dict.
+    RANK_LOCAL = ("worker_error", "server_error")
+
+    def state_dict(self) -> dict:
+        """torch's state dict without the rank-local error buffers (see :meth:`rank_local_state`)."""
+        full = super().state_dict()
+        full["state"] = {i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL}
+                         for i, st in full["state"].items()}
+        return full
+
+    def rank_local_state(self) -> dict[str, Tensor]:
+        """This rank's error buffers (local shards), keyed by parameter position and name."""
+        self._init_state()
+        out = {}
+        for i, (p, _) in enumerate(self._trainable()):
+            for key in self.RANK_LOCAL:
+                if key in self.state[p]:
+                    out[f"{i}.{key}"] = _local(self.state[p][key]).detach().clone()
+        return out
+
+    def load_rank_local_state(self, saved: dict[str, Tensor]) -> None:
+        """Restore :meth:`rank_local_state` from a checkpoint of the same layout."""
+        self._init_state()
+        for i, (p, _) in enumerate(self._trainable()):
+            for key in self.RANK_LOCAL:
+                if f"{i}.{key}" in saved and key in self.state[p]:
+                    _local(self.state[p][key]).copy_(saved[f"{i}.{key}"])
 
     def _server_error(self, bucket: list[Tensor]) -> Tensor:
         numel = sum(_local(p).numel() for p in bucket)
@@ -329,7 +357,15 @@ class OneBitAdam(torch.optim.Optimizer):
             offset += m.numel()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore; unlike torch's default, error buffers stay fp32 for low-precision parameters."""
+        """Restore; unlike torch's default, fp32 buffers stay fp32 for low-precision parameters.
+
+        Rank-local error buffers are not part of the state dict (torch.distributed.checkpoint
+        may hand placeholders for them): they restart at zero unless
+        :meth:`load_rank_local_state` follows.
+        """
+        state_dict = {**state_dict, "state": {
+            i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL and isinstance(v, Tensor)}
+            for i, st in state_dict["state"].items()}}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         keep = {i: {k: v.detach().clone() for k, v in state_dict["state"].get(i, {}).items() if k in _FP32_KEYS}
                 for i in saved_ids}
@@ -339,3 +375,4 @@ class OneBitAdam(torch.optim.Optimizer):
             for key, value in keep[i].items():
                 self.state[p][key] = value.to(device=_local(p).device, dtype=torch.float32) \
                     if not isinstance(value, DTensor) else value.to(dtype=torch.float32)
+        self._init_state()

@@ -32,17 +32,24 @@ MIXED_PRECISION = {
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str,
-               roots: list[nn.Module] | None = None) -> None:
+               roots: list[nn.Module] | None = None, across_replicas: bool = True,
+               ignored: list[nn.Parameter] | None = None) -> None:
     """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across.
 
     Each decoder layer is one FSDP unit; ``roots`` (default: ``model``) take the rest — a
-    pipeline rank passes its stage modules, each of which must be its own FSDP root.
+    pipeline rank passes its stage modules, each of which must be its own FSDP root. With
+    ``across_replicas=False`` FSDP reduces inside each replica only (1-bit Adam and DiLoCo
+    exchange between replicas themselves). ``ignored`` parameters are left alone (expert weights,
+    which parallel/expert.py shards and reduces itself).
     """
     shard = dims.shard_dim
-    dp_mesh = mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
+    hsdp = across_replicas and dims.dp_replicate > 1
+    dp_mesh = mesh["dp_replicate", shard] if hsdp else mesh[shard]
     kwargs = {"mesh": dp_mesh}
     if MIXED_PRECISION[mixed_precision] is not None:
         kwargs["mp_policy"] = MIXED_PRECISION[mixed_precision]
+    if ignored:
+        kwargs["ignored_params"] = set(ignored)
     layers = list(model.layers.values())
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
@@ -59,11 +66,31 @@ def _sum_not_average(model: nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
+def replicas_apart(cfg: Config) -> bool:
+    """Whether replicas (dp_replicate) exchange through 1-bit Adam or DiLoCo instead of a
+    gradient all-reduce every step."""
+    return cfg.optim.name == "onebit_adam" or cfg.comm.diloco.enabled
+
+
+def fsdp_inside_replicas(dims: ParallelDims, cfg: Config) -> bool:
+    """FSDP shards over dp_shard (x cp); apart replicas also use it for cp without dp_shard, so
+    the reduction inside a replica never mixes with the one across replicas."""
+    return dims.dp_shard > 1 or (replicas_apart(cfg) and dims.cp > 1)
+
+
 def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
                        overlap: bool) -> GradientReducer | None:
-    """The bucketed all-reduce for replicated-only data parallelism, or ``None`` when FSDP or a
-    single replica owns the reduction. Call it after materialisation: hooks bind to the real
+    """The bucketed all-reduce for replicated data parallelism, or ``None`` when FSDP or a
+    single replica owns the reduction. With 1-bit Adam it reduces across replicas only (the
+    optimizer's warm-up; the trainer stops calling it once the momentum goes compressed); with
+    DiLoCo nothing reduces across replicas. Call it after materialisation: hooks bind to the real
     parameters, which ``to_empty`` replaces."""
+    if replicas_apart(cfg):
+        if cfg.comm.diloco.enabled or dims.dp_replicate == 1:
+            return None
+        fsdp = fsdp_inside_replicas(dims, cfg)  # FSDP writes its grads outside autograd's hooks
+        return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
+                               bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap and not fsdp)
     if dims.dp_shard > 1 or dims.dp_replicate * dims.cp == 1:
         return None
     group = mesh.group("dp_cp" if dims.cp > 1 else "dp_replicate")
@@ -71,10 +98,12 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
                            bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap)
 
 
-def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool) -> contextlib.AbstractContextManager:
-    """Context for one micro-step: sync gradients only on the last one of an accumulation."""
-    if reducer is not None:
-        return contextlib.nullcontext() if enabled else reducer.no_sync()
+def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool,
+                  across_replicas: bool = True) -> contextlib.AbstractContextManager:
+    """Context for one micro-step: sync gradients only on the last one of an accumulation, and
+    across replicas only when ``across_replicas`` (1-bit Adam's compressed phase says no)."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+    if reducer is not None and not (enabled and across_replicas):
+        return reducer.no_sync()
     return contextlib.nullcontext()

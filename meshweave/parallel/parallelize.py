@@ -17,7 +17,7 @@ from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
 from meshweave.models.llama import Transformer, init_value
 from meshweave.parallel.context import ContextParallel
-from meshweave.parallel.data import apply_fsdp, replicated_reducer
+from meshweave.parallel.data import apply_fsdp, fsdp_inside_replicas, replicas_apart, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 from meshweave.parallel.pipeline import PipelineParts, split_model
 from meshweave.parallel.tensor import apply_tensor_parallel
@@ -57,8 +57,8 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg:
         model.set_attention_op(cp.attention_op)
     for root in {id(r): r for r in [model, *roots]}.values():
         root.checkpoint_layers = cfg.parallel.activation_checkpointing
-    if dims.dp_shard > 1:
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots)
+    if fsdp_inside_replicas(dims, cfg):
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not replicas_apart(cfg))
     materialize(model, device, cfg.train.seed)
     # A pipeline schedule runs every microbatch's backward before the step: reduce once, after.
     overlap = cfg.comm.overlap and pipeline is None

@@ -2,7 +2,7 @@
 
 Layout of ``<out>/checkpoints/``::
 
-    step-200/            complete: DCP shards + .metadata + rng-rank*.pt + manifest.json
+    step-200/            complete: DCP shards + .metadata + rng-rank*.pt (+ local-rank*.pt) + manifest.json
     step-300.tmp/        a save in progress, or one that crashed: never loaded, removed later
     LATEST               name of the newest committed checkpoint (moved only after commit)
 
@@ -154,8 +154,10 @@ class CheckpointManager:
     collective over ``group``; ``info`` (layout, model shape) goes into every manifest."""
 
     def __init__(self, root: str | Path, keep: int, group: CommGroup, info: dict[str, Any],
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, replica: int | None = None) -> None:
         self.root, self.keep, self.group, self.info = Path(root), keep, group, info
+        # Replicas that train apart (DiLoCo) hold different weights: each saves its own copy.
+        self.replica_key = f"replica{replica}" if replica is not None else None
         self.async_save = async_save
         # Async writes run DCP collectives from a background thread: give them their own group.
         self._io_pg = dist.new_group(backend="gloo") if async_save else group.pg
@@ -206,21 +208,33 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- saving
 
+    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, int | float],
+               extra: dict[str, Any] | None) -> dict[str, Any]:
+        """What DCP saves and loads: model, optimizer (per replica when replicas differ), trainer
+        scalars as tensors, and ``extra`` state (e.g. ``{"diloco": ...}``) at the top level."""
+        weights = {"model": get_model_state_dict(model),
+                   "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE)}
+        state = {self.replica_key: weights} if self.replica_key else weights
+        return {**state, "trainer": _to_tensors(trainer_state), **(extra or {})}
+
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, int | float]) -> Path:
-        """Start writing ``step-N``; blocking unless async. Returns the final directory name."""
+             trainer_state: dict[str, int | float], extra: dict[str, Any] | None = None,
+             rank_local: dict[str, torch.Tensor] | None = None) -> Path:
+        """Start writing ``step-N``; blocking unless async. Returns the final directory name.
+
+        ``rank_local`` tensors differ per rank and are saved per rank (like RNG states), e.g.
+        1-bit Adam's error-feedback buffers; they come back only on the same world size.
+        """
         self.wait()
         tmp = self.root / f"step-{step}.tmp"
         if self.group.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.group)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE),
-            "trainer": _to_tensors(trainer_state),
-        }
+        state = self._state(model, optimizer, trainer_state, extra)
         torch.save(rng_state(), tmp / f"rng-rank{self.group.rank}.pt")
+        if rank_local:
+            torch.save(rank_local, tmp / f"local-rank{self.group.rank}.pt")
         started = time.time()
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._io_pg)
@@ -274,27 +288,30 @@ class CheckpointManager:
     # -------------------------------------------------------------------------------- loading
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, int | float]) -> tuple[dict[str, int | float], dict[str, Any]]:
+             trainer_state: dict[str, int | float], extra: dict[str, Any] | None = None
+             ) -> tuple[dict[str, int | float], dict[str, Any], dict[str, torch.Tensor] | None]:
         """Restore model and optimizer from ``path`` onto the current layout (collective).
 
-        Returns the saved trainer scalars (typed like ``trainer_state``) and the manifest. RNG
-        states are restored only when the world size matches; the caller re-derives them otherwise.
+        ``extra`` is filled in place with the saved values of the same keys. Returns the saved
+        trainer scalars (typed like ``trainer_state``), the manifest, and this rank's
+        ``rank_local`` tensors (``None`` unless saved on the same world size). RNG states are
+        restored only when the world size matches; the caller re-derives them otherwise.
         """
         manifest = read_manifest(path)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE),
-            "trainer": _to_tensors(trainer_state),
-        }
+        state = self._state(model, optimizer, trainer_state, extra)
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
                  process_group=self.group.pg)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=LAYOUT_FREE)
+        weights = state[self.replica_key] if self.replica_key else state
+        set_model_state_dict(model, weights["model"])
+        set_optimizer_state_dict(model, optimizer, weights["optim"], options=LAYOUT_FREE)
+        same_world = manifest.get("world_size") == dist.get_world_size()
         rng_file = Path(path) / f"rng-rank{self.group.rank}.pt"
-        if manifest.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        if same_world and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
+        local_file = Path(path) / f"local-rank{self.group.rank}.pt"
+        rank_local = torch.load(local_file, weights_only=True) if same_world and local_file.is_file() else None
         scalars = {k: type(trainer_state[k])(v.item()) for k, v in state["trainer"].items()}
-        return scalars, manifest
+        return scalars, manifest, rank_local
 
 
 def _to_tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import context_parallel, parallelize
 from meshweave.parallel.pipeline import build_schedule, clip_pipeline_gradients
 from meshweave.parallel.tensor import loss_context, settle_gradients
-from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, verify
+from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
 from meshweave.trainer.data import IGNORE_INDEX, ShardedLoader, build_datasets
 from meshweave.trainer.hf import check_init_from, load_initial_weights
 from meshweave.trainer.metrics import (
@@ -46,6 +46,7 @@ from meshweave.trainer.metrics import (
     peak_memory_bytes,
 )
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
+from meshweave.trainer.replicas import ReplicaExchange
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
@@ -83,7 +84,8 @@ class Trainer:
             self.pp_group = self.mesh.group("pp")
             self.schedule = build_schedule(self.pipeline, cfg, self.pp_group.pg, self.device, self._pipeline_loss)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.mesh.group("dp_replicate"))
+        self.replicas = ReplicaExchange(cfg, self.dims, self.mesh, self.model, self.optimizer)
 
         self.train_set, self.eval_set, _ = build_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
         dp_size, dp_rank = self.dp_group.size, self.dp_group.rank
@@ -99,7 +101,8 @@ class Trainer:
         self.stopped_early = False
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world,
                                              checkpoint_info(cfg, self.info.world_size),
-                                             async_save=cfg.checkpoint.async_)
+                                             async_save=cfg.checkpoint.async_,
+                                             replica=self.replicas.checkpoint_replica())
         self._prepare_run_dir()
         self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
         messages = self._start()
@@ -135,7 +138,16 @@ class Trainer:
                 load_initial_weights(self.model, self.cfg)
                 messages.append(f"initialised weights from {self.cfg.checkpoint.init_from}")
             return messages
-        state, manifest = self.checkpoints.load(path, self.model, self.optimizer, self._trainer_state())
+        saved_replicas = read_manifest(path).get("layout", {}).get("dp_replicate", 1)
+        if self.replicas.checkpoint_replica() is not None and saved_replicas != self.dims.dp_replicate:
+            raise CheckpointError(f"{path} holds {saved_replicas} DiLoCo replicas but this run has "
+                                  f"dp_replicate={self.dims.dp_replicate}; resume with the same dp_replicate")
+        extra = self.replicas.checkpoint_extra()
+        state, manifest, rank_local = self.checkpoints.load(path, self.model, self.optimizer,
+                                                            self._trainer_state(), extra)
+        warning = self.replicas.restore(extra, rank_local)
+        if warning:
+            messages.append(warning)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.loader.load_state_dict({"consumed_samples": int(state["consumed_samples"]), "seed": self.cfg.train.seed})
@@ -207,8 +219,9 @@ class Trainer:
         """One optimizer step over one global batch; returns its metrics record."""
         started = time.perf_counter()
         microbatches = self._this_ranks_tokens(self.loader.next_batch())
+        apart = self.replicas.apart
         local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
-        (global_tokens,) = all_reduce_scalars([local_tokens], self.loss_group, self.device)
+        (global_tokens,) = all_reduce_scalars([local_tokens], self.replicas.token_group(), self.device)
         set_lr(self.optimizer, lr := lr_at(self.step, self.cfg.optim, self.cfg.train.steps))
 
         loss_sum = 0.0
@@ -219,14 +232,16 @@ class Trainer:
                                              self.device)
         for i, (inputs, labels) in enumerate(microbatches if self.pipeline is None else []):
             last = i == len(microbatches) - 1
-            with gradient_sync(self.model, self.reducer, enabled=last), loss_context(self.dims.tp > 1):
+            with gradient_sync(self.model, self.reducer, enabled=last, across_replicas=not apart), \
+                    loss_context(self.dims.tp > 1):
                 loss = self._loss_sum(inputs, labels) / max(global_tokens, 1.0)
                 loss.backward()
             loss_sum += _scalar(loss)
-        if self.reducer is not None:
+        if self.reducer is not None and not apart:
             self.reducer.finish()
         settle_gradients(self.params)
         (loss_value,) = all_reduce_scalars([loss_sum], self.loss_group, self.device)
+        loss_value = self.replicas.reported_loss(loss_value)
         grad_norm = self._clip_gradients()
 
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
@@ -245,6 +260,9 @@ class Trainer:
                                      "train.max_bad_steps")
 
         self.step += 1
+        event = self.replicas.after_step(self.step)
+        if event:
+            self.logger.event(f"step {self.step}: {event}")
         step_time = time.perf_counter() - started
         step_tokens = self.cfg.train.global_batch * self.cfg.train.seq_len
         self.tokens_seen += step_tokens
@@ -259,6 +277,7 @@ class Trainer:
             "comm_seconds": {k: round(v, 6) for k, v in comm_seconds.items()},
             "dp_exposed_wait_s": self.reducer.exposed_wait_s if self.reducer is not None else None,
             "skipped_steps": self.skipped_steps,
+            **({"replicas_apart": apart, **self.replicas.metrics()} if self.replicas.mode != "dp" else {}),
         }
 
     def _clip_gradients(self) -> float:
@@ -276,7 +295,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token loss over ``train.eval_batches`` global batches of the held-out split."""
+        """Mean token loss over ``train.eval_batches`` global batches of the held-out split
+        (on DiLoCo's global weights when replicas train apart)."""
         if len(self.eval_set) == 0:
             return None
         loader = ShardedLoader(self.eval_set, self.cfg.train.global_batch, self.micro_batch,
@@ -284,14 +304,15 @@ class Trainer:
         self.model.eval()
         loss_sum, tokens = 0.0, 0
         self._loss_scale = 1.0
-        for _ in range(self.cfg.train.eval_batches):
-            for inputs, labels in self._this_ranks_tokens(loader.next_batch()):
-                if self.pipeline is not None:
-                    loss_sum += self._pipeline_pass(inputs, labels, train=False)
-                else:
-                    with loss_context(self.dims.tp > 1):
-                        loss_sum += _scalar(self._loss_sum(inputs, labels))
-                tokens += int((labels != IGNORE_INDEX).sum())
+        with self.replicas.eval_weights():
+            for _ in range(self.cfg.train.eval_batches):
+                for inputs, labels in self._this_ranks_tokens(loader.next_batch()):
+                    if self.pipeline is not None:
+                        loss_sum += self._pipeline_pass(inputs, labels, train=False)
+                    else:
+                        with loss_context(self.dims.tp > 1):
+                            loss_sum += _scalar(self._loss_sum(inputs, labels))
+                    tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
         if self.pipeline is not None:
             (loss_sum,) = all_reduce_scalars([loss_sum], self.pp_group, self.device)
@@ -299,7 +320,8 @@ class Trainer:
         return loss_sum / max(tokens, 1.0)
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state())
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state(),
+                                     extra=self.replicas.checkpoint_extra(), rank_local=self.replicas.rank_local())
         self._saved_step = self.step
         self.logger.event(f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_
                           else f"saved checkpoint {path}")

@@ -11,11 +11,15 @@ import math
 import torch
 from torch import nn
 
+from meshweave.comm.onebit import OneBitAdam
+from meshweave.comm.ops import CommGroup
 from meshweave.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused where the device supports it) or SGD over ``model``'s trainable parameters.
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    replicas: CommGroup | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused where the device supports it), SGD, or 1-bit Adam over ``model``'s trainable
+    parameters; 1-bit Adam compresses its momentum exchange over ``replicas`` (dp_replicate).
 
     Norm weights and other 1-D parameters get no weight decay.
     """
@@ -26,6 +30,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    if cfg.name == "onebit_adam":
+        return OneBitAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          freeze_step=cfg.freeze_step, group=replicas)
     fused = _use_fused(cfg.fused, device)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused or None, foreach=None if fused else True)

@@ -157,14 +157,17 @@ def onebit_worker(rank: int, world: int) -> dict:
 
     # state_dict round trip, mid compressed phase
     saved_state, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    saved_local = {k: v.clone() for k, v in opt.rank_local_state().items()}
     out["state_keys"] = sorted({k for s in saved_state["state"].values() for k in s})
-    out["saved_worker_error_norm"] = sum(s["worker_error"].norm().item() for s in saved_state["state"].values())
+    out["local_keys"] = sorted({k.split(".", 1)[1] for k in saved_local})
+    out["saved_worker_error_norm"] = sum(v.norm().item() for k, v in saved_local.items() if k.endswith("worker_error"))
     train(opt, params, rank, world, group, 5, first_step=WARMUP + COMPRESSED)
     continued = [p.detach().clone() for p in params]
     restored_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
     restored = OneBitAdam(restored_params, lr=TRAIN_LR, weight_decay=0.01, freeze_step=WARMUP, group=group,
                           chunk_size=CHUNK)
     restored.load_state_dict(saved_state)
+    restored.load_rank_local_state(saved_local)
     out["restored_compressing"] = restored.compressing
     train(restored, restored_params, rank, world, group, 5, first_step=WARMUP + COMPRESSED)
     out["round_trip_equal"] = all(torch.equal(a, b.detach()) for a, b in zip(continued, restored_params))
@@ -330,9 +333,12 @@ def test_compressed_phase_keeps_decreasing_the_loss(results):
         assert r["loss_end"] - r["optimum_loss"] < 0.5 * gap_at_freeze
 
 
-def test_state_dict_holds_the_error_buffers(results):
+def test_error_buffers_are_rank_local_state_not_in_the_shared_state_dict(results):
+    """DCP keeps one copy per key, so the per-rank error buffers must not be in state_dict()."""
     for r in results[1]:
-        assert {"step", "exp_avg", "exp_avg_sq", "worker_error", "server_error"} <= set(r["state_keys"])
+        assert {"step", "exp_avg", "exp_avg_sq"} <= set(r["state_keys"])
+        assert not {"worker_error", "server_error"} & set(r["state_keys"])
+        assert r["local_keys"] == ["server_error", "worker_error"]
         assert r["saved_worker_error_norm"] > 0
 
 

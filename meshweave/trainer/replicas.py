@@ -1,0 +1,111 @@
+"""How the ``dp_replicate`` replicas share what they learn, as the training loop sees it.
+
+Three modes, chosen by the config:
+
+- ``dp`` (default): gradients are summed over every data-parallel rank each step (HSDP or the
+  bucketed reducer); the loss is normalised by the global token count.
+- ``onebit`` (``optim.name=onebit_adam``): the same for ``optim.freeze_step`` warm-up steps; then
+  gradients stay inside each replica and the optimizer all-reduces its 1-bit momentum instead
+  (meshweave.comm.onebit). Its error-feedback buffers differ per rank and are checkpointed per rank.
+- ``diloco`` (``comm.diloco.enabled``): replicas train apart and sync fragments of the weights
+  every ``inner_steps`` (meshweave.comm.diloco). Replicas hold different weights between syncs,
+  so each saves its own model and optimizer; evaluation runs on the global weights.
+
+While replicas are apart, a replica's loss is normalised by *its* token count (the gradient is
+the replica's own mean gradient, which the outer exchange then averages) and the reported loss is
+the mean over replicas. Inside a replica, FSDP / TP / PP / CP work as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from meshweave.comm.diloco import DiLoCoSettings, StreamingDiLoCo
+from meshweave.comm.ops import CommGroup
+from meshweave.config import Config
+from meshweave.parallel.dims import ParallelDims, ParallelMesh
+
+
+def diloco_settings(cfg: Config) -> DiLoCoSettings:
+    """The DiLoCo outer loop's settings from ``comm.diloco``."""
+    d = cfg.comm.diloco
+    return DiLoCoSettings(inner_steps=d.inner_steps, fragments=d.fragments, delay=d.delay, alpha=d.alpha,
+                          quantize=d.quantize, outer_lr=d.outer_lr, outer_momentum=d.outer_momentum)
+
+
+class ReplicaExchange:
+    """The replica mode of a run, and what the loop must do differently in it (one per rank)."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> None:
+        self.mode = "diloco" if cfg.comm.diloco.enabled else "onebit" if cfg.optim.name == "onebit_adam" else "dp"
+        self.optimizer = optimizer
+        self.replicas = dims.dp_replicate
+        self.replica_index = mesh["dp_replicate"].get_local_rank()
+        self.everyone = mesh.group(dims.loss_dim)   # all ranks that see different tokens
+        self.inside = mesh.group(dims.shard_dim)    # those of them in this rank's replica
+        self.diloco = None
+        if self.mode == "diloco":
+            # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
+            self.diloco = StreamingDiLoCo(model, mesh.group("dp_replicate"), diloco_settings(cfg),
+                                          agree=CommGroup.world())
+
+    @property
+    def apart(self) -> bool:
+        """Whether this step's gradients stay inside each replica."""
+        return self.mode == "diloco" or (self.mode == "onebit" and self.optimizer.compressing)
+
+    def token_group(self) -> CommGroup:
+        """The ranks whose valid tokens normalise this step's loss."""
+        return self.inside if self.apart else self.everyone
+
+    def reported_loss(self, loss_sum_over_everyone: float) -> float:
+        """The step's loss from the sum of every rank's normalised loss: replicas' mean when apart."""
+        return loss_sum_over_everyone / (self.replicas if self.apart else 1)
+
+    def after_step(self, step: int) -> str | None:
+        """Run the outer loop after optimizer step ``step`` (1-based); returns an event to log."""
+        if self.diloco is None:
+            return None
+        failed = self.diloco.failed_syncs
+        self.diloco.after_inner_step(step)
+        return self.diloco.last_event if self.diloco.failed_syncs != failed else None
+
+    def eval_weights(self) -> contextlib.AbstractContextManager:
+        """Evaluate on the global weights (DiLoCo), else on the model as it is."""
+        return self.diloco.global_weights() if self.diloco is not None else contextlib.nullcontext()
+
+    def checkpoint_replica(self) -> int | None:
+        """The replica index checkpoints key the weights by, when replicas hold different weights."""
+        return self.replica_index if self.mode == "diloco" else None
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """State beside model and optimizer that every rank saves and loads collectively."""
+        return {"diloco": self.diloco.state_dict()} if self.diloco is not None else {}
+
+    def rank_local(self) -> dict[str, torch.Tensor]:
+        """State that differs per rank (1-bit Adam's error feedback)."""
+        return self.optimizer.rank_local_state() if self.mode == "onebit" else {}
+
+    def restore(self, extra: dict[str, Any], rank_local: dict[str, torch.Tensor] | None) -> str | None:
+        """Apply loaded state; returns a warning to log when rank-local state could not be restored."""
+        if self.diloco is not None:
+            self.diloco.load_state_dict(extra["diloco"])
+        if self.mode == "onebit":
+            if rank_local is None:
+                return ("warning: 1-bit Adam error-feedback buffers were saved on another world size; "
+                        "they restart from zero")
+            self.optimizer.load_rank_local_state(rank_local)
+        return None
+
+    def metrics(self) -> dict[str, Any]:
+        """Per-step keys for metrics.jsonl."""
+        if self.mode == "onebit":
+            return {"onebit_compressing": self.optimizer.compressing}
+        if self.mode == "diloco":
+            return {"diloco_failed_syncs": self.diloco.failed_syncs}
+        return {}
