@@ -45,6 +45,29 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (meshweave.models.moe.MoESettings, field for field).
+
+    ``num_experts = 0`` keeps the model dense. Layer ``i`` is MoE iff ``i % every == every - 1``.
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    every: int = 1
+    expert_ffn_dim: int = 128
+    shared_experts: int = 0
+    score: str = "softmax"
+    renormalize: bool = False
+    capacity_factor: float = 0.0
+    min_capacity: int = 4
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 1e-3
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+    low_dim: int = 0
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from. ``embedded`` is Python's own pydoc topics, byte-tokenized."""
 
@@ -152,6 +175,7 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -174,6 +198,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "comm.diloco.quantize": ("none", "fp4", "int4"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.fused": ("auto", "true", "false"),
+    "moe.score": ("softmax", "sigmoid"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -181,6 +206,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 HELP: dict[str, str] = {
     "model.ffn_dim": "SwiGLU hidden width",
     "model.vocab_size": "embedding rows; must cover the tokenizer's vocabulary",
+    "moe.num_experts": "routed experts per MoE layer; 0 = dense model (no MoE layers)",
+    "moe.top_k": "experts each token is routed to",
+    "moe.every": "every k-th layer is MoE (the last of each k); 1 = every layer",
+    "moe.expert_ffn_dim": "SwiGLU hidden width of one expert (and of each shared expert)",
+    "moe.shared_experts": "always-on experts per MoE layer (DeepSeekMoE), overlapping the dispatch",
+    "moe.score": "router scores: softmax | sigmoid (weights renormalised over the top-k)",
+    "moe.renormalize": "softmax only: rescale the top-k weights to sum 1 (Mixtral)",
+    "moe.capacity_factor": "expert capacity ceil(k*T/E * cf), tokens over it dropped; 0 = dropless",
+    "moe.min_capacity": "capacity floor when capacity_factor > 0",
+    "moe.aux_loss_coeff": "load-balancing loss coeff * E * sum_i f_i P_i",
+    "moe.z_loss_coeff": "router z-loss coeff * mean logsumexp(logits)^2",
+    "moe.bias_balancing": "aux-loss-free balancing: per-expert selection bias nudged each step",
+    "moe.bias_update_rate": "bias step per optimizer step (sign of the load deviation)",
+    "moe.low_dim": "BigMac: routed experts run at this width, so the all-to-alls move it (0 = off)",
+    "parallel.ep": "expert-parallel degree: experts split over ep ranks carved from dp_shard x cp",
     "data.source": "'embedded' or a directory written by `meshweave data prepare`",
     "data.eval_fraction": "share of documents held out for eval",
     "parallel.dp_shard": "FSDP degree; -1 fills the rest of the world size",
@@ -430,6 +470,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     require(o.eps > 0, "optim.eps", "must be > 0")
     require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(o.freeze_step >= 1, "optim.freeze_step", "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)")
+    if cfg.comm.diloco.enabled:
+        require(o.name != "onebit_adam", "comm.diloco.enabled",
+                "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one")
+        try:
+            diloco_settings(cfg).validate(m.n_layers)
+        except ValueError as e:
+            raise ConfigError(f"comm.{e}") from None
 
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
     require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
@@ -447,6 +495,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     from meshweave.parallel.dims import resolve_degrees  # layout rules live with the mesh
 
     resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def diloco_settings(cfg: Config):
+    """``comm.diloco`` as meshweave.comm.diloco's DiLoCoSettings (imports torch: call lazily)."""
+    from meshweave.comm.diloco import DiLoCoSettings
+
+    return DiLoCoSettings(**{k: v for k, v in dataclasses.asdict(cfg.comm.diloco).items() if k != "enabled"})
 
 
 # --------------------------------------------------------------------------------------------

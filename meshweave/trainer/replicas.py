@@ -24,17 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshweave.comm.diloco import DiLoCoSettings, StreamingDiLoCo
+from meshweave.comm.diloco import StreamingDiLoCo
 from meshweave.comm.ops import CommGroup
-from meshweave.config import Config
+from meshweave.config import Config, diloco_settings
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
-
-
-def diloco_settings(cfg: Config) -> DiLoCoSettings:
-    """The DiLoCo outer loop's settings from ``comm.diloco``."""
-    d = cfg.comm.diloco
-    return DiLoCoSettings(inner_steps=d.inner_steps, fragments=d.fragments, delay=d.delay, alpha=d.alpha,
-                          quantize=d.quantize, outer_lr=d.outer_lr, outer_momentum=d.outer_momentum)
 
 
 class ReplicaExchange:
