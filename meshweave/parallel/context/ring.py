@@ -33,6 +33,7 @@ import torch
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import accumulation_dtype, attention, attention_backward, merge_partial
+from meshweave.parallel.context.blockwise import blockwise_function
 
 Tensor = torch.Tensor
 
@@ -113,19 +114,4 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq.to(q.dtype), dkv_in[:, :, :n_kv].to(k.dtype), dkv_in[:, :, n_kv:].to(v.dtype)
 
 
-class RingAttention(torch.autograd.Function):
-    """Autograd wrapper: ``RingAttention.apply(q, k, v, causal, group) -> (out, lse)``."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup):
-        out, lse = ring_forward(q, k, v, causal, group)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.group = causal, group
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.group)
-        return dq, dk, dv, None, None
+RingAttention = blockwise_function("RingAttention", ring_forward, ring_backward)

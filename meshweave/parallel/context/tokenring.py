@@ -38,6 +38,7 @@ import torch
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import accumulation_dtype, attention, attention_backward, merge_partial
+from meshweave.parallel.context.blockwise import blockwise_function
 
 Tensor = torch.Tensor
 
@@ -190,19 +191,4 @@ def _add_returned_dq(dq: Tensor, pending, plan: _Schedule) -> None:
     dq[:, _rows(_halved(plan.rank, source, plan.causal), plan.seq)] += dq_block
 
 
-class TokenRingAttention(torch.autograd.Function):
-    """Autograd wrapper: ``TokenRingAttention.apply(q, k, v, causal, group) -> (out, lse)``."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup):
-        out, lse = tokenring_forward(q, k, v, causal, group)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.group = causal, group
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tokenring_backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.group)
-        return dq, dk, dv, None, None
+TokenRingAttention = blockwise_function("TokenRingAttention", tokenring_forward, tokenring_backward)
