@@ -119,7 +119,11 @@ def check_pipeline(cfg: Config, per_rank_batch: int) -> None:
         require(mb % p.pp == 0, "parallel.pp_microbatches",
                 f"{p.pp_schedule} runs microbatches in rounds of pp={p.pp}: use a multiple of {p.pp}, got {mb}")
     require(not cfg.train.micro_batch or cfg.train.micro_batch * mb == per_rank_batch, "train.micro_batch",
-            "with pp > 1 the pipeline cuts the batch into parallel.pp_microbatches; leave train.micro_batch=0")
+            f"with pp > 1 the pipeline cuts the per-rank batch of {per_rank_batch} into parallel.pp_microbatches="
+            f"{mb} microbatches of {per_rank_batch // mb}; set train.micro_batch to that or leave it 0")
+    require(p.pp_schedule != "zbv" or not cfg.train.eval_interval, "train.eval_interval",
+            "zbv cannot evaluate in torch 2.13 (its eval still runs the V's backward hand-offs); "
+            "use interleaved_zb, or train.eval_interval=0")
 
 
 def microbatches(cfg: Config) -> int:

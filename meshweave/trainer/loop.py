@@ -29,9 +29,10 @@ from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
 from meshweave.config import Config, ConfigError, to_toml
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.launch.preemption import StopRequest
-from meshweave.models.llama import Transformer, build_model, num_params
+from meshweave.models.llama import Transformer, build_model, moe_settings, num_params
 from meshweave.parallel.data import gradient_sync
 from meshweave.parallel.dims import resolve_degrees
+from meshweave.parallel.expert import balance_experts, expert_metrics
 from meshweave.parallel.parallelize import context_parallel, parallelize
 from meshweave.parallel.pipeline import build_schedule, clip_pipeline_gradients
 from meshweave.parallel.tensor import loss_context, settle_gradients
@@ -70,7 +71,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         torch.manual_seed(cfg.train.seed)
 
-        self.model: Transformer = build_model(cfg.model)
+        self.model: Transformer = build_model(cfg.model, moe=moe_settings(cfg.moe))
         self.n_params = num_params(self.model)
         self.flops_per_token = model_flops_per_token(num_params(self.model, exclude_embedding=True),
                                                      cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
@@ -89,7 +90,9 @@ class Trainer:
 
         self.train_set, self.eval_set, _ = build_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
         dp_size, dp_rank = self.dp_group.size, self.dp_group.rank
-        self.micro_batch = cfg.train.micro_batch or cfg.train.global_batch // dp_size
+        # A pipeline cuts this rank's whole batch into its own microbatches (parallel.pp_microbatches).
+        per_rank = cfg.train.global_batch // dp_size
+        self.micro_batch = per_rank if self.pipeline is not None else cfg.train.micro_batch or per_rank
         self.loader = ShardedLoader(self.train_set, cfg.train.global_batch, self.micro_batch, dp_rank,
                                     dp_size, cfg.train.seed)
 
@@ -247,6 +250,7 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            balance_experts(self.model, self.loss_group)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -277,6 +281,7 @@ class Trainer:
             "comm_seconds": {k: round(v, 6) for k, v in comm_seconds.items()},
             "dp_exposed_wait_s": self.reducer.exposed_wait_s if self.reducer is not None else None,
             "skipped_steps": self.skipped_steps,
+            **({"moe": moe} if (moe := expert_metrics(self.model)) else {}),
             **({"replicas_apart": apart, **self.replicas.metrics()} if self.replicas.mode != "dp" else {}),
         }
 

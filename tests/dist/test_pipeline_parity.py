@@ -43,12 +43,15 @@ def test_pipeline_layout_matches_one_process(tmp_path, reference, nproc, layout)
     assert_losses_match(reference, losses(train_run(tmp_path, nproc, *layout, steps=STEPS)), rtol=1e-4)
 
 
-def test_pipeline_reports_each_step_once_with_a_grad_norm_over_all_stages(tmp_path, reference):
-    records = train_run(tmp_path, 2, *pp(2), steps=3)
-    one = train_run(tmp_path / "one", 1, *LAYERS, steps=3)
+def test_pipeline_reports_each_step_once_with_grad_norm_and_eval_over_all_stages(tmp_path, reference):
+    evals = ["--train.eval_interval=3", "--train.eval_batches=2"]
+    records = train_run(tmp_path, 2, *pp(2, "1f1b", "--parallel.pp_microbatches=4", "--train.micro_batch=2"),
+                        *evals, steps=3)
+    one = train_run(tmp_path / "one", 1, *LAYERS, *evals, steps=3)
     assert [r["step"] for r in records] == [1, 2, 3]
     for piped, single in zip(records, one):
         assert abs(piped["grad_norm"] - single["grad_norm"]) <= 1e-4 * single["grad_norm"]
+    assert abs(records[-1]["eval_loss"] - one[-1]["eval_loss"]) <= 1e-4 * one[-1]["eval_loss"]
 
 
 # 1e-5 relative after a resume: the restored state is bit-identical; the new layout only changes
