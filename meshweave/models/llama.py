@@ -7,6 +7,11 @@ The model knows nothing about meshes. Two seams let ``parallel/`` split it witho
 - attention calls ``self.attn_op(q, k, v, causal)`` (the kernel contract in DESIGN.md), which
   context parallelism rebinds.
 
+With MoE settings (``[moe]``, see :mod:`meshweave.models.moe`) the feed-forward of every
+``every``-th layer is a :class:`~meshweave.models.moe.MoEFeedForward` instead of the dense SwiGLU;
+which layers are MoE depends only on the global layer index, so pipeline stages agree. This module
+imports ``moe``, never the reverse.
+
 Parameter names are Hugging Face Llama's with the ``model.`` prefix dropped (see :func:`hf_name`),
 and rotary embeddings use the same half-split convention, so weights map one-to-one with no
 permutation. Initial values come from :func:`init_value`, a pure function of (seed, name, shape):
@@ -15,6 +20,7 @@ every layout materialises the same full tensors and keeps its own shard of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from typing import Callable
@@ -24,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from meshweave.config import ModelConfig
+from meshweave.config import ModelConfig, MoEConfig
 from meshweave.kernels.attention import attention
+from meshweave.models.moe import MoEFeedForward, MoESettings, is_moe_layer
 
 Tensor = torch.Tensor
 AttentionOp = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
@@ -96,12 +103,13 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, moe: MoESettings | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg)
+        self.mlp: nn.Module = (MoEFeedForward(cfg.dim, moe) if moe is not None and is_moe_layer(layer_idx, moe)
+                               else FeedForward(cfg))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -117,11 +125,11 @@ class Transformer(nn.Module):
     global positions of the tokens they see.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoESettings | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, moe) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers = False
@@ -165,12 +173,16 @@ def init_value(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> Ten
     """The initial fp32 value of parameter ``name`` of full shape ``shape``, on the CPU.
 
     A pure function of (seed, name, shape): any layout that materialises it and keeps its own
-    shard gets the same model. Residual-branch outputs are scaled by 1/sqrt(2 * n_layers).
+    shard gets the same model. Residual-branch outputs are scaled by 1/sqrt(2 * n_layers): in MoE
+    layers the experts' and shared experts' ``down_proj`` (by name, like the dense MLP's) and
+    BigMac's ``ascend``, the routed branch's last projection. With BigMac the routed branch thus
+    ends in two scaled projections; that only shrinks its initial contribution, which the router's
+    gate weights (< 1) shrink anyway, and keeps every residual-writing matrix on one rule.
     """
     if name.endswith("layernorm.weight") or name == "norm.weight":
         return torch.ones(shape)
     std = cfg.init_std
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "ascend.weight")):
         std = std / math.sqrt(2 * cfg.n_layers)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return torch.empty(shape).normal_(0.0, std, generator=gen)
@@ -192,7 +204,16 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else f"model.{name}"
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transformer:
-    """The model on ``device`` without initial values (``meta`` by default); see :func:`init_value`."""
+def moe_settings(cfg: MoEConfig) -> MoESettings | None:
+    """The MoE layers' settings from a ``[moe]`` section; ``None`` for a dense model."""
+    if cfg.num_experts == 0:
+        return None
+    return MoESettings(**dataclasses.asdict(cfg))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta",
+                moe: MoESettings | None = None) -> Transformer:
+    """The model on ``device`` without initial values (``meta`` by default); see :func:`init_value`.
+    With ``moe`` the MoE layers' feed-forwards are mixtures of experts."""
     with torch.device(device):
-        return Transformer(cfg)
+        return Transformer(cfg, moe)

@@ -29,7 +29,11 @@ Invariants:
 - capacity (``capacity_factor > 0``) drops by position: per expert, assignments are admitted in
   flattened token order (``[b*s]``, a token's k choices together) until ``capacity`` is reached;
 - the aux-loss-free balancing bias (``gate.e_score_correction_bias``) is a buffer, so it is
-  checkpointed; it changes which experts are selected, never the gate weights.
+  checkpointed; it changes which experts are selected, never the gate weights;
+- with ``aux_loss_scale`` set (the trainer does, :func:`set_aux_loss_scale`), a training forward
+  adds ``scale * (aux + z)`` to the gradient where the layer runs (Megatron's aux-loss
+  auto-scaler): the loss value stays the language-model loss, and a pipeline stage without the
+  head still back-propagates its own layers' aux losses.
 
 Names follow Hugging Face DeepSeek-V3 / Qwen-MoE (``mlp.gate.weight``, ``mlp.experts.*``,
 ``mlp.shared_experts.*``), with the per-expert weights stacked; ``*.down_proj.weight`` end the
@@ -299,6 +303,7 @@ class MoEFeedForward(nn.Module):
         self.descend = nn.Linear(dim, width, bias=False) if settings.low_dim else None
         self.ascend = nn.Linear(width, dim, bias=False) if settings.low_dim else None
         self.dispatch_op: DispatchOp = local_dispatch
+        self.aux_loss_scale: float | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -312,7 +317,25 @@ class MoEFeedForward(nn.Module):
             routed = self.ascend(routed)
         if side is not None:
             routed = routed + side
-        return routed.view(shape)
+        out = routed.view(shape)
+        if self.aux_loss_scale is not None and torch.is_grad_enabled():
+            out = _AuxLossGrad.apply(out, self.gate.last_aux + self.gate.last_z, self.aux_loss_scale)
+        return out
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on ``out``; its backward also sends gradient ``scale`` into ``aux``, so training
+    minimises ``scale * aux`` beside whatever loss ``out`` feeds, without adding it to that loss."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, aux: Tensor, scale: float) -> Tensor:
+        ctx.scale, ctx.aux_like = scale, (aux.shape, aux.dtype, aux.device)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shape, dtype, device = ctx.aux_like
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +355,16 @@ def aux_loss(model: nn.Module) -> Tensor:
     """
     terms = [t for m in moe_layers(model) for t in (m.gate.last_aux, m.gate.last_z) if t is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float | None) -> None:
+    """Have every MoE layer add ``scale * (aux + z)`` of each training forward to the gradient.
+
+    For a step that sums gradients over ``n`` data-parallel (x cp) ranks and ``m`` micro-batches
+    per rank, ``scale = 1 / (n m)`` trains on the mean aux loss of all micro-batches. ``None``
+    turns it off (then add :func:`aux_loss` to the loss yourself)."""
+    for m in moe_layers(model):
+        m.aux_loss_scale = scale
 
 
 def moe_metrics(model: nn.Module) -> dict[str, dict]:

@@ -4,6 +4,14 @@ Dims, slowest to fastest: ``pp, dp_replicate, dp_shard, cp, tp`` (TP innermost s
 node). Every dim is present in the mesh, also at size 1, so code can always ask for ``mesh["tp"]``.
 The flattened ``dp`` (``dp_replicate x dp_shard``) is what the loader and loss normalisation use.
 
+Expert parallelism borrows its ranks from ``dp_shard x cp`` (the FSDP dim): with ``ep > 1`` that
+dim is unflattened into ``("ep", "edp")``, ``ep`` outer. An ``ep`` group holds the E experts
+between its members (E/ep each); an ``edp`` group (expert data parallel) is the dp_shard*cp/ep
+ranks holding the same experts, which FSDP-shard them further. Because ``ep`` is the outer
+factor, rank ``i`` of the FSDP dim holds slice ``i`` of every stacked expert tensor, exactly
+the slice plain FSDP would give it: expert weights stay dim-0 shards of the FSDP mesh
+(parallel/expert.py relies on this; validation requires dp_shard*cp to divide num_experts).
+
 :func:`resolve_degrees` checks the degrees against the world size and the model before any process
 group exists (config validation calls it); it imports no torch so a bad layout fails in
 milliseconds with a message that names the fix.
@@ -14,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meshweave.config import Config, ModelConfig, divisors, require
+from meshweave.config import Config, ConfigError, ModelConfig, divisors, require
 from meshweave.parallel.stages import check_pipeline
 
 if TYPE_CHECKING:
@@ -23,7 +31,6 @@ if TYPE_CHECKING:
     from meshweave.comm.ops import CommGroup
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-NOT_YET = {"ep": "expert"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class ParallelDims:
     dp_shard: int
     cp: int
     tp: int
+    ep: int = 1  # borrowed from dp_shard x cp: not a factor of the world size
 
     @property
     def world_size(self) -> int:
@@ -52,8 +60,14 @@ class ParallelDims:
         """The dim FSDP shards parameters over (dp_shard, joined by cp when cp > 1)."""
         return "dp_shard_cp" if self.cp > 1 else "dp_shard"
 
+    @property
+    def expert_dp(self) -> int:
+        """Ranks of the FSDP dim holding the same experts (``dp_shard * cp / ep``)."""
+        return self.dp_shard * self.cp // self.ep
+
     def build_mesh(self, device_type: str) -> "ParallelMesh":
-        """The job's DeviceMesh with every named dim plus the flattened ``dp`` (collective)."""
+        """The job's DeviceMesh with every named dim plus the flattened ``dp`` (and ``dp_cp``,
+        ``dp_shard_cp`` with cp > 1; ``ep``, ``edp`` with ep > 1). Collective."""
         from torch.distributed.device_mesh import init_device_mesh
 
         from meshweave.comm.ops import register_group
@@ -65,6 +79,11 @@ class ParallelDims:
             # they are data-parallel ranks too, and FSDP shards over dp_shard x cp.
             flattened["dp_cp"] = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
             flattened["dp_shard_cp"] = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if self.ep > 1:
+            shard = flattened["dp_shard_cp"] if self.cp > 1 else root["dp_shard"]
+            experts = shard._unflatten(0, (self.ep, self.expert_dp), ("ep", "edp"))
+            # first, so that FSDP's traffic keeps its dim's name when ep (or edp) spans it all
+            flattened = {"ep": experts["ep"], "edp": experts["edp"], **flattened}
         mesh = ParallelMesh(root, flattened)
         # Flattened first: where torch reuses one group for two names, the named dim wins.
         for name in (*mesh.flattened, *MESH_DIMS):
@@ -144,10 +163,7 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     for key in ("dp_replicate", "tp", "cp", "pp", "ep"):
         require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (fill)")
-    for key, what in NOT_YET.items():
-        require(getattr(p, key) == 1, f"parallel.{key}",
-                f"{getattr(p, key)} asks for {what} parallelism, which this build does not have yet "
-                f"(it has dp_replicate, dp_shard, tp, cp, pp); set parallel.{key}=1")
+    _check_moe(cfg)
     _check_context_parallel(cfg)
 
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -183,4 +199,47 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     require(p.mixed_precision == "none" or p.dp_shard > 1, "parallel.mixed_precision",
             f"{p.mixed_precision} parameters need FSDP (parallel.dp_shard > 1); "
             "for autocast without FSDP use train.dtype=bf16")
-    return ParallelDims(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
+    _check_expert_parallel(cfg)
+    return ParallelDims(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
+
+
+def _check_moe(cfg: Config) -> None:
+    """The ``[moe]`` section, through MoESettings.validate (imports torch only for MoE models)."""
+    moe = cfg.moe
+    require(moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {moe.num_experts}")
+    if moe.num_experts == 0:
+        return
+    from meshweave.models.llama import moe_settings
+
+    try:
+        moe_settings(moe).validate(cfg.model.dim)
+    except ValueError as e:  # "MoESettings.<field>=<value> must ..." -> "moe.<field>: ..."
+        field, _, rest = str(e).removeprefix("MoESettings.").partition("=")
+        raise ConfigError(f"moe.{field}: {field}={rest}") from None
+
+
+def _check_expert_parallel(cfg: Config) -> None:
+    """ep divides the experts and the FSDP dim, and the FSDP dim divides the experts."""
+    p, experts = cfg.parallel, cfg.moe.num_experts
+    if p.ep == 1:
+        return
+    require(experts > 0, "parallel.ep",
+            f"{p.ep} asks for expert parallelism but the model has no MoE layers "
+            "(set moe.num_experts > 0, or parallel.ep=1)")
+    require(experts % p.ep == 0, "parallel.ep",
+            f"ep={p.ep} does not divide moe.num_experts={experts} (choose ep in {divisors(experts)})")
+    shard = p.dp_shard * p.cp
+    require(shard % p.ep == 0, "parallel.ep",
+            f"ep={p.ep} does not divide dp_shard*cp={shard}: expert parallelism borrows its ranks from "
+            f"dp_shard x cp (choose ep in {divisors(shard)})")
+    require(p.dp_shard > 1, "parallel.ep",
+            f"ep={p.ep} needs FSDP (parallel.dp_shard > 1): expert weights are kept as FSDP shards "
+            "beside the dense ones")
+    require(p.pp == 1 or p.pp_schedule not in ("interleaved_zb", "zbv"), "parallel.pp_schedule",
+            f"{p.pp_schedule} with ep={p.ep} is not verified: zero-bubble schedules split backward into "
+            "input- and weight-gradient passes around the experts' all-to-alls (use gpipe, 1f1b or "
+            "interleaved_1f1b, or ep=1)")
+    require(experts % shard == 0, "parallel.ep",
+            f"ep={p.ep}: each rank stores 1/(dp_shard*cp) of every expert tensor (its ep block, "
+            f"FSDP-sharded over the {shard // p.ep} ranks holding the same experts), so dp_shard*cp={shard} "
+            f"must divide moe.num_experts={experts} (use fewer dp_shard x cp ranks, or more experts)")

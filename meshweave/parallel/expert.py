@@ -28,26 +28,60 @@ expert) block by ``capacity`` rows and the exchange stays variable-size (no padd
 is the same path with nothing removed. All members of the EP group must run the same MoE layers
 in the same order (forward and backward): each dispatch is a sequence of collectives.
 
-Initialisation of sharded experts: parameters keep their names and only dim 0 shrinks, so build
-the full-shape value (``init_value(name, full_shape, ...)``) and copy its dim-0 slice —
-:func:`expert_param_slices` gives both for every sharded parameter.
+Initialisation of sharded experts (:func:`bind` alone): parameters keep their names and only
+dim 0 shrinks, so build the full-shape value (``init_value(name, full_shape, ...)``) and copy its
+dim-0 slice — :func:`expert_param_slices` gives both for every sharded parameter. (The trainer's
+expert shards are DTensors of the full shape, which ``materialize`` initialises like any other.)
 
 Gradients of expert parameters already sum the contributions of all tokens of the EP group
 (they arrive through the reverse all-to-all). Data-parallel reduction of expert parameters must
 therefore run over the ranks holding the *same* experts (dp / ep of them) while keeping the
 dense normalisation (divide by the full data-parallel token count, not by dp / ep).
+
+In the trainer (:func:`shard_expert_weights`), EP borrows from the FSDP dim ``dp_shard x cp``
+(N ranks), unflattened ``("ep", "edp")`` with ``ep`` outer (parallel/dims.py). Expert weights are
+stored like FSDP stores every other weight — a ``DTensor`` ``Shard(0)`` over the FSDP mesh (plus
+``Replicate`` over dp_replicate for HSDP and over tp) — and FSDP itself is told to ignore them:
+
+- storage: FSDP rank ``i`` holds rows ``[i E/N, (i+1) E/N)``; with ``ep`` outer these are the
+  ``edp``-th slice of its EP block, so a layout with ep > 1 stores exactly what ep = 1 stores
+  (checkpoints, optimizer state, init and the grad-norm need no EP case, and they reshard freely);
+- forward: the layer all-gathers its EP block over ``edp`` (the ranks holding the same experts;
+  in the compute dtype, like FSDP's ``param_dtype``) and the dispatch exchanges tokens over ``ep``;
+- backward: the block's gradient (already summed over the EP group's tokens) is reduce-scattered
+  over ``edp`` in the parameter dtype and all-reduced over dp_replicate — a SUM over every
+  data-parallel rank exactly once, as FSDP sums the dense gradients, so the trainer's
+  global-token normalisation holds for experts too.
+
+Why not let FSDP2 shard the experts over ``edp``: their shards would live on an ``(edp, ep)``
+mesh and every other weight's on the flat FSDP mesh; the trainer's one ``clip_grad_norm_`` cannot
+stack norms of DTensors on different meshes, and checkpoints would carry the EP layout.
+
+The MoE layer computes on plain tensors: :class:`LocalCompute` swaps its DTensor parameters for
+local tensors (the gathered block, or ``to_local()`` of a tp-replicated weight) for the
+duration of each forward, activation-checkpoint recomputation included.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement
 
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup, Handle
-from meshweave.models.moe import Experts, MoEFeedForward, combine, moe_layers, sort_by_expert
+from meshweave.models.moe import (
+    Experts,
+    MoEFeedForward,
+    combine,
+    moe_layers,
+    moe_metrics,
+    sort_by_expert,
+    update_balance_bias,
+)
 
 Tensor = torch.Tensor
 
@@ -139,7 +173,7 @@ class ExpertParallel:
         out_rows = experts(received[regroup], recv_counts.sum(0).tolist())
         back = out_rows[torch.argsort(regroup)]
         returned = _AllToAll.apply(back, g, send_splits, recv_splits, None)
-        self.last_splits = (send_splits, recv_splits)
+        self.last_splits = experts.last_splits = (send_splits, recv_splits)  # binder-wide, per layer
         return combine(returned, order, weights, tokens.shape[0]), side
 
 
@@ -169,3 +203,125 @@ def expert_param_slices(model: nn.Module) -> dict[str, tuple[torch.Size, slice]]
                 full = torch.Size((m.num_experts, *p.shape[1:]))
                 out[f"{prefix}.{name}" if prefix else name] = (full, slice(m.offset, m.offset + m.num_local))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# expert weights in the trainer: FSDP-shaped shards, gathered per layer over edp
+
+
+class LocalCompute:
+    """Runs one MoE layer on plain tensors while its registered parameters stay DTensors.
+
+    Before each forward every DTensor parameter of the layer is replaced by a local tensor —
+    ``gathers[id(module)](param)`` for the expert weights, else ``param.to_local()`` (a
+    replicated weight) — and the DTensors are put back after it. Both are differentiable, so
+    gradients arrive in the DTensor parameters' ``.grad`` with their placements.
+    """
+
+    def __init__(self, moe: MoEFeedForward) -> None:
+        self.entries = [(sub, name) for sub in moe.modules() for name in sub._parameters]
+        self.gathers: dict[int, Callable[[DTensor], torch.Tensor]] = {}
+        self._saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+        moe.register_forward_pre_hook(self._enter)
+        moe.register_forward_hook(self._exit, always_call=True)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        for sub, name in self.entries:
+            p = sub._parameters[name]
+            if isinstance(p, DTensor):
+                self._saved.append((sub, name, p))
+                # a plain tensor in _parameters: what FSDP does too, minus the Parameter wrapper
+                # (which would cut the autograd edge back to the DTensor)
+                sub._parameters[name] = self.gathers.get(id(sub), _to_local)(p)
+
+    def _exit(self, module: nn.Module, args: tuple, out: object) -> None:
+        while self._saved:
+            sub, name, p = self._saved.pop()
+            sub._parameters[name] = p
+
+
+def _to_local(p: DTensor) -> torch.Tensor:
+    return p.to_local()
+
+
+def local_compute(moe: MoEFeedForward) -> LocalCompute:
+    """The layer's :class:`LocalCompute`, installed on first use (tensor and expert parallelism
+    both need it; one set of hooks serves both)."""
+    if not hasattr(moe, "_local_compute"):
+        moe._local_compute = LocalCompute(moe)
+    return moe._local_compute
+
+
+class _GatherBlock(torch.autograd.Function):
+    """This rank's slice -> its EP block: all-gather over ``edp`` in ``dtype``. Backward:
+    reduce-scatter over ``edp`` in the slice's dtype, then all-reduce over ``replicate``."""
+
+    @staticmethod
+    def forward(ctx, piece: torch.Tensor, edp: CommGroup, replicate: CommGroup | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.edp, ctx.replicate, ctx.dtype = edp, replicate, piece.dtype
+        src = piece.to(dtype).contiguous()
+        block = src.new_empty((edp.size * src.shape[0], *src.shape[1:]))
+        ops.all_gather_into(block, src, edp)
+        return block
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        full = grad.to(ctx.dtype).contiguous()
+        piece = full.new_empty((full.shape[0] // ctx.edp.size, *full.shape[1:]))
+        ops.reduce_scatter_into(piece, full, ctx.edp)
+        if ctx.replicate is not None:
+            ops.all_reduce(piece, ctx.replicate)
+        return piece, None, None, None
+
+
+def shard_expert_weights(model: nn.Module, mesh: DeviceMesh, placements: Sequence[Placement], edp: CommGroup,
+                         replicate: CommGroup | None, compute_dtype: torch.dtype | None) -> list[nn.Parameter]:
+    """Turn the expert blocks left by :func:`bind` into dim-0 shards of the full tensors on the
+    FSDP ``mesh`` (``placements``: ``Shard(0)`` on the FSDP dim, ``Replicate`` elsewhere); call
+    on the meta model. Returns the parameters, which FSDP must ignore.
+
+    ``mesh`` must be the mesh FSDP gives the other parameters (so one grad-norm covers all), and
+    its FSDP dim must be ``("ep", "edp")`` flattened with ``ep`` outer, so that slice ``edp.rank``
+    of this rank's block is slice ``i`` of the full tensor for FSDP rank ``i``.
+    """
+    params = []
+    for moe in moe_layers(model):
+        experts, gathers = moe.experts, local_compute(moe).gathers
+        slice_rows = experts.num_local // edp.size
+        for sub in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            w = sub.weight
+            full = torch.Size((experts.num_experts, *w.shape[1:]))
+            piece = torch.empty((slice_rows, *w.shape[1:]), dtype=w.dtype, device="meta")
+            sub.weight = nn.Parameter(DTensor.from_local(piece, mesh, placements, shape=full,
+                                                         stride=torch.empty(full, device="meta").stride()),
+                                      requires_grad=w.requires_grad)
+            dtype = compute_dtype or w.dtype
+            gathers[id(sub)] = lambda p, dtype=dtype: _GatherBlock.apply(p.to_local(), edp, replicate, dtype)
+            params.append(sub.weight)
+    return params
+
+
+def expert_metrics(model: nn.Module) -> dict[str, dict]:
+    """:func:`~meshweave.models.moe.moe_metrics` plus, per expert-parallel layer, the rows its
+    newest dispatch sent to (``ep_rows_sent``) and received from (``ep_rows_received``) each EP
+    rank: with the ledger's ``ep/all_to_all`` bytes they give the bytes per dispatched row."""
+    out = moe_metrics(model)
+    for name, m in model.named_modules():
+        splits = getattr(m.experts, "last_splits", None) if isinstance(m, MoEFeedForward) else None
+        if splits is not None and name in out:
+            out[name]["ep_rows_sent"], out[name]["ep_rows_received"] = splits
+    return out
+
+
+def balance_experts(model: nn.Module, group: CommGroup) -> None:
+    """Aux-loss-free balancing after an optimizer step: :func:`update_balance_bias` with the
+    routers' loads summed over ``group`` (every rank routing different tokens: dp x cp), so all
+    ranks move their biases alike. Collective over ``group`` when the model balances by bias."""
+    def summed(load: torch.Tensor) -> torch.Tensor:
+        ops.all_reduce(load, group)
+        return load
+
+    update_balance_bias(model, summed)
+    for moe in moe_layers(model):  # the counters are read only for balancing: keep them per step
+        moe.gate.load_since_update = None

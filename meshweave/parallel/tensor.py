@@ -11,6 +11,13 @@ Per decoder layer (Megatron-style, the sequence-parallel variant):
   shards), and the head is column-parallel over the vocabulary with logits left sharded, so the
   cross entropy runs under :func:`loss_context` without gathering full-vocab logits on any rank.
 
+MoE layers keep attention tensor-parallel and run the MoE block replicated over tp: its input
+is all-gathered to the full sequence, every tp rank routes and computes the same tokens (their
+expert-parallel peers are the ranks with the same tp index) and keeps its sequence shard of the
+output. Its weights are ``Replicate`` DTensors (so FSDP and the grad-norm see one mesh for every
+parameter) that the block reads as local tensors (parallel/expert.py ``LocalCompute``); their
+gradients are identical on every tp rank, so ``Replicate`` is exact and nothing reduces over tp.
+
 The model code is unchanged: attention reshapes with ``-1`` heads and reads the full sequence
 length from the replicated input. Divisibility is checked by config validation.
 """
@@ -19,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
@@ -31,6 +40,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from meshweave.models.llama import Transformer
+from meshweave.models.moe import MoEFeedForward
+from meshweave.parallel.expert import local_compute
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -45,7 +56,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
                                                use_local_output=False)
     parallelize_module(model, tp_mesh, root_plan)
     for layer in model.layers.values():
-        parallelize_module(layer, tp_mesh, {
+        plan = {
             "input_layernorm": SequenceParallel(),
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),
                                             desired_input_layouts=(Replicate(), None, None)),
@@ -54,13 +65,34 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
             "post_attention_layernorm": SequenceParallel(),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        }
+        if isinstance(layer.mlp, MoEFeedForward):
+            plan["mlp"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+            _replicate_parameters(layer.mlp, tp_mesh)
+        else:
+            plan.update({
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel(),
+                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+            })
+        parallelize_module(layer, tp_mesh, plan)
     if model.cfg.tie_embeddings:
         model.tie_weights()
+
+
+def _replicate_parameters(moe: MoEFeedForward, tp_mesh: DeviceMesh) -> None:
+    """Make ``moe``'s weights ``Replicate`` DTensors over tp (no communication: every rank
+    initialises them from the same values) and have the block compute on their local tensors."""
+    for sub in moe.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:  # bias=False
+                continue
+            replicated = DTensor.from_local(p.detach(), tp_mesh, [Replicate()], run_check=False)
+            sub.register_parameter(name, nn.Parameter(replicated, requires_grad=p.requires_grad))
+    local_compute(moe)
 
 
 def loss_context(tp_enabled: bool) -> contextlib.AbstractContextManager:
