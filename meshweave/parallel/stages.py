@@ -122,7 +122,8 @@ def check_pipeline(cfg: Config, per_rank_batch: int) -> None:
             f"with pp > 1 the pipeline cuts the per-rank batch of {per_rank_batch} into parallel.pp_microbatches="
             f"{mb} microbatches of {per_rank_batch // mb}; set train.micro_batch to that or leave it 0")
     require(p.pp_schedule not in ("interleaved_zb", "zbv") or p.dp_shard == 1, "parallel.pp_schedule",
-            f"{p.pp_schedule} splits backward into input and weight gradients, and FSDP (dp_shard={p.dp_shard}) "
+            f"the zero-bubble schedule {p.pp_schedule} splits backward into input and weight gradients, and "
+            f"FSDP (dp_shard={p.dp_shard}) "
             "reduce-scatters before the weight half has run (losses drift by ~1e-3); use interleaved_1f1b "
             "with dp_shard > 1, or dp_replicate for data parallelism")
     require(p.pp_schedule != "zbv" or not cfg.train.eval_interval, "train.eval_interval",
