@@ -1,0 +1,684 @@
+"""Training over slow links: bytes on the wire, final eval loss and wall-clock of AdamW data parallel,
+1-bit Adam, DiLoCo and Streaming DiLoCo (fp32 and 4-bit), on the same token budget.
+
+Every run trains configs/tiny.toml's model (~0.82M parameters: dim 128, 4 layers, byte vocabulary)
+on the embedded corpus through the real CLI (``python -m meshweave run --nproc 2``): two processes,
+``--parallel.dp_replicate=2 --parallel.dp_shard=1`` -- two replicas of one process each -- global
+batch 16 x seq 128, lr 3e-3 with 20 warm-up steps and cosine decay to 3e-4, the same number of steps
+(hence tokens) and the same seeds for every method. The methods differ only in their flags:
+
+- ``adamw``: data parallel, gradients all-reduced (fp32) every step;
+- ``onebit``: ``--optim.name=onebit_adam --optim.freeze_step=F``: AdamW + all-reduce for F steps
+  (default 30% of the run), then local momentum averaged by the 1-bit compressed all-reduce
+  (meshweave/comm/onebit.py);
+- ``diloco``: vanilla DiLoCo, ``--comm.diloco.enabled=true`` with ``fragments=1, delay=0,
+  alpha=0``: replicas take H inner AdamW steps (default 20) on their half of the batch, then one
+  fp32 all-reduce of the outer gradient and an outer SGD step (Nesterov when momentum > 0);
+- ``streaming``: Streaming DiLoCo, P strided fragments synced in turn H/P steps apart, each outer
+  gradient sent tau steps before it is applied, fp32 on the wire;
+- ``streaming-<fp4|int4>``: the same with 4-bit outer gradients (fp32 accumulation).
+
+Table 1 (loopback, 3 seeds) reads metrics.jsonl, where every step is logged (``--log.interval=1``):
+
+- ``replica MB``: the sum over steps of the ledger's ``comm_bytes`` keys starting with
+  ``dp_replicate/`` -- what one rank sent to the other replica (meshweave/comm/ops.py books the
+  bytes one rank puts on the wire: an fp32 all-reduce of B bytes over 2 ranks books B);
+  ``all MB``: ``comm_bytes_total`` at the last step (also the per-step scalar all-reduces of the
+  loss and token count, which cross between the replicas too: with dp_shard=1 every byte does);
+- ``x fewer``: AdamW's replica bytes / the method's; ``peak KB/step``: the most any single step
+  sent between replicas (for DiLoCo the step that launches a sync; 1-bit Adam's is a warm-up step);
+  ``median KB/step``: the steady rate (bench/_common.steady_comm_bytes);
+- ``eval loss``: the held-out loss at the last step (DiLoCo: on the global weights, as meshweave
+  evaluates), mean over seeds, min-max and std; ``gap``: mean over seeds of the per-seed relative
+  gap to AdamW with the same seed (same data order and init), and the worst seed;
+- ``wall s``: the whole CLI run, start-up (~10 s of torchrun and imports) and evals included
+  (median over seeds); ``train tok/s``: global tokens / the sum of rank 0's ``step_time_s``.
+
+Table 2 checks the issue's targets from those numbers. Table 3 repeats one seed of every method
+with each rank in a network namespace of its own (bench/_netns.ShapedNetwork: veths on a bridge,
+``tc tbf rate <--mbit>mbit`` on each rank's egress) and gloo on that veth (``GLOO_SOCKET_IFNAME``),
+launched as RECIPES.md does: ``torchrun --nnodes 2 --nproc-per-node 1 -m meshweave train`` inside
+each namespace. It needs root (skipped with the reason otherwise). Training is deterministic, so
+the shaped run must reproduce the loopback losses of the same seed exactly; the table says whether
+it did. ``slowdown`` = shaped train time / loopback train time of that seed.
+
+How to read it: bytes and losses are exact and machine-independent; times are from 2 shared cores
+(other jobs run too), so compare rows within a table, never absolute speeds. On loopback the link
+is nearly free and DiLoCo's saving is invisible; on the shaped link AdamW pays ~3.3 MB per step.
+A seed's eval loss is over 10 global batches (160 sequences, ~20k tokens) of the corpus's held-out
+documents; which 160 depends on the seed, never on the method. Plot: bench/results/lowcomm.png, eval
+loss (seed mean) against cumulative ``comm_bytes_total`` (log x), and against training time on the
+shaped link when it ran (DiLoCo's eval points before its first sync show the initial weights: the
+global weights have not moved yet).
+
+Defaults and why (``--sweep`` reruns the one-seed grid they come from, bench/results/lowcomm_sweep.md):
+DiLoCo's published outer lr 0.7 with Nesterov 0.9 (tuned for H = 100-500 and long runs) is the worst
+setting here; plain averaging (outer lr 1, momentum 0) is the best, so it is the default. 1-bit
+Adam's freeze_step needs ~25-30% of a 200-step run: at 15% its loss ends ~10% above AdamW's.
+
+    .venv/bin/python bench/lowcomm.py             # ~12-20 min on 2 shared cores, shaped link as root
+    .venv/bin/python bench/lowcomm.py --quick     # ~1.5-3 min: 1 seed, 60 steps, no shaped link
+    .venv/bin/python bench/lowcomm.py --sweep     # ~7-13 min: the tuning grid, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import QUIET_RUN, ROOT, Report, _pythonpath, fmt_ratio, md_table, read_metrics, start_cli, steady_comm_bytes  # noqa: E402
+
+GLOBAL_BATCH = 16
+SEQ_LEN = 128
+REPLICA_PREFIX = "dp_replicate/"
+ISSUE_ONEBIT_GAP = 0.02      # 1-bit Adam: final eval loss within 2% of AdamW
+ISSUE_STREAMING_GAP = 0.05   # Streaming DiLoCo: within 5% of data parallel
+ISSUE_FEWER = 100            # Streaming DiLoCo: >= 100x fewer bytes than data-parallel AdamW
+RUN_TIMEOUT_S = 900
+EVAL_BATCHES = 10            # global batches of held-out text per eval: 160 sequences, ~20k tokens
+
+
+# ================================================================================================
+# what runs
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the tables: a name, a description for the caption, and its CLI flags."""
+
+    name: str
+    label: str
+    flags: tuple[str, ...]
+    fragments: int = 1
+    quantize: str = "none"
+
+
+def base_flags(steps: int, seed: int, eval_interval: int) -> list[str]:
+    """Flags every run shares: tiny.toml's model, 2 replicas, the token budget, every step logged."""
+    return ["--config=configs/tiny.toml", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+            f"--train.steps={steps}", f"--train.global_batch={GLOBAL_BATCH}", f"--train.seq_len={SEQ_LEN}",
+            f"--train.seed={seed}", f"--train.eval_interval={eval_interval}", f"--train.eval_batches={EVAL_BATCHES}",
+            "--log.interval=1", "--checkpoint.interval=0"]
+
+
+def methods(args: argparse.Namespace) -> list[Method]:
+    """The five methods with this invocation's hyper-parameters, filtered by ``--methods``."""
+    h, p, tau = args.inner_steps, args.fragments, args.delay
+    outer = (f"--comm.diloco.outer_lr={args.outer_lr:g}", f"--comm.diloco.outer_momentum={args.outer_momentum:g}")
+    diloco = ("--comm.diloco.enabled=true", f"--comm.diloco.inner_steps={h}", *outer)
+    streaming = (*diloco, f"--comm.diloco.fragments={p}", f"--comm.diloco.delay={tau}", "--comm.diloco.alpha=0")
+    every = [
+        Method("adamw", "AdamW, data parallel (fp32 gradient all-reduce every step)", ()),
+        Method("onebit", f"1-bit Adam, freeze_step={args.freeze_step}",
+               ("--optim.name=onebit_adam", f"--optim.freeze_step={args.freeze_step}")),
+        Method("diloco", f"DiLoCo H={h}, P=1, tau=0, alpha=0, fp32",
+               (*diloco, "--comm.diloco.fragments=1", "--comm.diloco.delay=0", "--comm.diloco.alpha=0",
+                "--comm.diloco.quantize=none")),
+        Method("streaming", f"Streaming DiLoCo H={h}, P={p}, tau={tau}, alpha=0, fp32",
+               (*streaming, "--comm.diloco.quantize=none"), fragments=p),
+        Method(f"streaming-{args.quantize}", f"Streaming DiLoCo H={h}, P={p}, tau={tau}, alpha=0, {args.quantize}",
+               (*streaming, f"--comm.diloco.quantize={args.quantize}"), fragments=p, quantize=args.quantize),
+    ]
+    wanted = [w.strip() for w in args.methods.split(",")] if args.methods else None
+    if wanted:
+        every = [m for m in every if m.name in wanted or m.name.split("-")[0] in wanted]
+    return every
+
+
+# ================================================================================================
+# running the CLI
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first-level, then theirs), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """Kill a run this bench started and the torchrun / worker processes it started."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_loopback(out: Path, flags: Sequence[str]) -> dict[str, Any]:
+    """One CLI run on loopback; returns its summary (see :func:`summarise`) or ``{"error": ...}``."""
+    started = time.perf_counter()
+    proc = start_cli(out, 2, flags)
+    try:
+        code = proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop_tree(proc)
+        code = f"timeout after {RUN_TIMEOUT_S} s"
+    wall = time.perf_counter() - started
+    return summarise(out, code, wall)
+
+
+def run_shaped(out: Path, flags: Sequence[str], net: Any, port: int) -> dict[str, Any]:
+    """One run with rank i in namespace ``net.ns[i]``: ``torchrun --nnodes 2 --node-rank i
+    --nproc-per-node 1 -m meshweave train`` per namespace, gloo on the shaped veth."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs, logs = [], []
+    started = time.perf_counter()
+    for rank in range(2):
+        cmd = ["ip", "netns", "exec", net.ns[rank], sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               f"--node-rank={rank}", "--nproc-per-node=1", f"--master-addr={net.addr[0]}", f"--master-port={port}",
+               "-m", "meshweave", "train", f"--out={out}", *QUIET_RUN, *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath(), "GLOO_SOCKET_IFNAME": net.dev[rank]}
+        log = open(out / f"node{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, cwd=ROOT))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    code: int | str = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                code = f"a node exited with {[p.poll() for p in procs]}"
+                break
+            if time.monotonic() > deadline:
+                code = f"timeout after {RUN_TIMEOUT_S} s"
+                break
+            time.sleep(0.2)
+        else:
+            code = max(p.returncode for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _stop_tree(p)
+        for log in logs:
+            log.close()
+    return summarise(out, code, time.perf_counter() - started)
+
+
+def replica_bytes(record: dict) -> int:
+    """Bytes this step sent between the replicas (the ledger's dp_replicate dim)."""
+    return sum(v for k, v in record.get("comm_bytes", {}).items() if k.startswith(REPLICA_PREFIX))
+
+
+def summarise(out: Path, code: int | str, wall: float) -> dict[str, Any]:
+    """What the tables need from one run directory's metrics.jsonl."""
+    records = read_metrics(out)
+    if code != 0 or not records:
+        tail = ""
+        for name in ("stderr.log", "node0.log", "node1.log"):
+            if (out / name).exists():
+                lines = [ln for ln in (out / name).read_text().splitlines() if ln.strip()]
+                tail += f" [{name}: {' | '.join(lines[-3:])[-400:]}]"
+        return {"error": f"exit {code}{tail}", "wall_s": wall}
+    per_step = [replica_bytes(r) for r in records]
+    cumulative, total = [], 0
+    for b in per_step:
+        total += b
+        cumulative.append(total)
+    steady = steady_comm_bytes(records)
+    train_s = sum(r["step_time_s"] for r in records)
+    tokens = records[-1]["tokens"]
+    evals = [(r["step"], r["comm_bytes_total"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    return {
+        "steps_logged": len(records),
+        "final_step": records[-1]["step"],
+        "replica_bytes": total,
+        "all_bytes": records[-1]["comm_bytes_total"],
+        "peak_step_bytes": max(per_step),
+        "peak_step": per_step.index(max(per_step)) + 1,
+        "median_step_bytes": sum(v for k, v in steady.items() if k.startswith(REPLICA_PREFIX)),
+        "sync_steps": [r["step"] for r, b in zip(records, per_step) if b and r.get("replicas_apart", True)
+                       and "diloco_failed_syncs" in r],
+        "failed_syncs": records[-1].get("diloco_failed_syncs", 0),
+        "final_eval_loss": evals[-1][2] if evals else None,
+        "evals": evals,
+        "loss": [r["loss"] for r in records],
+        "comm_bytes_total": [r["comm_bytes_total"] for r in records],
+        "step_time_s": [r["step_time_s"] for r in records],
+        "replica_comm_s": sum(v for r in records for k, v in r.get("comm_seconds", {}).items()
+                              if k.startswith(REPLICA_PREFIX)),
+        "train_s": train_s,
+        "tokens": tokens,
+        "train_tok_s": tokens / train_s if train_s else None,
+        "wall_s": wall,
+        "wall_tok_s": tokens / wall,
+        "skipped_steps": records[-1].get("skipped_steps", 0),
+    }
+
+
+# ================================================================================================
+# tables
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e6:,.2f}"
+
+
+def _kb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e3:,.1f}"
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "error" not in r]
+
+
+def gaps(results: dict[str, dict[int, dict]], name: str) -> list[float]:
+    """Per-seed relative eval-loss gap of ``name`` to AdamW with the same seed (seeds both have)."""
+    base, mine = results.get("adamw", {}), results.get(name, {})
+    return [mine[s]["final_eval_loss"] / base[s]["final_eval_loss"] - 1 for s in sorted(mine)
+            if s in base and "error" not in mine[s] and "error" not in base[s]
+            and mine[s]["final_eval_loss"] is not None and base[s]["final_eval_loss"] is not None]
+
+
+def main_table(ms: list[Method], results: dict[str, dict[int, dict]]) -> str:
+    """Table 1: bytes, peak, ratio to AdamW, eval loss over seeds, wall-clock (loopback)."""
+    adamw = _ok(list(results.get("adamw", {}).values()))
+    base_bytes = adamw[0]["replica_bytes"] if adamw else None
+    rows = []
+    for m in ms:
+        runs = _ok(list(results.get(m.name, {}).values()))
+        errors = [f"seed {s}: {r['error']}" for s, r in results.get(m.name, {}).items() if "error" in r]
+        if not runs:
+            rows.append([m.name, "failed: " + "; ".join(errors)] + [""] * 10)
+            continue
+        r0 = runs[0]  # bytes do not depend on the seed (checked below)
+        losses = [r["final_eval_loss"] for r in runs if r["final_eval_loss"] is not None]
+        g = gaps(results, m.name)
+        rows.append([
+            m.name, _mb(r0["replica_bytes"]), _mb(r0["all_bytes"]),
+            "1" if m.name == "adamw" else (f"{base_bytes / r0['replica_bytes']:,.1f}" if base_bytes and r0["replica_bytes"] else "-"),
+            _kb(r0["peak_step_bytes"]), _kb(r0["median_step_bytes"]),
+            f"{statistics.mean(losses):.4f}" if losses else "-",
+            f"{min(losses):.4f}-{max(losses):.4f}" if len(losses) > 1 else "-",
+            f"{statistics.stdev(losses):.4f}" if len(losses) > 1 else "-",
+            "-" if m.name == "adamw" or not g else f"{100 * statistics.mean(g):+.2f}% (worst {100 * max(g):+.2f}%)",
+            f"{statistics.median(r['wall_s'] for r in runs):.0f}",
+            f"{statistics.median(r['train_tok_s'] for r in runs):,.0f}",
+        ])
+        if errors:
+            rows[-1][0] += f" ({len(errors)} failed: {'; '.join(errors)})"
+    return md_table(["method", "replica MB", "all MB", "x fewer", "peak KB/step", "median KB/step",
+                     "eval loss (mean)", "min-max", "std", "gap to AdamW (mean over seeds)", "wall s",
+                     "train tok/s"], rows, right=range(1, 12))
+
+
+def bytes_consistency(ms: list[Method], results: dict[str, dict[int, dict]]) -> str:
+    """One sentence: do the byte counts agree across seeds (they should, exactly)?"""
+    odd = []
+    for m in ms:
+        runs = _ok(list(results.get(m.name, {}).values()))
+        if len({(r["replica_bytes"], r["peak_step_bytes"]) for r in runs}) > 1:
+            odd.append(m.name)
+    if odd:
+        return f"Replica bytes DIFFER across seeds for {', '.join(odd)} (the first seed's are shown)."
+    return "Replica bytes and peaks are identical across seeds for every method."
+
+
+def targets_table(ms: list[Method], results: dict[str, dict[int, dict]]) -> tuple[str, dict[str, Any]]:
+    """Table 2: the issue's targets, measured; returns the table and a machine-readable verdict."""
+    def first(name: str) -> dict | None:
+        runs = _ok(list(results.get(name, {}).values()))
+        return runs[0] if runs else None
+
+    rows, verdict = [], {}
+    adamw, vanilla = first("adamw"), first("diloco")
+    onebit_gap = gaps(results, "onebit")
+    if onebit_gap:
+        mean = statistics.mean(onebit_gap)
+        ok = mean <= ISSUE_ONEBIT_GAP
+        verdict["onebit_gap"] = {"mean": mean, "worst": max(onebit_gap), "met": ok}
+        rows.append(["1-bit Adam eval loss within 2% of AdamW", f"{100 * mean:+.2f}% mean over {len(onebit_gap)} "
+                     f"seed(s), worst {100 * max(onebit_gap):+.2f}%", "<= +2%", "yes" if ok else "NO"])
+    ob = first("onebit")
+    if ob and adamw and ob["median_step_bytes"]:
+        fraction = ob["median_step_bytes"] / adamw["median_step_bytes"]
+        verdict["onebit_compressed_fraction"] = fraction
+        rows.append(["1-bit Adam compressed-phase bytes/step vs AdamW's", f"1/{1 / fraction:.1f}", "<= 1/20",
+                     "yes" if fraction <= 1 / 20 else "NO"])
+    for m in ms:
+        if not m.name.startswith("streaming"):
+            continue
+        g, run = gaps(results, m.name), first(m.name)
+        if g:
+            mean = statistics.mean(g)
+            ok = mean <= ISSUE_STREAMING_GAP
+            verdict[f"{m.name}_gap"] = {"mean": mean, "worst": max(g), "met": ok}
+            rows.append([f"{m.name}: eval loss within 5% of AdamW", f"{100 * mean:+.2f}% mean over {len(g)} seed(s), "
+                         f"worst {100 * max(g):+.2f}%", "<= +5%", "yes" if ok else "NO"])
+        if run and adamw and run["replica_bytes"]:
+            fewer = adamw["replica_bytes"] / run["replica_bytes"]
+            verdict[f"{m.name}_fewer"] = {"x": fewer, "met": fewer >= ISSUE_FEWER}
+            rows.append([f"{m.name}: total replica bytes vs AdamW", f"{fewer:,.1f}x fewer", f">= {ISSUE_FEWER}x",
+                         "yes" if fewer >= ISSUE_FEWER else "NO"])
+        if run and vanilla and vanilla["peak_step_bytes"]:
+            ratio = run["peak_step_bytes"] / vanilla["peak_step_bytes"]
+            note = "" if m.quantize == "none" else \
+                f" (vanilla sends fp32: x8 for the 4-bit codec -> {ratio * 8:.3f} per element sent)"
+            verdict[f"{m.name}_peak"] = {"ratio": ratio, "fragments": m.fragments}
+            rows.append([f"{m.name}: peak bytes in a step vs vanilla DiLoCo", f"{ratio:.3f}{note}",
+                         f"~1/P = {1 / m.fragments:.3f}", "yes" if ratio <= 1.1 / m.fragments else "NO"])
+    return md_table(["target (issue 7)", "measured", "target", "met"], rows), verdict
+
+
+def shaped_table(ms: list[Method], shaped: dict[str, dict], loop: dict[str, dict[int, dict]], seed: int,
+                 mbit: float) -> str:
+    """Table 3: wall-clock and tokens/s over the shaped link, with the loopback run beside it."""
+    adamw = shaped.get("adamw")
+    rows = []
+    for m in ms:
+        r = shaped.get(m.name)
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append([m.name, "failed: " + r["error"]] + [""] * 8)
+            continue
+        ref = loop.get(m.name, {}).get(seed)
+        same = "-"
+        if ref and "error" not in ref:
+            diff = max((abs(a - b) for a, b in zip(ref["loss"], r["loss"])), default=float("nan"))
+            same = "identical" if diff == 0 and len(ref["loss"]) == len(r["loss"]) else f"max diff {diff:.1e}"
+        link_s = r["replica_bytes"] * 8 / (mbit * 1e6)
+        rows.append([
+            m.name, f"{r['wall_s']:.0f}", f"{r['train_s']:.1f}", f"{r['train_tok_s']:,.0f}", f"{r['wall_tok_s']:,.0f}",
+            f"{link_s:.1f}",
+            f"{r['train_s'] / ref['train_s']:.2f}" if ref and "error" not in ref else "-",
+            "-" if not adamw or "error" in adamw or m.name == "adamw" else f"{adamw['train_s'] / r['train_s']:.2f}",
+            same,
+        ])
+    return md_table(["method", "wall s", "train s", "train tok/s", "wall tok/s", "replica bytes / link rate, s",
+                     "slowdown vs loopback", "speed-up vs AdamW", "losses vs loopback seed"], rows, right=range(1, 8))
+
+
+# ================================================================================================
+# plot
+
+
+def plot(ms: list[Method], results: dict[str, dict[int, dict]], shaped: dict[str, dict], path: Path) -> Path | None:
+    """Eval loss (mean over seeds) against cumulative bytes on the wire, log x; and against
+    wall-clock on the shaped link when it ran."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    have_shaped = any("error" not in r for r in shaped.values())
+    fig, axes = plt.subplots(1, 2 if have_shaped else 1, figsize=(13 if have_shaped else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    for m in ms:
+        runs = _ok(list(results.get(m.name, {}).values()))
+        if not runs:
+            continue
+        steps = [e[0] for e in runs[0]["evals"]]
+        x = [e[1] for e in runs[0]["evals"]]
+        y = [statistics.mean(r["evals"][i][2] for r in runs if len(r["evals"]) > i) for i in range(len(steps))]
+        line, = ax.plot(x, y, marker="o", ms=3, label=m.label)
+        if len(runs) > 1:
+            lo = [min(r["evals"][i][2] for r in runs) for i in range(len(steps))]
+            hi = [max(r["evals"][i][2] for r in runs) for i in range(len(steps))]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes on the wire per rank (ledger comm_bytes_total)")
+    ax.set_ylabel("eval loss (mean over seeds; band: min-max)")
+    ax.set_title("loss vs bytes, 2 replicas, tiny LM")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if have_shaped:
+        ax = axes[0][1]
+        for m in ms:
+            r = shaped.get(m.name)
+            if not r or "error" in r:
+                continue
+            times, t = [], 0.0
+            for dt in r["step_time_s"]:
+                t += dt
+                times.append(t)
+            x = [times[step - 1] for step, _, _ in r["evals"]]
+            ax.plot(x, [e[2] for e in r["evals"]], marker="o", ms=3, label=m.name)
+        ax.set_xlabel("training time on the shaped link, s (sum of step times)")
+        ax.set_ylabel("eval loss (one seed)")
+        ax.set_title("loss vs time over the shaped veth link")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ================================================================================================
+# main
+
+
+def _settings(args: argparse.Namespace) -> str:
+    tokens = args.steps * GLOBAL_BATCH * SEQ_LEN
+    return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run "
+            f"(each DiLoCo replica: {GLOBAL_BATCH // 2} sequences per inner step), configs/tiny.toml's model and "
+            f"optimizer (AdamW lr 3e-3, betas 0.9/0.95, wd 0.1, 20 warm-up steps, cosine to 3e-4, clip 1.0), "
+            f"seeds {args.seed_list}, eval every {args.eval_interval} steps on {EVAL_BATCHES} held-out global batches. "
+            f"DiLoCo outer SGD lr {args.outer_lr:g}, Nesterov momentum {args.outer_momentum:g}"
+            f"{' (= averaging the replicas)' if args.outer_lr == 1 and args.outer_momentum == 0 else ''}; inner = the same "
+            f"AdamW and schedule.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 60 steps, no shaped link (~2-3 min)")
+    ap.add_argument("--no-shaped", action="store_true", help="skip the network-namespace table")
+    ap.add_argument("--shaped", action="store_true", help="run the shaped table even with --quick")
+    ap.add_argument("--mbit", type=float, default=100, help="egress rate of each rank's veth in the shaped run")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 200; 60 with --quick)")
+    ap.add_argument("--seeds", default=None, help="comma-separated --train.seed values (default 1,2,3; 1 with --quick)")
+    ap.add_argument("--freeze-step", type=int, default=None, help="1-bit Adam warm-up steps (default 30%% of steps)")
+    ap.add_argument("--inner-steps", type=int, default=None, help="DiLoCo H (default 20)")
+    ap.add_argument("--fragments", type=int, default=2, help="Streaming DiLoCo P")
+    ap.add_argument("--delay", type=int, default=1, help="Streaming DiLoCo tau")
+    ap.add_argument("--quantize", choices=("fp4", "int4"), default="fp4", help="the 4-bit Streaming DiLoCo's codec")
+    ap.add_argument("--outer-lr", type=float, default=1.0, help="DiLoCo outer SGD lr (published: 0.7; see --sweep)")
+    ap.add_argument("--outer-momentum", type=float, default=0.0, help="DiLoCo outer Nesterov momentum (published: 0.9)")
+    ap.add_argument("--methods", default="", help="comma-separated subset of adamw,onebit,diloco,streaming")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: the one-seed tuning grid behind the defaults (~13 runs) -> lowcomm_sweep.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (60 if args.quick else 200)
+    args.seed_list = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",")]
+    args.freeze_step = args.freeze_step or max(1, round(0.3 * args.steps))
+    args.inner_steps = args.inner_steps or 20
+    args.eval_interval = max(5, round(args.steps / 40) * 5)  # ~8 evals: every 25 steps of 200
+    if args.sweep:
+        return sweep(args)
+    ms = methods(args)
+    started = time.perf_counter()
+    run_root = args.out / "logs" / "lowcomm"
+    report = Report(args.out, "lowcomm", "meshweave bench: training over slow links (1-bit Adam, Streaming DiLoCo)")
+    from importlib.metadata import version
+
+    report.add(f"torch {version('torch')}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
+               f"{'; --quick' if args.quick else ''}. {_settings(args)}\n\n"
+               + "\n".join(f"- `{m.name}`: {m.label}" for m in ms))
+    raw: dict[str, Any] = {"args": raw_args(args),
+                           "methods": {m.name: {"label": m.label, "flags": list(m.flags)} for m in ms},
+                           "loopback": {}, "shaped": {}}
+
+    def save_raw() -> None:
+        (args.out / "lowcomm.json").write_text(json.dumps(raw, indent=1, default=str))
+
+    # ---- loopback: every method x seed, methods interleaved within a seed (load drifts hit all alike)
+    results: dict[str, dict[int, dict]] = {m.name: {} for m in ms}
+    for seed in args.seed_list:
+        for m in ms:
+            t0 = time.perf_counter()
+            res = run_loopback(run_root / f"{m.name}-seed{seed}", [*base_flags(args.steps, seed, args.eval_interval),
+                                                                     *m.flags])
+            results[m.name][seed] = res
+            raw["loopback"].setdefault(m.name, {})[str(seed)] = res
+            save_raw()
+            print(f"  {m.name} seed {seed}: {time.perf_counter() - t0:.0f} s, "
+                  + (f"eval loss {res['final_eval_loss']:.4f}, replica bytes {res['replica_bytes']:,}"
+                     if "error" not in res else res["error"]), flush=True)
+    report.add("## 1. Bytes between the replicas, final eval loss, wall-clock (gloo on loopback)\n\n"
+               "Per rank, from the ledger (metrics.jsonl, every step). `replica MB`: sum over steps of the "
+               "`dp_replicate/*` keys; `all MB`: `comm_bytes_total` at the end (adds the per-step loss / token-count "
+               "scalars); `x fewer`: AdamW's replica bytes / this method's; `peak KB/step`: the largest single step; "
+               "`median KB/step`: the steady rate. Eval loss at the last step (DiLoCo: global weights), over seeds "
+               f"{args.seed_list}; `gap`: per-seed (loss / AdamW's - 1), mean and worst. `wall s`: the whole CLI run "
+               "(~10 s start-up, evals), median over seeds; `train tok/s`: tokens / sum of step times.\n\n"
+               + main_table(ms, results) + "\n\n" + bytes_consistency(ms, results) + " " + _sync_note(ms, results))
+    table, verdict = targets_table(ms, results)
+    raw["verdict"] = verdict
+    report.add("## 2. The issue's targets\n\n" + table + "\n\n" + _targets_note(args))
+    save_raw()
+
+    # ---- shaped link
+    shaped: dict[str, dict] = {}
+    title = (f"## 3. Wall-clock over a {args.mbit:g} Mbit/s link: each rank in its own network namespace "
+             f"(seed {args.seed_list[0]})\n\n")
+    if args.no_shaped or (args.quick and not args.shaped):
+        report.add(title + ("skipped: --no-shaped" if args.no_shaped else
+                            "skipped: --quick (add --shaped to run it, or run without --quick)"))
+    else:
+        from _netns import ShapedNetwork, available
+
+        reason = available()
+        if reason:
+            report.add(title + f"skipped: {reason}")
+        else:
+            seed = args.seed_list[0]
+            with ShapedNetwork(2, args.mbit) as net:
+                for i, m in enumerate(ms):
+                    t0 = time.perf_counter()
+                    res = run_shaped(run_root / f"shaped-{m.name}-seed{seed}",
+                                     [*base_flags(args.steps, seed, args.eval_interval), *m.flags], net, 29600 + i)
+                    shaped[m.name] = res
+                    raw["shaped"][m.name] = res
+                    save_raw()
+                    print(f"  shaped {m.name}: {time.perf_counter() - t0:.0f} s"
+                          + (f", train {res['train_s']:.1f} s" if "error" not in res else f", {res['error']}"), flush=True)
+            report.add(title + f"bench/_netns.ShapedNetwork: two namespaces, veths on one bridge, `tc tbf rate "
+                       f"{args.mbit:g}mbit` on each rank's egress; per namespace `torchrun --nnodes 2 --node-rank i "
+                       "--nproc-per-node 1 --master-addr <namespace 0's veth> -m meshweave train` with "
+                       "`GLOO_SOCKET_IFNAME` = its veth. `train s`: sum of step times (rank 0); `wall tok/s`: tokens / "
+                       "the whole run incl. start-up and evals; `replica bytes / link rate`: the least time the "
+                       "replica traffic needs on this link; `slowdown vs loopback`: train s / the loopback run's "
+                       "(same seed); `speed-up vs AdamW`: AdamW's train s / this method's; `losses vs loopback "
+                       "seed`: every step's training loss compared with the loopback run of the same seed.\n\n"
+                       + shaped_table(ms, shaped, results, seed, args.mbit))
+    png = plot(ms, results, shaped, args.out / "lowcomm.png")
+    report.add(f"Plot: {png if png else 'not written (matplotlib missing)'}. Run directories: {run_root}. "
+               f"Total bench time: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at "
+               f"the end. Markdown: {report.write()}")
+    save_raw()
+    return 0
+
+
+# ================================================================================================
+# --sweep: how the defaults were chosen
+
+
+def sweep_variants(steps: int) -> list[tuple[str, list[str], int]]:
+    """One-seed grid behind the defaults, as ``(name, flags, steps)``: 1-bit Adam's freeze_step,
+    DiLoCo's outer lr / momentum at H=20 (published 0.7 / Nesterov 0.9 first), H at plain averaging
+    (outer lr 1, momentum 0), and AdamW vs averaging DiLoCo on a 3x longer run."""
+    diloco = ["--comm.diloco.enabled=true", "--comm.diloco.fragments=1", "--comm.diloco.delay=0"]
+    average = ["--comm.diloco.outer_lr=1", "--comm.diloco.outer_momentum=0"]
+    out: list[tuple[str, list[str], int]] = [("adamw", [], steps)]
+    for share in (0.15, 0.2, 0.25, 0.3):
+        f = max(1, round(share * steps))
+        out.append((f"onebit freeze_step={f} ({share:.0%})",
+                    ["--optim.name=onebit_adam", f"--optim.freeze_step={f}"], steps))
+    for lr, mu in ((0.7, 0.9), (0.4, 0.9), (0.7, 0.5), (1.0, 0.3), (1.4, 0.0), (1.0, 0.0)):
+        out.append((f"diloco H=20 outer lr {lr:g} momentum {mu:g}",
+                    [*diloco, "--comm.diloco.inner_steps=20", f"--comm.diloco.outer_lr={lr:g}",
+                     f"--comm.diloco.outer_momentum={mu:g}"], steps))
+    for h in (1, 5):
+        out.append((f"diloco H={h} outer lr 1 momentum 0", [*diloco, f"--comm.diloco.inner_steps={h}", *average], steps))
+    out.append((f"adamw, {3 * steps} steps", [], 3 * steps))
+    out.append((f"diloco H=20 outer lr 1 momentum 0, {3 * steps} steps",
+                [*diloco, "--comm.diloco.inner_steps=20", *average], 3 * steps))
+    return out
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run :func:`sweep_variants` on one seed; table and JSON as ``lowcomm_sweep``."""
+    started = time.perf_counter()
+    seed = args.seed_list[0]
+    report = Report(args.out, "lowcomm_sweep", "meshweave bench: low-communication tuning sweep (one seed)")
+    report.add(f"load average {os.getloadavg()[0]:.1f} at start. {_settings(args)} Seed {seed} only: a guide "
+               "for the defaults of bench/lowcomm.py, not a result. Gaps are to the AdamW run of the same length.")
+    runs: dict[str, dict] = {}
+    for name, flags, steps in sweep_variants(args.steps):
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        interval = max(5, round(steps / 40) * 5)
+        runs[name] = run_loopback(args.out / "logs" / "lowcomm_sweep" / slug,
+                                  [*base_flags(steps, seed, interval), *flags])
+        runs[name]["steps"] = steps
+        r = runs[name]
+        print(f"  {name}: " + (f"eval loss {r['final_eval_loss']:.4f}" if "error" not in r else r["error"]), flush=True)
+        (args.out / "lowcomm_sweep.json").write_text(json.dumps({"args": raw_args(args), "runs": runs}, indent=1,
+                                                                default=str))
+    base = {r["steps"]: r for name, r in runs.items() if name.startswith("adamw") and "error" not in r}
+    rows = []
+    for name, r in runs.items():
+        if "error" in r:
+            rows.append([name, "failed: " + r["error"], "", "", "", ""])
+            continue
+        ref = base.get(r["steps"])
+        rows.append([name, str(r["steps"]), f"{r['final_eval_loss']:.4f}",
+                     f"{100 * (r['final_eval_loss'] / ref['final_eval_loss'] - 1):+.2f}%"
+                     if ref and ref is not r else "-",
+                     _mb(r["replica_bytes"]),
+                     f"{ref['replica_bytes'] / r['replica_bytes']:,.1f}" if ref and r["replica_bytes"] else "-"])
+    report.add(md_table(["variant", "steps", "final eval loss", "gap to AdamW", "replica MB", "x fewer"], rows,
+                        right=range(1, 6)))
+    report.add(f"Total: {time.perf_counter() - started:.0f} s. Markdown: {report.write()}")
+    return 0
+
+
+def raw_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _sync_note(ms: list[Method], results: dict[str, dict[int, dict]]) -> str:
+    parts = []
+    for m in ms:
+        runs = _ok(list(results.get(m.name, {}).values()))
+        if runs and runs[0]["sync_steps"]:
+            steps = runs[0]["sync_steps"]
+            shown = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+            failed = sum(r["failed_syncs"] for r in runs)
+            parts.append(f"`{m.name}` launched {len(steps)} syncs (steps {shown}){f', {failed} FAILED' if failed else ''}")
+    return ("Sync launches: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _targets_note(args: argparse.Namespace) -> str:
+    return ("Gaps are per-seed paired (same init and data order as AdamW), averaged over seeds; a target is met when "
+            "the mean is within the bound (the worst seed is shown beside it). The compressed-phase rate compares "
+            "median bytes per step (1-bit Adam's median step is a compressed one when freeze_step < steps / 2). "
+            "`x fewer` uses replica bytes over the whole run, warm-up or first sync included. The peak ratio of a "
+            "4-bit variant mixes two effects (1/P from the fragments, ~1/8 from the codec); the note gives both. "
+            f"{args.steps} steps is a short run: DiLoCo gets {args.steps // args.inner_steps} outer rounds.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
