@@ -230,10 +230,7 @@ def summarise(out: Path, code: int | str, wall: float) -> dict[str, Any]:
                 tail += f" [{name}: {' | '.join(lines[-3:])[-400:]}]"
         return {"error": f"exit {code}{tail}", "wall_s": wall}
     per_step = [replica_bytes(r) for r in records]
-    cumulative, total = [], 0
-    for b in per_step:
-        total += b
-        cumulative.append(total)
+    total = sum(per_step)
     steady = steady_comm_bytes(records)
     train_s = sum(r["step_time_s"] for r in records)
     tokens = records[-1]["tokens"]
@@ -328,9 +325,13 @@ def bytes_consistency(ms: list[Method], results: dict[str, dict[int, dict]]) -> 
         runs = _ok(list(results.get(m.name, {}).values()))
         if len({(r["replica_bytes"], r["peak_step_bytes"]) for r in runs}) > 1:
             odd.append(m.name)
+    gaps_in_log = [m.name for m in ms for r in _ok(list(results.get(m.name, {}).values()))
+                   if r["steps_logged"] != r["final_step"]]
+    missing = (f" Some steps are missing from metrics.jsonl for {sorted(set(gaps_in_log))}: their per-step sums "
+               "undercount." if gaps_in_log else " Every step is in metrics.jsonl.")
     if odd:
-        return f"Replica bytes DIFFER across seeds for {', '.join(odd)} (the first seed's are shown)."
-    return "Replica bytes and peaks are identical across seeds for every method."
+        return f"Replica bytes DIFFER across seeds for {', '.join(odd)} (the first seed's are shown)." + missing
+    return "Replica bytes and peaks are identical across seeds for every method." + missing
 
 
 def targets_table(ms: list[Method], results: dict[str, dict[int, dict]]) -> tuple[str, dict[str, Any]]:
@@ -470,8 +471,12 @@ def plot(ms: list[Method], results: dict[str, dict[int, dict]], shaped: dict[str
 # main
 
 
-def _settings(args: argparse.Namespace) -> str:
+def _settings(args: argparse.Namespace, sweep: bool = False) -> str:
     tokens = args.steps * GLOBAL_BATCH * SEQ_LEN
+    if sweep:
+        return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run unless the "
+                f"row says otherwise, configs/tiny.toml's model and optimizer, seed {args.seed_list[0]}, final eval on "
+                f"{EVAL_BATCHES} held-out global batches.")
     return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run "
             f"(each DiLoCo replica: {GLOBAL_BATCH // 2} sequences per inner step), configs/tiny.toml's model and "
             f"optimizer (AdamW lr 3e-3, betas 0.9/0.95, wd 0.1, 20 warm-up steps, cosine to 3e-4, clip 1.0), "
@@ -624,7 +629,7 @@ def sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     seed = args.seed_list[0]
     report = Report(args.out, "lowcomm_sweep", "meshweave bench: low-communication tuning sweep (one seed)")
-    report.add(f"load average {os.getloadavg()[0]:.1f} at start. {_settings(args)} Seed {seed} only: a guide "
+    report.add(f"load average {os.getloadavg()[0]:.1f} at start. {_settings(args, sweep=True)} One seed: a guide "
                "for the defaults of bench/lowcomm.py, not a result. Gaps are to the AdamW run of the same length.")
     runs: dict[str, dict] = {}
     for name, flags, steps in sweep_variants(args.steps):
