@@ -105,17 +105,17 @@ def build_schedule(parts: PipelineParts, cfg: Config, pp_group: torch.distribute
 def clip_pipeline_gradients(params: list[nn.Parameter], max_norm: float, pp_group: CommGroup) -> float:
     """Clip this rank's gradients by the global L2 norm over every stage and shard; returns it.
 
-    Each rank sums its stages' squared gradients (DTensor shards completed over their mesh),
-    the pipeline group adds the stages up, and every rank scales by the same factor.
-    Collective over the job.
+    Each rank takes its stages' norm the way the one-stage path does (torch's foreach norm, one
+    reduction for DTensor shards), the pipeline group adds the squares, and every rank scales by
+    the same factor. Collective over the job.
     """
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
-    for p in params:
-        if p.grad is not None:
-            sq = p.grad.float().pow(2).sum()
-            total = total + (sq.full_tensor() if isinstance(sq, DTensor) else sq)
-    all_reduce(total, pp_group)
-    norm = total.sqrt()
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    squared = norm.float().pow(2).reshape(1)
+    all_reduce(squared, pp_group)
+    norm = squared.sqrt()[0]
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return float(norm)

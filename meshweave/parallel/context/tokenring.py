@@ -59,7 +59,7 @@ def _block(step: int, owner: int, rank: int, causal: bool, seq: int) -> tuple[sl
     return slice(None), False
 
 
-def _rows(halved: bool, seq: int) -> slice:
+def _row_slice(halved: bool, seq: int) -> slice:
     return slice(seq // 2, None) if halved else slice(None)
 
 
@@ -81,13 +81,11 @@ class _Schedule:
         """
         rank, size = self.rank, self.size
         below = (rank - 1) % size
+        held_half = _halved(self.owner(step), rank, self.causal)
         send_half = _halved(self.owner(step), below, self.causal)
         recv_half = _halved(self.owner(step + 1), rank, self.causal)
-        sends = [_take_rows(t, send_half, self.seq, already=_halved(self.owner(step), rank, self.causal))
-                 for t in package]
-        recvs = [torch.empty_like(_take_rows(t, recv_half, self.seq,
-                                             already=_halved(self.owner(step), rank, self.causal)))
-                 for t in package]
+        sends = [_rows(t, send_half, self.seq, held_half).contiguous() for t in package]
+        recvs = [_empty_rows(t, recv_half, self.seq, held_half) for t in package]
         return recvs, ops.exchange([(t, below) for t in sends], [(t, (rank + 1) % size) for t in recvs], self.group)
 
     def return_results(self, step: int, results: list[Tensor], like: list[Tensor]) -> tuple[list[Tensor], ops.Handle]:
@@ -95,20 +93,23 @@ class _Schedule:
         rank, size = self.rank, self.size
         source = (rank - step) % size
         halved = _halved(rank, source, self.causal)
-        recvs = [torch.empty_like(_take_rows(t, halved, self.seq)) for t in like]
+        recvs = [_empty_rows(t, halved, self.seq) for t in like]
         handle = ops.exchange([(t.contiguous(), self.owner(step)) for t in results],
                               [(t, source) for t in recvs], self.group)
         return recvs, handle
 
 
-def _take_rows(t: Tensor, halved: bool, seq: int, already: bool = False) -> Tensor:
-    """The second half of ``t``'s sequence rows when ``halved`` (``t`` is ``[b, s, ...]`` or an
-    lse ``[b, h, s]`` — told apart by which dim has ``seq`` or ``seq/2`` rows); ``already``
-    means ``t`` holds only the second half already."""
+def _rows(t: Tensor, halved: bool, seq: int, already: bool = False) -> Tensor:
+    """A view of the second half of ``t``'s sequence rows when ``halved`` (``t`` is ``[b, s, ...]``
+    or an lse ``[b, h, s]``); ``already`` means ``t`` holds only the second half already."""
     if not halved or already:
-        return t.contiguous()
-    seq_dim = 1 if t.dim() == 4 else 2
-    return t.narrow(seq_dim, seq // 2, seq - seq // 2).contiguous()
+        return t
+    return t.narrow(1 if t.dim() == 4 else 2, seq // 2, seq - seq // 2)
+
+
+def _empty_rows(t: Tensor, halved: bool, seq: int, already: bool = False) -> Tensor:
+    """An uninitialised receive buffer shaped like :func:`_rows` of ``t`` (no copy of ``t``)."""
+    return torch.empty(_rows(t, halved, seq, already).shape, dtype=t.dtype, device=t.device)
 
 
 def tokenring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup) -> tuple[Tensor, Tensor]:
@@ -143,7 +144,7 @@ def _merge_returned(out: Tensor, lse: Tensor, pending, plan: _Schedule) -> tuple
     (block_out, block_lse), handle, step = pending
     handle.wait()
     source = (plan.rank - step) % plan.size
-    rows = _rows(_halved(plan.rank, source, plan.causal), plan.seq)
+    rows = _row_slice(_halved(plan.rank, source, plan.causal), plan.seq)
     out[:, rows], lse[..., rows] = merge_partial(out[:, rows], lse[..., rows], block_out, block_lse)
     return out, lse
 
@@ -188,7 +189,7 @@ def _add_returned_dq(dq: Tensor, pending, plan: _Schedule) -> None:
     (dq_block,), handle, step = pending
     handle.wait()
     source = (plan.rank - step) % plan.size
-    dq[:, _rows(_halved(plan.rank, source, plan.causal), plan.seq)] += dq_block
+    dq[:, _row_slice(_halved(plan.rank, source, plan.causal), plan.seq)] += dq_block
 
 
 TokenRingAttention = blockwise_function("TokenRingAttention", tokenring_forward, tokenring_backward)

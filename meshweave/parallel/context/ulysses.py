@@ -39,78 +39,39 @@ def check_heads(n_heads: int, n_kv_heads: int, degree: int) -> None:
                            "KV heads, so a KV group would be split across ranks")
 
 
-def _exchange(x: Tensor, group: CommGroup) -> Tensor:
-    """All-to-all of ``x`` ``[U, ...]``: slice ``i`` goes to rank ``i``; slot ``i`` comes from rank ``i``."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    ops.all_to_all_single(out, x, group)
-    return out
+def _exchange_heads(parts: tuple[Tensor, ...], group: CommGroup, to_heads: bool) -> tuple[Tensor, ...]:
+    """One all-to-all moving every piece between layouts, with one copy on each side of it.
 
-
-def seq_to_heads(x: Tensor, group: CommGroup) -> Tensor:
-    """``[b, s, h, d]`` sequence shard -> ``[b, U s, h/U, d]`` head shard (collective)."""
-    b, s, h, d = x.shape
+    ``to_heads``: sequence shards ``[b, s, h_i, d]`` -> full-sequence head shards
+    ``[b, U s, h_i/U, d]``; otherwise the inverse. Collective over ``group``.
+    """
     size = group.size
-    parts = _exchange(x.reshape(b, s, size, h // size, d).permute(2, 0, 1, 3, 4), group)
-    return parts.permute(1, 0, 2, 3, 4).reshape(b, size * s, h // size, d)
-
-
-def heads_to_seq(x: Tensor, group: CommGroup) -> Tensor:
-    """Inverse of :func:`seq_to_heads`: ``[b, U s, h/U, d]`` -> ``[b, s, h, d]`` (collective)."""
-    b, full, hu, d = x.shape
-    size = group.size
-    parts = _exchange(x.reshape(b, size, full // size, hu, d).permute(1, 0, 2, 3, 4), group)
-    return parts.permute(1, 2, 0, 3, 4).reshape(b, full // size, size * hu, d)
-
-
-def _send_buffer(parts: list[Tensor], size: int, seq_major: bool) -> Tensor:
-    """Pieces -> one contiguous all-to-all buffer ``[U, b, s, sum h_i/U, d]`` (slot j -> rank j),
-    in a single copy. ``seq_major``: pieces are ``[b, s, h_i, d]`` (split heads); else
-    ``[b, U s, h_i/U, d]`` (split the sequence)."""
     b, d = parts[0].shape[0], parts[0].shape[3]
-    if seq_major:
-        return torch.cat([t.reshape(b, t.shape[1], size, -1, d).permute(2, 0, 1, 3, 4) for t in parts], dim=3)
-    return torch.cat([t.reshape(b, size, t.shape[1] // size, -1, d).permute(1, 0, 2, 3, 4) for t in parts], dim=3)
+    if to_heads:
+        send = torch.cat([t.reshape(b, t.shape[1], size, -1, d).permute(2, 0, 1, 3, 4) for t in parts], dim=3)
+    else:
+        send = torch.cat([t.reshape(b, size, t.shape[1] // size, -1, d).permute(1, 0, 2, 3, 4) for t in parts], dim=3)
+    recv = torch.empty_like(send)  # [U, b, s_local, sum h_i/U, d]; slot j comes from rank j
+    ops.all_to_all_single(recv, send, group)
+    chunks = recv.split([t.shape[2] // size if to_heads else t.shape[2] for t in parts], dim=3)
+    s = recv.shape[2]
+    if to_heads:  # slot j holds rank j's rows
+        return tuple(c.permute(1, 0, 2, 3, 4).reshape(b, size * s, c.shape[3], d) for c in chunks)
+    return tuple(c.permute(1, 2, 0, 3, 4).reshape(b, s, size * c.shape[3], d) for c in chunks)  # slot j: head group j
 
 
-class _ScatterHeads(torch.autograd.Function):
-    """q, k, v sequence shards -> full-sequence head shards in one all-to-all, with one copy on
-    each side of it (backward mirrors it): as few copies as DeepSpeed's, a third of its launches."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: CommGroup):
-        size = group.size
-        ctx.group, ctx.split = group, [t.shape[2] // size for t in (q, k, v)]
-        send = _send_buffer([q, k, v], size, seq_major=True)
-        recv = torch.empty_like(send)
-        ops.all_to_all_single(recv, send, group)
-        b, s, d = q.shape[0], q.shape[1], q.shape[3]
-        # slot j holds rank j's rows: [U, b, s, h_i/U, d] -> [b, U s, h_i/U, d]
-        return tuple(part.permute(1, 0, 2, 3, 4).reshape(b, size * s, part.shape[3], d)
-                     for part in recv.split(ctx.split, dim=3))
+class _HeadExchange(torch.autograd.Function):
+    """:func:`_exchange_heads` with autograd: the backward is the exchange the other way. One
+    collective for q, k and v together (DeepSpeed issues three), as few copies as DeepSpeed."""
 
     @staticmethod
-    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
-        group, size = ctx.group, ctx.group.size
-        send = _send_buffer([dq, dk, dv], size, seq_major=False)
-        recv = torch.empty_like(send)
-        ops.all_to_all_single(recv, send, group)
-        b, s, d = dq.shape[0], dq.shape[1] // size, dq.shape[3]
-        # slot j holds head group j of this rank's rows: [U, b, s, h_i/U, d] -> [b, s, h_i, d]
-        grads = tuple(part.permute(1, 2, 0, 3, 4).reshape(b, s, size * part.shape[3], d)
-                      for part in recv.split(ctx.split, dim=3))
-        return (*grads, None)
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: CommGroup) -> Tensor:
-        ctx.group = group
-        return heads_to_seq(x, group)
+    def forward(ctx, to_heads: bool, group: CommGroup, *parts: Tensor):
+        ctx.to_heads, ctx.group = to_heads, group
+        return _exchange_heads(parts, group, to_heads)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        return seq_to_heads(grad, ctx.group), None
+    def backward(ctx, *grads: Tensor):
+        return (None, None, *_exchange_heads(grads, ctx.group, not ctx.to_heads))
 
 
 def scatter_heads(q: Tensor, k: Tensor, v: Tensor, group: CommGroup) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,12 +81,12 @@ def scatter_heads(q: Tensor, k: Tensor, v: Tensor, group: CommGroup) -> tuple[Te
     if k.shape[2] < size:
         repeat = size // k.shape[2]
         k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-    return _ScatterHeads.apply(q, k, v, group)
+    return _HeadExchange.apply(True, group, q, k, v)
 
 
 def gather_heads(out: Tensor, group: CommGroup) -> Tensor:
     """Full-sequence head-shard output -> sequence-sharded output with all heads (differentiable)."""
-    return _HeadsToSeq.apply(out, group)
+    return _HeadExchange.apply(False, group, out)[0]
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup,
