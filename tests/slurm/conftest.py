@@ -7,6 +7,7 @@ tests skip when SLURM is not installed; in CI (CI=true) .ci/run installs it and 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,10 +45,26 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscr
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _daemon_ports(n: int) -> list[int]:
+    """n distinct ports, free now, below the kernel's ephemeral range.
+
+    A port taken with bind(0) lies inside the ephemeral range, where any outgoing connection (the
+    first slurmd registering, a gloo rendezvous of a test still shutting down) may be handed the
+    same number before our daemon binds it: CI once lost the cluster to "Address already in use".
+    Below the range only a deliberate bind can collide, and the retry in ``slurm`` covers that.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports below the ephemeral range (starts at {low})")
 
 
 def _munge_works() -> bool:
@@ -60,6 +77,37 @@ def _kill_pidfile(path: Path) -> None:
         os.kill(int(path.read_text().split()[0]), signal.SIGTERM)
     except (OSError, ValueError):
         pass
+
+
+def _daemon_logs(d: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-1500:]}" for log in sorted(d.glob("*.log")))
+
+
+def _start_cluster(d: Path, conf: Path, env: dict) -> str | None:
+    """Start slurmctld and both slurmd; None once both nodes are idle, else what went wrong."""
+    subprocess.run(["slurmctld", "-f", str(conf), "-i"], env=env, check=True)
+    for node in ("n1", "n2"):
+        subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True)
+    deadline = time.monotonic() + 90
+    while True:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+        if len(states) == 2 and all(s.startswith("idle") for s in states):
+            return None
+        logs = _daemon_logs(d)
+        if "fatal:" in logs or time.monotonic() > deadline:
+            return f"SLURM nodes never became idle: {states}\n{logs}"
+        time.sleep(1)
+
+
+def _stop_daemons(d: Path) -> None:
+    for pidfile in (d / "d-n1.pid", d / "d-n2.pid", d / "ctld.pid"):
+        _kill_pidfile(pidfile)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and subprocess.run(
+            ["pgrep", "-f", "--", f"{d}/slurm.conf"], capture_output=True).returncode == 0:
+        time.sleep(0.2)
+    for log in d.glob("*.log"):
+        log.unlink()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +125,6 @@ def slurm(tmp_path_factory):
         (d / sub).mkdir()
     host = socket.gethostname().split(".")[0]
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(host=host, d=d, ctld_port=_free_port(), port1=_free_port(), port2=_free_port()))
     env = {**os.environ, "SLURM_CONF": str(conf)}
 
     started_munge = False
@@ -92,21 +139,18 @@ def slurm(tmp_path_factory):
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "munged", "--force"], check=True)
         started_munge = True
-    subprocess.run(["slurmctld", "-f", str(conf), "-i"], env=env, check=True)
-    for node in ("n1", "n2"):
-        subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True)
-    deadline = time.monotonic() + 90
-    while True:
-        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
-        if len(states) == 2 and all(s.startswith("idle") for s in states):
+    for attempt in range(3):
+        ctld_port, port1, port2 = _daemon_ports(3)
+        conf.write_text(CONF.format(host=host, d=d, ctld_port=ctld_port, port1=port1, port2=port2))
+        failure = _start_cluster(d, conf, env)
+        if failure is None:
             break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"SLURM nodes never became idle: {states}\n{(d / 'ctld.log').read_text()[-2000:]}")
-        time.sleep(1)
+        _stop_daemons(d)
+        if attempt == 2 or "Address already in use" not in failure:
+            raise RuntimeError(failure)
     yield env
     subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
-    for pidfile in (d / "d-n1.pid", d / "d-n2.pid", d / "ctld.pid"):
-        _kill_pidfile(pidfile)
+    _stop_daemons(d)
     if started_munge:
         subprocess.run(["pkill", "-x", "munged"], capture_output=True)
 
