@@ -37,6 +37,13 @@ Apply. At ``t`` the collective is waited for, then (as ``torch.optim.SGD(nestero
 (1 - alpha) global + alpha local``; alpha = 0 copies the global weights exactly. With tau > 0 the
 local weights moved on for tau steps after the launch; alpha decides how much of that is kept.
 
+End of training. :meth:`StreamingDiLoCo.finish`, called after the last inner step, leaves one
+model: the fragment in flight is applied at once, every fragment not synced at that step gets one
+more (blocking) outer step, and every replica adopts the global weights exactly (alpha only shapes
+mid-run merges). Without it a streaming run would end with fragment global weights up to H - H / P
+steps old, and the last launch would be bytes sent for nothing. A fragment whose final sync fails
+keeps each replica's local weights (the checkpoint holds them per replica).
+
 Failures. If the collective raises (on launch or wait), or the averaged outer gradient is not
 finite, the fragment keeps its previous global weights and momentum, the local weights are left
 alone, ``failed_syncs`` grows and ``last_event`` says why. A NaN on any replica poisons the sum on
@@ -173,6 +180,7 @@ class StreamingDiLoCo:
         self.applied_syncs = 0
         self.last_event: str | None = None
         self._inflight: _InFlight | None = None
+        self._applied_at: dict[int, int] = {}  # fragment -> the step of its latest successful apply
 
         self.fragment_of: dict[str, int] = _assign_fragments(model, settings.fragments)
         named = dict(model.named_parameters())
@@ -286,7 +294,8 @@ class StreamingDiLoCo:
             total = part if total is None else total.add_(part)
         return total
 
-    def _apply(self, step: int) -> None:
+    def _apply(self, step: int, adopt: bool = False) -> None:
+        """Wait for the fragment in flight and apply its outer step; ``adopt``: merge with alpha 0."""
         flight, self._inflight = self._inflight, None
         self._resolve(flight)
         if flight.error:
@@ -296,7 +305,7 @@ class StreamingDiLoCo:
         with torch.no_grad():
             if not flight.merge_only:
                 self._outer_step(members, flight.average, self._global, self._momentum)
-            alpha = self.settings.alpha
+            alpha = 0.0 if adopt else self.settings.alpha
             for i in members:
                 local = _local(self._params[i])
                 if alpha == 0.0:
@@ -304,7 +313,30 @@ class StreamingDiLoCo:
                 else:
                     local.copy_(torch.lerp(self._global[i], local.float(), alpha))
         self.applied_syncs += 1
+        self._applied_at[flight.fragment] = step
         self.last_event = f"step {step}: fragment {flight.fragment} synced"
+
+    def finish(self, step: int) -> str:
+        """End training after inner step ``step`` (call after :meth:`after_inner_step` of that
+        step, on every replica): apply the fragment in flight now, give every fragment not synced
+        at ``step`` one more outer step, and load the global weights into the model (alpha is
+        ignored), so every replica ends holding the same weights. Returns what it did."""
+        attempted = {self.settings.applying_fragment(step)} - {None}
+        if self._inflight is not None:
+            attempted.add(self._inflight.fragment)
+            self._apply(step, adopt=True)
+        for fragment in range(self.settings.fragments):
+            if fragment not in attempted:
+                self._launch(fragment, step)
+                self._apply(step, adopt=True)
+        synced = [f for f in range(self.settings.fragments) if self._applied_at.get(f) == step]
+        with torch.no_grad():
+            for f in synced:
+                for i in self._members[f]:
+                    _local(self._params[i]).copy_(self._global[i])
+        failed = [f for f in range(self.settings.fragments) if f not in synced]
+        return (f"final sync: fragments {synced} hold the global weights on every replica"
+                + (f"; fragments {failed} failed and keep each replica's weights" if failed else ""))
 
     def _outer_step(self, members: list[int], average: Tensor, global_: list[Tensor],
                     momentum: list[Tensor]) -> None:

@@ -264,7 +264,7 @@ class Trainer:
                                      "train.max_bad_steps")
 
         self.step += 1
-        event = self.replicas.after_step(self.step)
+        event = self.replicas.after_step(self.step, last=self.step == self.cfg.train.steps)
         if event:
             self.logger.event(f"step {self.step}: {event}")
         step_time = time.perf_counter() - started

@@ -9,7 +9,8 @@ Three modes, chosen by the config:
   (meshweave.comm.onebit). Its error-feedback buffers differ per rank and are checkpointed per rank.
 - ``diloco`` (``comm.diloco.enabled``): replicas train apart and sync fragments of the weights
   every ``inner_steps`` (meshweave.comm.diloco). Replicas hold different weights between syncs,
-  so each saves its own model and optimizer; evaluation runs on the global weights.
+  so each saves its own model and optimizer; evaluation runs on the global weights. After the
+  run's last step every fragment syncs once more and all replicas adopt the global weights.
 
 While replicas are apart, a replica's loss is normalised by *its* token count (the gradient is
 the replica's own mean gradient, which the outer exchange then averages) and the reported loss is
@@ -60,13 +61,17 @@ class ReplicaExchange:
         """The step's loss from the sum of every rank's normalised loss: replicas' mean when apart."""
         return loss_sum_over_everyone / (self.replicas if self.apart else 1)
 
-    def after_step(self, step: int) -> str | None:
-        """Run the outer loop after optimizer step ``step`` (1-based); returns an event to log."""
+    def after_step(self, step: int, last: bool = False) -> str | None:
+        """Run the outer loop after optimizer step ``step`` (1-based); ``last``: the run's final
+        step, after which DiLoCo replicas finish with one model. Returns an event to log."""
         if self.diloco is None:
             return None
         failed = self.diloco.failed_syncs
         self.diloco.after_inner_step(step)
-        return self.diloco.last_event if self.diloco.failed_syncs != failed else None
+        event = self.diloco.last_event if self.diloco.failed_syncs != failed else None
+        if last:
+            event = "; ".join(e for e in (event, self.diloco.finish(step)) if e)
+        return event
 
     def eval_weights(self) -> contextlib.AbstractContextManager:
         """Evaluate on the global weights (DiLoCo), else on the model as it is."""

@@ -114,6 +114,7 @@ class Scenario:
     resume_at: int | None = None      # checkpoint after this step, rebuild everything, load, continue
     inject_inf_at: int | None = None  # rank 1 holds an inf weight during this step's outer step
     raise_at: int | None = None       # every all-reduce raises during this step's outer step
+    finish: bool = False              # end with StreamingDiLoCo.finish after the last step
 
 
 def run(rank: int, sc: Scenario, group: CommGroup, replica: int | None = None, shard_mesh=None) -> dict:
@@ -178,6 +179,10 @@ def run(rank: int, sc: Scenario, group: CommGroup, replica: int | None = None, s
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["opt"])
             diloco.load_state_dict(ckpt["diloco"])
+    if sc.finish:
+        rec["before_finish"] = {"local": snapshot(model), "global": snapshot(model, diloco)}
+        rec["finish_event"] = diloco.finish(sc.steps)
+        rec["finish_bytes"] = LEDGER.take_step()[0]
     rec.update(final_local=snapshot(model), final_global=snapshot(model, diloco),
                failed_syncs=diloco.failed_syncs, applied_syncs=diloco.applied_syncs,
                total_bytes=dict(LEDGER.total_bytes))
@@ -240,6 +245,10 @@ def scenarios() -> dict[str, Scenario]:
         "q_int4": Scenario(replace(VANILLA, quantize="int4", chunk_size=64), 20),
         "failure": Scenario(DiLoCoSettings(inner_steps=4), 16, inject_inf_at=8, raise_at=16),
         "failure_fp4": Scenario(DiLoCoSettings(inner_steps=4, quantize="fp4"), 12, inject_inf_at=8),
+        # 19: fragment 0 launched at 18 is in flight (due at 20), fragment 1 last synced at 16
+        "finish_in_flight": Scenario(STREAMING, 19, finish=True),
+        # 20: fragment 0 has just been applied (merged with alpha), fragment 1 is 4 steps stale
+        "finish_on_sync": Scenario(STREAMING, 20, finish=True),
         "resume_uninterrupted": Scenario(RESUME, 24),
         "resume_in_flight": Scenario(RESUME, 24, resume_at=10),
         "resume_between": Scenario(RESUME, 24, resume_at=12),
@@ -366,6 +375,36 @@ def test_outer_gradient_launches_tau_steps_before_its_sync_and_is_waited_for_at_
             assert launched == (s.launching_fragment(t) is not None), t
             assert waited == (s.applying_fragment(t) is not None), t
             assert not (launched and waited), t  # tau = 2: never within one step
+
+
+# ---- the end of training
+@pytest.mark.parametrize("scenario", ["finish_in_flight", "finish_on_sync"])
+def test_finish_leaves_every_replica_holding_the_same_global_weights(main, scenario):
+    for r in main:
+        rec = r[scenario]
+        assert_same(rec["final_local"], rec["final_global"])
+        assert_same(rec["final_local"], main[0][scenario]["final_local"])
+        assert rec["failed_syncs"] == 0 and "fragments [0, 1] hold the global weights" in rec["finish_event"]
+
+
+def test_finish_applies_the_fragment_in_flight_as_its_scheduled_sync_would(main):
+    # Fragment 0's outer gradient was taken at step 18 for step 20: applying it at 19 must give the
+    # reference's global weights of step 20 for that fragment (same delta, same previous state).
+    for r in main:
+        rec, ref = r["finish_in_flight"], r["streaming_reference"]
+        for name in fragment_params(rec, 0):
+            assert_close(rec["final_global"][name], ref["sync_globals"][20][name], rtol=0, atol=1e-5)
+
+
+def test_finish_syncs_each_stale_fragment_once_and_nothing_already_in_flight(main):
+    numel = {n: p.numel() for n, p in TinyLM().named_parameters()}
+    for r in main:
+        for scenario in ("finish_in_flight", "finish_on_sync"):
+            rec = r[scenario]
+            stale = fragment_params(rec, 1)  # 0 is in flight at 19 and synced at 20
+            assert rec["finish_bytes"] == {KEY + "all_reduce": 4 * sum(numel[n] for n in stale)}, scenario
+            for name in stale:  # it moved: a new outer step from the local progress since step 16
+                assert not torch.equal(rec["final_global"][name], rec["before_finish"]["global"][name])
 
 
 # ---- replicas agree
