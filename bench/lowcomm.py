@@ -5,7 +5,11 @@ Every run trains configs/tiny.toml's model (~0.82M parameters: dim 128, 4 layers
 on the embedded corpus through the real CLI (``python -m meshweave run --nproc 2``): two processes,
 ``--parallel.dp_replicate=2 --parallel.dp_shard=1`` -- two replicas of one process each -- global
 batch 16 x seq 128, lr 3e-3 with 20 warm-up steps and cosine decay to 3e-4, the same number of steps
-(hence tokens) and the same seeds for every method. The methods differ only in their flags:
+(hence tokens), the same seeds and the same starting weights for every method. The start is the DiLoCo
+paper's protocol: ``--warm-start`` (default 200) steps of data-parallel AdamW (seed 0, its bytes in no
+row), whose checkpoint every run loads with ``--checkpoint.init_from``; ``--warm-start 0`` trains
+from scratch (bench/results/lowcomm_from_scratch.md: 200 steps that way). The methods differ only in
+their flags:
 
 - ``adamw``: data parallel, gradients all-reduced (fp32) every step;
 - ``onebit``: ``--optim.name=onebit_adam --optim.freeze_step=F``: AdamW + all-reduce for F steps
@@ -51,12 +55,16 @@ loss (seed mean) against cumulative ``comm_bytes_total`` (log x), and against tr
 shaped link when it ran (DiLoCo's eval points before its first sync show the initial weights: the
 global weights have not moved yet).
 
-Defaults and why (``--sweep`` reruns the one-seed grid they come from, bench/results/lowcomm_sweep.md):
-DiLoCo's published outer lr 0.7 with Nesterov 0.9 (tuned for H = 100-500 and long runs) is the worst
-setting here; plain averaging (outer lr 1, momentum 0) is the best, so it is the default. 1-bit
-Adam's freeze_step needs ~25-30% of a 200-step run: at 15% its loss ends ~10% above AdamW's.
+Defaults and why (``--sweep`` reruns the one-seed grid they come from, bench/results/lowcomm_sweep.md,
+from scratch): DiLoCo's published outer lr 0.7 with Nesterov 0.9 (tuned for H = 100-500 and long runs)
+is the worst setting here; plain averaging (outer lr 1, momentum 0) is the best, so it is the default.
+1-bit Adam's freeze_step needs ~25-30% of the run: at 15% its loss ends ~10% above AdamW's. Why a
+warm start: from random weights the first few hundred steps of this model are where replicas that
+see different data drift apart fastest, and averaging them recovers little of the second replica's
+data -- from scratch, 200 steps end ~10% above data parallel (lowcomm_from_scratch.md); DiLoCo's own
+paper starts its replicas from a pretrained checkpoint.
 
-    .venv/bin/python bench/lowcomm.py             # ~12-20 min on 2 shared cores, shaped link as root
+    .venv/bin/python bench/lowcomm.py             # ~20-30 min on 2 shared cores, shaped link as root
     .venv/bin/python bench/lowcomm.py --quick     # ~1.5-3 min: 1 seed, 60 steps, no shaped link
     .venv/bin/python bench/lowcomm.py --sweep     # ~7-13 min: the tuning grid, one seed
 """
@@ -103,9 +111,11 @@ class Method:
     quantize: str = "none"
 
 
-def base_flags(steps: int, seed: int, eval_interval: int) -> list[str]:
-    """Flags every run shares: tiny.toml's model, 2 replicas, the token budget, every step logged."""
-    return ["--config=configs/tiny.toml", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+def base_flags(steps: int, seed: int, eval_interval: int, init_from: Path | None = None) -> list[str]:
+    """Flags every run shares: tiny.toml's model, 2 replicas, the token budget, every step logged,
+    and the warm-start checkpoint every method starts from (None: from scratch)."""
+    return ["--config=configs/tiny.toml", *([f"--checkpoint.init_from={init_from}"] if init_from else []),
+            "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
             f"--train.steps={steps}", f"--train.global_batch={GLOBAL_BATCH}", f"--train.seq_len={SEQ_LEN}",
             f"--train.seed={seed}", f"--train.eval_interval={eval_interval}", f"--train.eval_batches={EVAL_BATCHES}",
             "--log.interval=1", "--checkpoint.interval=0"]
@@ -175,6 +185,21 @@ def run_loopback(out: Path, flags: Sequence[str]) -> dict[str, Any]:
         code = f"timeout after {RUN_TIMEOUT_S} s"
     wall = time.perf_counter() - started
     return summarise(out, code, wall)
+
+
+def pretrain(args: argparse.Namespace, run_root: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The warm start: ``--warm-start`` steps of data-parallel AdamW (seed 0, not one of the
+    measured seeds); returns its final checkpoint and summary, or (None, None) for from scratch."""
+    if not args.warm_start:
+        return None, None
+    out = run_root / "pretrain"
+    flags = [*base_flags(args.warm_start, 0, args.warm_start), "--checkpoint.save_final=true"]
+    res = run_loopback(out, flags)
+    ckpt = out / "checkpoints" / f"step-{args.warm_start}"
+    if "error" in res or not ckpt.is_dir():
+        raise SystemExit(f"lowcomm: the warm-start run failed ({res.get('error', 'no final checkpoint')}); "
+                         f"see {out}, or pass --warm-start 0 to train from scratch")
+    return ckpt, res
 
 
 def run_shaped(out: Path, flags: Sequence[str], net: Any, port: int) -> dict[str, Any]:
@@ -477,7 +502,10 @@ def _settings(args: argparse.Namespace, sweep: bool = False) -> str:
         return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run unless the "
                 f"row says otherwise, configs/tiny.toml's model and optimizer, seed {args.seed_list[0]}, final eval on "
                 f"{EVAL_BATCHES} held-out global batches.")
-    return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run "
+    start = ("from scratch" if not args.warm_start else
+             f"every method starting from the same checkpoint of {args.warm_start} data-parallel AdamW steps (seed 0, "
+             "not a measured seed; its bytes are in no row: the DiLoCo paper's protocol)")
+    return (f"{args.steps} steps x global batch {GLOBAL_BATCH} x seq {SEQ_LEN} = {tokens:,} tokens per run, {start} "
             f"(each DiLoCo replica: {GLOBAL_BATCH // 2} sequences per inner step), configs/tiny.toml's model and "
             f"optimizer (AdamW lr 3e-3, betas 0.9/0.95, wd 0.1, 20 warm-up steps, cosine to 3e-4, clip 1.0), "
             f"seeds {args.seed_list}, eval every {args.eval_interval} steps on {EVAL_BATCHES} held-out global batches. "
@@ -492,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-shaped", action="store_true", help="skip the network-namespace table")
     ap.add_argument("--shaped", action="store_true", help="run the shaped table even with --quick")
     ap.add_argument("--mbit", type=float, default=100, help="egress rate of each rank's veth in the shaped run")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 200; 60 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; 60 with --quick)")
+    ap.add_argument("--warm-start", type=int, default=None,
+                    help="data-parallel AdamW steps every method starts from (default 200; 0 with --quick): 0 = from scratch")
     ap.add_argument("--seeds", default=None, help="comma-separated --train.seed values (default 1,2,3; 1 with --quick)")
     ap.add_argument("--freeze-step", type=int, default=None, help="1-bit Adam warm-up steps (default 30%% of steps)")
     ap.add_argument("--inner-steps", type=int, default=None, help="DiLoCo H (default 20)")
@@ -506,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: the one-seed tuning grid behind the defaults (~13 runs) -> lowcomm_sweep.md")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
-    args.steps = args.steps or (60 if args.quick else 200)
+    args.steps = args.steps or (60 if args.quick else 400)
+    args.warm_start = (0 if args.quick else 200) if args.warm_start is None else args.warm_start
     args.seed_list = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",")]
     args.freeze_step = args.freeze_step or max(1, round(0.3 * args.steps))
     args.inner_steps = args.inner_steps or 20
@@ -529,13 +560,20 @@ def main(argv: list[str] | None = None) -> int:
     def save_raw() -> None:
         (args.out / "lowcomm.json").write_text(json.dumps(raw, indent=1, default=str))
 
+    init_from, warm = pretrain(args, run_root)
+    if warm is not None:
+        raw["warm_start"] = warm
+        report.add(f"Warm start: {args.warm_start} steps of data-parallel AdamW, eval loss "
+                   f"{warm['final_eval_loss']:.4f}, {warm['replica_bytes'] / 1e6:,.2f} MB between the replicas "
+                   f"(common to every method, counted in no row); checkpoint {init_from}.")
+
     # ---- loopback: every method x seed, methods interleaved within a seed (load drifts hit all alike)
     results: dict[str, dict[int, dict]] = {m.name: {} for m in ms}
     for seed in args.seed_list:
         for m in ms:
             t0 = time.perf_counter()
-            res = run_loopback(run_root / f"{m.name}-seed{seed}", [*base_flags(args.steps, seed, args.eval_interval),
-                                                                     *m.flags])
+            flags = [*base_flags(args.steps, seed, args.eval_interval, init_from), *m.flags]
+            res = run_loopback(run_root / f"{m.name}-seed{seed}", flags)
             results[m.name][seed] = res
             raw["loopback"].setdefault(m.name, {})[str(seed)] = res
             save_raw()
@@ -574,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i, m in enumerate(ms):
                     t0 = time.perf_counter()
                     res = run_shaped(run_root / f"shaped-{m.name}-seed{seed}",
-                                     [*base_flags(args.steps, seed, args.eval_interval), *m.flags], net, 29600 + i)
+                                     [*base_flags(args.steps, seed, args.eval_interval, init_from), *m.flags], net,
+                                     29600 + i)
                     shaped[m.name] = res
                     raw["shaped"][m.name] = res
                     save_raw()
