@@ -118,13 +118,32 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, uninterrupted, name, a
     assert_losses_match(whole[stop:], resumed, rtol=1e-6)
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(ONEBIT, id="onebit"),
-    pytest.param(diloco(4, 2), id="diloco"),
-])
-def test_replicas_may_be_sharded_inside(tmp_path, args):
+def test_onebit_replicas_may_be_sharded_inside(tmp_path):
     """FSDP inside each replica (dp_replicate=2 x dp_shard=2): FSDP reduces within the replica,
-    the replicas exchange through the optimizer / outer loop, and training proceeds."""
-    records = train_run(tmp_path, 4, "--parallel.dp_replicate=2", "--parallel.dp_shard=2", *args, steps=8)
+    the replicas exchange through the 1-bit optimizer, and training proceeds. Not a parity test:
+    each rank compresses the momentum it holds, so the layout moves the chunk boundaries of the
+    (lossy, error-compensated) codec -- 1-2% loss differences after 5 compressed steps."""
+    records = train_run(tmp_path, 4, "--parallel.dp_replicate=2", "--parallel.dp_shard=2", *ONEBIT, steps=8)
     assert losses(records)[-1] < losses(records)[0]
     assert any(k.startswith("dp_shard/") for k in records[-1]["comm_bytes"])
+
+
+DILOCO_INSIDE = diloco(4, 2, "--comm.diloco.delay=1")
+
+
+@pytest.fixture(scope="module")
+def diloco_unsharded_replicas(tmp_path_factory):
+    return losses(train_run(tmp_path_factory.mktemp("diloco-1x1"), 2, *REPLICAS, *DILOCO_INSIDE, steps=8))
+
+
+@pytest.mark.parametrize("inside", [
+    pytest.param(["--parallel.dp_shard=2"], id="fsdp2"),
+    pytest.param(["--parallel.pp=2", "--parallel.dp_shard=1"], id="pp2"),
+])
+def test_diloco_replicas_sharded_inside_match_unsharded_replicas(tmp_path, diloco_unsharded_replicas, inside):
+    """Each replica FSDP-sharded or pipelined: the outer loop syncs every rank's local shard with
+    its peer in the other replica (a pipeline stage may hold an empty fragment), so the run must
+    follow the unsharded replicas' trajectory (fp32 parity bound 1e-4; observed 1.3e-7, also with
+    tp=2 inside)."""
+    records = train_run(tmp_path, 4, "--parallel.dp_replicate=2", *inside, *DILOCO_INSIDE, steps=8)
+    assert_losses_match(diloco_unsharded_replicas, losses(records), rtol=1e-4)
