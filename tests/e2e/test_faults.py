@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -50,6 +51,15 @@ def test_kill_9_worker_restarts_and_finishes_with_the_uninterrupted_loss(tmp_pat
     assert losses(records) == whole
 
 
+def _stderr_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
+    """Collect ``proc``'s stderr lines in the background: the list grows as they arrive, the
+    thread ends at end of file."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    return lines, reader
+
+
 def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
     out = tmp_path / "hung"
     proc = subprocess.Popen(_torchrun(out, "--comm.timeout_s=5", steps=100_000, max_restarts=0),
@@ -60,7 +70,15 @@ def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
         _wait_for_step(out, proc, 2)
         stopped = worker_pids(out)[-1]
         os.kill(stopped, signal.SIGSTOP)  # alive but silent: the worst kind of failure
-        _, err = proc.communicate(timeout=180)
+        (lines, reader), deadline = _stderr_lines(proc), time.monotonic() + 180
+        while not any("did not complete within" in l for l in lines) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no rank reported the hung collective"
+            time.sleep(0.1)
+        # The others failed; let the stopped worker take torchrun's SIGTERM now instead of
+        # after torchrun's 30 s grace period (a stopped process does not act on signals).
+        os.kill(stopped, signal.SIGCONT)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
     finally:
         if stopped:
             try:
@@ -69,6 +87,7 @@ def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
                 pass
         proc.kill()
         kill_workers(out)
+    err = "".join(lines)
     assert proc.returncode != 0
     line = next(l for l in err.splitlines() if "did not complete within" in l)
     assert "comm.timeout_s=5s" in line and "all_reduce on mesh dim" in line and line.startswith("meshweave: rank ")
