@@ -294,13 +294,14 @@ class StreamingDiLoCo:
             total = part if total is None else total.add_(part)
         return total
 
-    def _apply(self, step: int, adopt: bool = False) -> None:
-        """Wait for the fragment in flight and apply its outer step; ``adopt``: merge with alpha 0."""
+    def _apply(self, step: int, adopt: bool = False) -> bool:
+        """Wait for the fragment in flight and apply its outer step (``adopt``: merge with alpha 0);
+        False when the sync failed."""
         flight, self._inflight = self._inflight, None
         self._resolve(flight)
         if flight.error:
             self._fail(step, flight.fragment, flight.error)
-            return
+            return False
         members = self._members[flight.fragment]
         with torch.no_grad():
             if not flight.merge_only:
@@ -315,27 +316,31 @@ class StreamingDiLoCo:
         self.applied_syncs += 1
         self._applied_at[flight.fragment] = step
         self.last_event = f"step {step}: fragment {flight.fragment} synced"
+        return True
 
     def finish(self, step: int) -> str:
         """End training after inner step ``step`` (call after :meth:`after_inner_step` of that
         step, on every replica): apply the fragment in flight now, give every fragment not synced
         at ``step`` one more outer step, and load the global weights into the model (alpha is
         ignored), so every replica ends holding the same weights. Returns what it did."""
-        attempted = {self.settings.applying_fragment(step)} - {None}
+        synced: dict[int, bool] = {}
+        scheduled = self.settings.applying_fragment(step)
+        if scheduled is not None:  # applied by after_inner_step, merged with alpha
+            synced[scheduled] = self._applied_at.get(scheduled) == step
+            if synced[scheduled] and self.settings.alpha:
+                with torch.no_grad():
+                    for i in self._members[scheduled]:
+                        _local(self._params[i]).copy_(self._global[i])
         if self._inflight is not None:
-            attempted.add(self._inflight.fragment)
-            self._apply(step, adopt=True)
+            fragment = self._inflight.fragment
+            synced[fragment] = self._apply(step, adopt=True)
         for fragment in range(self.settings.fragments):
-            if fragment not in attempted:
+            if fragment not in synced:
                 self._launch(fragment, step)
-                self._apply(step, adopt=True)
-        synced = [f for f in range(self.settings.fragments) if self._applied_at.get(f) == step]
-        with torch.no_grad():
-            for f in synced:
-                for i in self._members[f]:
-                    _local(self._params[i]).copy_(self._global[i])
-        failed = [f for f in range(self.settings.fragments) if f not in synced]
-        return (f"final sync: fragments {synced} hold the global weights on every replica"
+                synced[fragment] = self._apply(step, adopt=True)
+        ok = sorted(f for f, done in synced.items() if done)
+        failed = sorted(f for f, done in synced.items() if not done)
+        return (f"final sync: fragments {ok} hold the global weights on every replica"
                 + (f"; fragments {failed} failed and keep each replica's weights" if failed else ""))
 
     def _outer_step(self, members: list[int], average: Tensor, global_: list[Tensor],

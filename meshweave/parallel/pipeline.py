@@ -110,7 +110,8 @@ def clip_pipeline_gradients(params: list[nn.Parameter], max_norm: float, pp_grou
     the same factor. Collective over the job.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    norm = (torch.nn.utils.get_total_norm(grads, foreach=True) if grads
+            else torch.zeros((), device=params[0].device if params else None))  # a stage may hold no grads
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     squared = norm.float().pow(2).reshape(1)
