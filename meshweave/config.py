@@ -117,7 +117,7 @@ class OptimConfig:
 
 @dataclass
 class DiLoCoConfig:
-    """Streaming DiLoCo across the dp_replicate replicas (meshweave.comm.diloco)."""
+    """Streaming DiLoCo across the dp_replicate replicas (meshweave.lowcomm.diloco)."""
 
     enabled: bool = False
     inner_steps: int = 100
@@ -498,8 +498,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def diloco_settings(cfg: Config):
-    """``comm.diloco`` as meshweave.comm.diloco's DiLoCoSettings (imports torch: call lazily)."""
-    from meshweave.comm.diloco import DiLoCoSettings
+    """``comm.diloco`` as meshweave.lowcomm.diloco's DiLoCoSettings (imports torch: call lazily)."""
+    from meshweave.lowcomm.diloco import DiLoCoSettings
 
     return DiLoCoSettings(**{k: v for k, v in dataclasses.asdict(cfg.comm.diloco).items() if k != "enabled"})
 

@@ -47,7 +47,7 @@ from meshweave.trainer.metrics import (
     peak_memory_bytes,
 )
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
-from meshweave.trainer.replicas import ReplicaExchange
+from meshweave.lowcomm.replicas import ReplicaExchange
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""

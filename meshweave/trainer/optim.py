@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from meshweave.comm.onebit import OneBitAdam
+from meshweave.lowcomm.onebit import OneBitAdam
 from meshweave.comm.ops import CommGroup
 from meshweave.config import OptimConfig
 

@@ -1,4 +1,4 @@
-"""Specification of Streaming DiLoCo (``meshweave.comm.diloco``) on real gloo process groups.
+"""Specification of Streaming DiLoCo (``meshweave.lowcomm.diloco``) on real gloo process groups.
 
 Every rank is one replica of a tiny language model shaped like meshweave's (``layers`` in a
 ``ModuleDict`` plus embedding, norm and head), trained by plain AdamW on its own random tokens;
@@ -26,7 +26,7 @@ from torch.testing import assert_close
 from _spawn import spawn
 from meshweave.comm import ops
 from meshweave.comm.codecs import dequantize_4bit, quantize_4bit
-from meshweave.comm.diloco import DiLoCoSettings, StreamingDiLoCo
+from meshweave.lowcomm.diloco import DiLoCoSettings, StreamingDiLoCo
 from meshweave.comm.ops import LEDGER, CommGroup
 
 pytestmark = pytest.mark.dist

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _spawn import spawn
-from meshweave.comm.onebit import chunk_numel, compressed_wire_bytes
+from meshweave.lowcomm.onebit import chunk_numel, compressed_wire_bytes
 
 pytestmark = pytest.mark.dist
 
@@ -92,7 +92,7 @@ def onebit_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from meshweave.comm import ops
-    from meshweave.comm.onebit import ErrorFeedback, OneBitAdam, compressed_all_reduce
+    from meshweave.lowcomm.onebit import ErrorFeedback, OneBitAdam, compressed_all_reduce
     from meshweave.comm.ops import LEDGER, CommGroup
 
     group = CommGroup(dist.group.WORLD, "dp")

@@ -6,9 +6,9 @@ Three modes, chosen by the config:
   bucketed reducer); the loss is normalised by the global token count.
 - ``onebit`` (``optim.name=onebit_adam``): the same for ``optim.freeze_step`` warm-up steps; then
   gradients stay inside each replica and the optimizer all-reduces its 1-bit momentum instead
-  (meshweave.comm.onebit). Its error-feedback buffers differ per rank and are checkpointed per rank.
+  (meshweave.lowcomm.onebit). Its error-feedback buffers differ per rank and are checkpointed per rank.
 - ``diloco`` (``comm.diloco.enabled``): replicas train apart and sync fragments of the weights
-  every ``inner_steps`` (meshweave.comm.diloco). Replicas hold different weights between syncs,
+  every ``inner_steps`` (meshweave.lowcomm.diloco). Replicas hold different weights between syncs,
   so each saves its own model and optimizer; evaluation runs on the global weights. After the
   run's last step every fragment syncs once more and all replicas adopt the global weights.
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshweave.comm.diloco import StreamingDiLoCo
+from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.comm.ops import CommGroup
 from meshweave.config import Config, diloco_settings
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
