@@ -14,7 +14,7 @@ their flags:
 - ``adamw``: data parallel, gradients all-reduced (fp32) every step;
 - ``onebit``: ``--optim.name=onebit_adam --optim.freeze_step=F``: AdamW + all-reduce for F steps
   (default 30% of the run), then local momentum averaged by the 1-bit compressed all-reduce
-  (meshweave/comm/onebit.py);
+  (meshweave/lowcomm/onebit.py);
 - ``diloco``: vanilla DiLoCo, ``--comm.diloco.enabled=true`` with ``fragments=1, delay=0,
   alpha=0``: replicas take H inner AdamW steps (default 20) on their half of the batch, then one
   fp32 all-reduce of the outer gradient and an outer SGD step (Nesterov when momentum > 0);

@@ -154,7 +154,7 @@ def cmd_plot(args: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
     ns = parser.parse_args(args)
-    from meshweave.trainer.plots import plot_run
+    from meshweave.metrics.plots import plot_run
 
     try:
         paths = plot_run(ns.run_dir, ns.out)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshweave.trainer import plots
+from meshweave.metrics import plots
 
 MESHWEAVE = [sys.executable, "-m", "meshweave"]
 

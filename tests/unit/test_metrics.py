@@ -18,7 +18,7 @@ from meshweave.trainer.metrics import (
     format_console_line, lookup_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes,
     to_json_value,
 )
-from meshweave.trainer.plots import plot_run, read_metrics
+from meshweave.metrics.plots import plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
