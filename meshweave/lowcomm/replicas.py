@@ -20,33 +20,46 @@ the mean over replicas. Inside a replica, FSDP / TP / PP / CP work as usual.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.comm.ops import CommGroup
-from meshweave.config import Config, diloco_settings
-from meshweave.parallel.dims import ParallelDims, ParallelMesh
+from meshweave.config import Config
+from meshweave.lowcomm.diloco import StreamingDiLoCo
+
+ReplicaMode = Literal["dp", "onebit", "diloco"]
+
+
+def replica_mode(cfg: Config) -> ReplicaMode:
+    """How the ``dp_replicate`` replicas share what they learn: the one place that decides it
+    (validation rejects DiLoCo together with 1-bit Adam)."""
+    if cfg.comm.diloco.enabled:
+        return "diloco"
+    return "onebit" if cfg.optim.name == "onebit_adam" else "dp"
 
 
 class ReplicaExchange:
-    """The replica mode of a run, and what the loop must do differently in it (one per rank)."""
+    """The replica mode of a run, and what the loop must do differently in it (one per rank).
 
-    def __init__(self, cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> None:
-        self.mode = "diloco" if cfg.comm.diloco.enabled else "onebit" if cfg.optim.name == "onebit_adam" else "dp"
+    ``replicas``: the dp_replicate group; ``everyone``: all ranks that see different tokens (dp x
+    cp); ``inside``: those of them in this rank's replica; ``diloco``: the outer loop in DiLoCo
+    mode. 1-bit Adam's phase is read from the optimizer, bound with :meth:`bind_optimizer`.
+    """
+
+    def __init__(self, mode: ReplicaMode, replicas: CommGroup, replica_index: int, everyone: CommGroup,
+                 inside: CommGroup, diloco: StreamingDiLoCo | None = None) -> None:
+        self.mode = mode
+        self.replicas = replicas.size
+        self.replica_index = replica_index
+        self.everyone = everyone
+        self.inside = inside
+        self.diloco = diloco
+        self.optimizer: Any = None
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The run's optimizer (1-bit Adam's compressing phase and error feedback live there)."""
         self.optimizer = optimizer
-        self.replicas = dims.dp_replicate
-        self.replica_index = mesh["dp_replicate"].get_local_rank()
-        self.everyone = mesh.group(dims.loss_dim)   # all ranks that see different tokens
-        self.inside = mesh.group(dims.shard_dim)    # those of them in this rank's replica
-        self.diloco = None
-        if self.mode == "diloco":
-            # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
-            self.diloco = StreamingDiLoCo(model, mesh.group("dp_replicate"), diloco_settings(cfg),
-                                          agree=CommGroup.world())
 
     @property
     def apart(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from meshweave.config import ModelConfig, MoEConfig
 from meshweave.kernels.attention import attention
+from meshweave.models.family import ModelFamily
 from meshweave.models.moe import MoEFeedForward, MoESettings, is_moe_layer
 
 Tensor = torch.Tensor
@@ -112,7 +113,8 @@ class DecoderLayer(nn.Module):
                                else FeedForward(cfg))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
+        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -124,6 +126,8 @@ class Transformer(nn.Module):
     ``rope_positions`` if set, else ``0..s-1``: context parallelism and pipeline stages set the
     global positions of the tokens they see.
     """
+
+    family: ClassVar[ModelFamily]  # declared below the class: what parallel/ needs to know
 
     def __init__(self, cfg: ModelConfig, moe: MoESettings | None = None) -> None:
         super().__init__()
@@ -217,3 +221,34 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "meta",
     With ``moe`` the MoE layers' feed-forwards are mixtures of experts."""
     with torch.device(device):
         return Transformer(cfg, moe)
+
+
+def block_tp_plan(block: nn.Module) -> dict[str, str]:
+    """The tensor-parallel plan of one decoder block (styles of models/family.py): Megatron's
+    column-parallel q/k/v and gate/up, row-parallel o/down, sequence-parallel norms; an MoE block
+    runs replicated over tp (its experts are split over ep instead)."""
+    plan = {
+        "input_layernorm": "sequence_parallel",
+        "self_attn": "gather_sequence",
+        "self_attn.q_proj": "colwise",
+        "self_attn.k_proj": "colwise",
+        "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise",
+        "post_attention_layernorm": "sequence_parallel",
+    }
+    if isinstance(block.mlp, MoEFeedForward):
+        return {**plan, "mlp": "replicated_block"}
+    return {**plan, "mlp": "gather_sequence", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+            "mlp.down_proj": "rowwise"}
+
+
+Transformer.family = ModelFamily(
+    name="llama",
+    blocks="layers",
+    first_stage=("embed_tokens",),
+    last_stage=("norm", "lm_head"),
+    root_tp_plan={"embed_tokens": "vocab_embedding", "norm": "sequence_parallel", "lm_head": "vocab_head"},
+    block_tp_plan=block_tp_plan,
+    init_value=init_value,
+    hf_name=hf_name,
+)

@@ -15,14 +15,14 @@ global token count, so the sum is the gradient of the global mean loss.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
+from meshweave.models.family import family_of
+from meshweave.lowcomm.replicas import replica_mode
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 
 MIXED_PRECISION = {
@@ -50,7 +50,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_p
         kwargs["mp_policy"] = MIXED_PRECISION[mixed_precision]
     if ignored:
         kwargs["ignored_params"] = set(ignored)
-    layers = list(model.layers.values())
+    layers = list(family_of(model).block_dict(model).values())
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
@@ -66,16 +66,10 @@ def _sum_not_average(model: nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
-def replicas_apart(cfg: Config) -> bool:
-    """Whether replicas (dp_replicate) exchange through 1-bit Adam or DiLoCo instead of a
-    gradient all-reduce every step."""
-    return cfg.optim.name == "onebit_adam" or cfg.comm.diloco.enabled
-
-
 def fsdp_inside_replicas(dims: ParallelDims, cfg: Config) -> bool:
     """FSDP shards over dp_shard (x cp); apart replicas also use it for cp without dp_shard, so
     the reduction inside a replica never mixes with the one across replicas."""
-    return dims.dp_shard > 1 or (replicas_apart(cfg) and dims.cp > 1)
+    return dims.dp_shard > 1 or (replica_mode(cfg) != "dp" and dims.cp > 1)
 
 
 def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
@@ -85,8 +79,9 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
     optimizer's warm-up; the trainer stops calling it once the momentum goes compressed); with
     DiLoCo nothing reduces across replicas. Call it after materialisation: hooks bind to the real
     parameters, which ``to_empty`` replaces."""
-    if replicas_apart(cfg):
-        if cfg.comm.diloco.enabled or dims.dp_replicate == 1:
+    mode = replica_mode(cfg)
+    if mode != "dp":
+        if mode == "diloco" or dims.dp_replicate == 1:
             return None
         fsdp = fsdp_inside_replicas(dims, cfg)  # FSDP writes its grads outside autograd's hooks
         return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
@@ -96,14 +91,3 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
     group = mesh.group("dp_cp" if dims.cp > 1 else "dp_replicate")
     return GradientReducer(model.parameters(), group,
                            bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap)
-
-
-def gradient_sync(model: nn.Module, reducer: GradientReducer | None, enabled: bool,
-                  across_replicas: bool = True) -> contextlib.AbstractContextManager:
-    """Context for one micro-step: sync gradients only on the last one of an accumulation, and
-    across replicas only when ``across_replicas`` (1-bit Adam's compressed phase says no)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-    if reducer is not None and not (enabled and across_replicas):
-        return reducer.no_sync()
-    return contextlib.nullcontext()

@@ -79,6 +79,12 @@ class ParallelDims:
             # they are data-parallel ranks too, and FSDP shards over dp_shard x cp.
             flattened["dp_cp"] = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
             flattened["dp_shard_cp"] = root["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if self.tp > 1 and self.dp_shard * self.cp > 1:
+            # FSDP over a tensor-parallel parameter makes a 2-D (shard, tp) mesh; a reduction over
+            # both (the grad norm) finds this flattened dim and runs as one all-reduce, not two.
+            shard_dims = ("dp_shard", "cp") if self.cp > 1 else ("dp_shard",)
+            name = "_".join((*shard_dims, "tp"))
+            flattened[name] = root[(*shard_dims, "tp")]._flatten(name)
         if self.ep > 1:
             shard = flattened["dp_shard_cp"] if self.cp > 1 else root["dp_shard"]
             experts = shard._unflatten(0, (self.ep, self.expert_dp), ("ep", "edp"))

@@ -1,34 +1,30 @@
-"""Turn a model on ``meta`` into this rank's trainable part, in the composition order of DESIGN.md.
+"""Turn a model on ``meta`` into this rank's :class:`ParallelRuntime`, in the composition order below.
 
 Order: PP split -> TP/SP -> CP attention binding -> EP (experts split over ``ep``, their weights
 made FSDP-shaped shards that FSDP ignores) -> activation checkpointing -> data parallelism (FSDP /
-replicated) -> materialise and initialise -> MoE aux-loss scale.
+replicated) -> materialise and initialise -> MoE aux-loss scale -> pipeline schedule, gradient
+reducer and replica exchange, handed to the training loop as one runtime object.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from meshweave.comm.overlap import GradientReducer
+from meshweave.comm.ops import CommGroup
 from meshweave.config import Config
-from meshweave.models.llama import Transformer, init_value
+from meshweave.lowcomm.diloco import StreamingDiLoCo
+from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
+from meshweave.models.family import family_of
 from meshweave.models.moe import init_moe_buffers, set_aux_loss_scale
 from meshweave.parallel.context import ContextParallel
-from meshweave.parallel.data import (
-    MIXED_PRECISION,
-    apply_fsdp,
-    fsdp_inside_replicas,
-    replicas_apart,
-    replicated_reducer,
-)
+from meshweave.parallel.data import MIXED_PRECISION, apply_fsdp, fsdp_inside_replicas, replicated_reducer
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 from meshweave.parallel.expert import bind, shard_expert_weights
-from meshweave.parallel.pipeline import PipelineParts, split_model
+from meshweave.parallel.pipeline import build_schedule, split_model
+from meshweave.parallel.runtime import LossFn, ParallelRuntime
 from meshweave.parallel.stages import microbatches
 from meshweave.parallel.tensor import apply_tensor_parallel
 
@@ -42,43 +38,64 @@ def context_parallel(dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> Con
     return ContextParallel(mesh.group("cp"), p.cp_method, ulysses_degree=p.ulysses or None, inner=p.cp_inner)
 
 
-@dataclass
-class Parallelized:
-    """What the trainer drives: the gradient reducer it must ``finish()`` each step (``None`` when
-    FSDP or nothing reduces), and this rank's pipeline stages (``None`` without pp)."""
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
+                device: torch.device, loss_fn: LossFn) -> ParallelRuntime:
+    """Split ``model`` (on meta) for this rank, materialise and initialise it on ``device``, and
+    return the runtime the training loop drives.
 
-    reducer: GradientReducer | None
-    pipeline: PipelineParts | None
-
-
-def parallelize(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
-                device: torch.device, cp: ContextParallel | None = None) -> Parallelized:
-    """Split ``model`` (on meta) for this rank, then materialise and initialise it on ``device``.
-
-    With pp > 1 ``model`` is pruned in place to this rank's stages (names stay global). ``cp``
-    (from :func:`context_parallel`) becomes every layer's attention op; the caller feeds the model
-    its sequence shards and sets their positions. Collective over the job.
+    With pp > 1 ``model`` is pruned in place to this rank's stages (names stay global). ``loss_fn``
+    ``(logits, labels) -> token-loss sum`` is the last stage's loss. Collective over the job.
     """
     pipeline = split_model(model, cfg, mesh["pp"].get_local_rank()) if dims.pp > 1 else None
     roots = pipeline.stages if pipeline else [model]
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    cp = context_parallel(dims, mesh, cfg)
     if cp is not None:
         model.set_attention_op(cp.attention_op)
     experts = expert_parallel(model, dims, mesh, cfg)
     for root in {id(r): r for r in [model, *roots]}.values():
         root.checkpoint_layers = cfg.parallel.activation_checkpointing
+    apart = replica_mode(cfg) != "dp"
     if fsdp_inside_replicas(dims, cfg):
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not replicas_apart(cfg),
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart,
                    ignored=experts)
     materialize(model, device, cfg.train.seed)
     set_aux_loss_scale(model, aux_loss_scale(dims, cfg))
+    _set_positions([model, *roots], cp, pipeline is not None, cfg.train.seq_len, device)
     # A pipeline schedule runs every microbatch's backward before the step: reduce once, after.
-    overlap = cfg.comm.overlap and pipeline is None
-    return Parallelized(replicated_reducer(model, dims, mesh, cfg, overlap), pipeline)
+    reducer = replicated_reducer(model, dims, mesh, cfg, overlap=cfg.comm.overlap and pipeline is None)
+    replicas = replica_exchange(cfg, dims, mesh, model)
+    runtime = ParallelRuntime(cfg, dims, mesh, device, model, loss_fn, cp, pipeline, None, reducer, replicas)
+    if pipeline is not None:
+        runtime.schedule = build_schedule(pipeline, cfg, mesh.group("pp").pg, device, runtime.pipeline_loss)
+    return runtime
 
 
-def expert_parallel(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> list[nn.Parameter]:
+def replica_exchange(cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model: nn.Module) -> ReplicaExchange:
+    """How this rank's replica exchanges with the others (lowcomm/replicas.py), over this mesh.
+    Collective over the job in DiLoCo mode."""
+    mode = replica_mode(cfg)
+    diloco = None
+    if mode == "diloco":
+        # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
+        diloco = StreamingDiLoCo(model, mesh.group("dp_replicate"), cfg.comm.diloco, agree=CommGroup.world())
+    return ReplicaExchange(mode, mesh.group("dp_replicate"), mesh["dp_replicate"].get_local_rank(),
+                           everyone=mesh.group(dims.loss_dim), inside=mesh.group(dims.shard_dim), diloco=diloco)
+
+
+def _set_positions(modules: list[nn.Module], cp: ContextParallel | None, pipelined: bool, seq_len: int,
+                   device: torch.device) -> None:
+    """Give every model (or stage) the global RoPE positions of the tokens it sees: a CP shard,
+    and for pipeline stages (whose input is hidden states) the whole sequence."""
+    if cp is None and not pipelined:
+        return
+    positions = cp.positions(seq_len, device) if cp is not None else torch.arange(seq_len, device=device)
+    for module in modules:
+        module.rope_positions = positions
+
+
+def expert_parallel(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> list[nn.Parameter]:
     """Split the MoE layers' experts over ``mesh["ep"]`` (meta model, after TP, before FSDP) and
     store their weights as FSDP-shaped shards (parallel/expert.py); returns those weights, which
     FSDP must ignore. Nothing to do at ep = 1, where FSDP shards the experts like any weight."""
@@ -87,7 +104,7 @@ def expert_parallel(model: Transformer, dims: ParallelDims, mesh: ParallelMesh, 
     bind(model, mesh.group("ep"))
     # The mesh and placements FSDP gives every other parameter (apply_fsdp; FSDP2 concatenates
     # the dp mesh with a tensor-parallel parameter's tp mesh), so one grad-norm covers all.
-    hsdp = dims.dp_replicate > 1 and not replicas_apart(cfg)
+    hsdp = dims.dp_replicate > 1 and replica_mode(cfg) == "dp"
     dp_mesh = mesh["dp_replicate", dims.shard_dim] if hsdp else mesh[dims.shard_dim]
     placements = [Replicate(), Shard(0)] if hsdp else [Shard(0)]
     if dims.tp > 1:
@@ -110,12 +127,13 @@ def aux_loss_scale(dims: ParallelDims, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate ``model`` on ``device`` and fill it with :func:`init_value` (no communication).
 
     Each rank builds the full initial tensor from the seed and keeps its own shard, so the model
     is identical under every layout. Costs one full parameter on the host at a time.
     """
+    init_value = family_of(model).init_value
     model.to_empty(device=device)
     model.tie_weights()
     init_moe_buffers(model)  # to_empty leaves buffers uninitialised

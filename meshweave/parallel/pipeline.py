@@ -14,23 +14,21 @@ What meshweave adds to torch's schedules:
 - **Loss normalisation.** Schedules are built with ``scale_grads=False``: the trainer's loss is
   already divided by the global token count, so microbatch gradients simply add up.
 
-The trainer runs ``schedule.step`` on every rank of a pipeline with the rank's per-step batch; the
-last stage computes the loss per microbatch, and :func:`clip_pipeline_gradients` combines grad
-norms across stages.
+The runtime (parallel/runtime.py) runs ``schedule.step`` on every rank of a pipeline with the rank's
+per-step batch; the last stage computes the loss per microbatch, and the grad norm adds the
+stages' squares over the pipeline group.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from meshweave.comm.ops import CommGroup, all_reduce
 from meshweave.config import Config
+from meshweave.models.family import ModelFamily, family_of
 from meshweave.parallel.stages import MULTI_STAGE, microbatches, parse_layers, split_layers, stage_ids, stages_per_rank
 
 
@@ -64,28 +62,30 @@ def split_model(model: nn.Module, cfg: Config, pp_rank: int) -> PipelineParts:
     layers = (parse_layers(p.pp_layers, cfg.model.n_layers, n_stages) if p.pp_layers
               else split_layers(cfg.model, cfg.train.seq_len, n_stages))
     ids = stage_ids(pp_rank, p.pp, per_rank, p.pp_schedule)
-    stages = [_stage_view(model, layers[i], first=i == 0, last=i == n_stages - 1) for i in ids]
+    family = family_of(model)
+    stages = [_stage_view(model, family, layers[i], first=i == 0, last=i == n_stages - 1) for i in ids]
     held = {str(i) for s in ids for i in layers[s]}
-    for name in [n for n in model.layers if n not in held]:
-        del model.layers[name]
-    if 0 not in ids:
-        model.embed_tokens = None
-    if n_stages - 1 not in ids:
-        model.norm, model.lm_head = None, None
+    blocks = family.block_dict(model)
+    for name in [n for n in blocks if n not in held]:
+        del blocks[name]
+    for name in (family.first_stage if 0 not in ids else ()) + (family.last_stage if n_stages - 1 not in ids else ()):
+        setattr(model, name, None)
     return PipelineParts(model, stages, ids, n_stages)
 
 
-def _stage_view(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
-    """A model object of the same class holding only these parts — the same module objects."""
+def _stage_view(model: nn.Module, family: ModelFamily, block_ids: list[int], first: bool, last: bool) -> nn.Module:
+    """A model object of the same class holding only these parts — the same module objects.
+
+    Its plain attributes (config, flags) are copied from ``model``; the parts outside the stage
+    are ``None``, as the family's forward expects of a pipeline stage."""
     stage = object.__new__(type(model))
-    nn.Module.__init__(stage)
-    stage.cfg = model.cfg
-    stage.checkpoint_layers = False
-    stage.rope_positions = None
-    stage.embed_tokens = model.embed_tokens if first else None
-    stage.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
-    stage.norm = model.norm if last else None
-    stage.lm_head = model.lm_head if last else None
+    stage.__dict__.update(model.__dict__)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        setattr(stage, registry, dict(getattr(model, registry)))
+    blocks = family.block_dict(model)
+    setattr(stage, family.blocks, nn.ModuleDict({str(i): blocks[str(i)] for i in block_ids}))
+    for name in (family.first_stage if not first else ()) + (family.last_stage if not last else ()):
+        setattr(stage, name, None)
     return stage
 
 
@@ -100,23 +100,3 @@ def build_schedule(parts: PipelineParts, cfg: Config, pp_group: torch.distribute
             "interleaved_zb": pl.ScheduleInterleavedZeroBubble, "zbv": pl.ScheduleZBVZeroBubble}[cfg.parallel.pp_schedule]
     first = stages if cfg.parallel.pp_schedule in MULTI_STAGE else stages[0]
     return kind(first, n_microbatches=microbatches(cfg), loss_fn=loss_fn, scale_grads=False)
-
-
-def clip_pipeline_gradients(params: list[nn.Parameter], max_norm: float, pp_group: CommGroup) -> float:
-    """Clip this rank's gradients by the global L2 norm over every stage and shard; returns it.
-
-    Each rank takes its stages' norm the way the one-stage path does (torch's foreach norm, one
-    reduction for DTensor shards), the pipeline group adds the squares, and every rank scales by
-    the same factor. Collective over the job.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = (torch.nn.utils.get_total_norm(grads, foreach=True) if grads
-            else torch.zeros((), device=params[0].device if params else None))  # a stage may hold no grads
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    squared = norm.float().pow(2).reshape(1)
-    all_reduce(squared, pp_group)
-    norm = squared.sqrt()[0]
-    if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return float(norm)

@@ -25,6 +25,7 @@ length from the replicated input. Divisibility is checked by config validation.
 from __future__ import annotations
 
 import contextlib
+from typing import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,6 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    ParallelStyle,
     PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -39,48 +41,59 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from meshweave.models.llama import Transformer
+from meshweave.models.family import family_of
 from meshweave.models.moe import MoEFeedForward
 from meshweave.parallel.expert import local_compute
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
-    """Shard ``model`` in place over ``tp_mesh`` (1-D). Call on the meta model, before FSDP."""
-    root_plan = {}
-    if model.embed_tokens is not None:
-        root_plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if model.norm is not None:
-        root_plan["norm"] = SequenceParallel()
-    if model.lm_head is not None:
-        root_plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
-                                               use_local_output=False)
-    parallelize_module(model, tp_mesh, root_plan)
-    for layer in model.layers.values():
-        plan = {
-            "input_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "post_attention_layernorm": SequenceParallel(),
-        }
-        if isinstance(layer.mlp, MoEFeedForward):
-            plan["mlp"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
-            _replicate_parameters(layer.mlp, tp_mesh)
-        else:
-            plan.update({
-                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-                "mlp.gate_proj": ColwiseParallel(),
-                "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-            })
-        parallelize_module(layer, tp_mesh, plan)
-    if model.cfg.tie_embeddings:
-        model.tie_weights()
+def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
+    """The DTensor style of an abstract plan entry (models/family.py's TP_STYLES) for ``module``."""
+    if name == "colwise":
+        return ColwiseParallel()
+    if name == "rowwise":
+        return RowwiseParallel(output_layouts=Shard(1))
+    if name == "sequence_parallel":
+        return SequenceParallel()
+    if name == "gather_sequence":
+        return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    if name == "vocab_embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if name == "vocab_head":
+        return ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    if name == "replicated_block":
+        if not isinstance(module, MoEFeedForward):
+            raise ValueError(f"replicated_block is for MoE blocks, not {type(module).__name__}")
+        _replicate_parameters(module, tp_mesh)
+        return PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+    raise ValueError(f"unknown tensor-parallel style {name!r}")
+
+
+def _apply_plan(root: nn.Module, plan: Mapping[str, str], tp_mesh: DeviceMesh) -> None:
+    styles = {path: _style(name, root.get_submodule(path), tp_mesh) for path, name in plan.items()
+              if _present(root, path)}
+    parallelize_module(root, tp_mesh, styles)
+
+
+def _present(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a module of ``root`` (a pipeline stage holds ``None`` for parts it lacks)."""
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard ``model`` in place over ``tp_mesh`` (1-D) by its family's plan. Call on the meta
+    model, before FSDP."""
+    family = family_of(model)
+    _apply_plan(model, family.root_tp_plan, tp_mesh)
+    for block in family.block_dict(model).values():
+        _apply_plan(block, family.block_tp_plan(block), tp_mesh)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head must stay the embedding's (now sharded) parameter
 
 
 def _replicate_parameters(moe: MoEFeedForward, tp_mesh: DeviceMesh) -> None:

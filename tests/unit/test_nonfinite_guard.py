@@ -22,8 +22,9 @@ def trainer(tmp_path):
 
 
 def _poison(trainer):
-    clean = trainer._loss_sum
-    trainer._loss_sum = lambda inputs, labels: clean(inputs, labels) * float("nan")
+    """Make every microbatch's loss NaN (the runtime's per-microbatch loss); returns the clean one."""
+    clean = trainer.runtime._loss
+    trainer.runtime._loss = lambda inputs, labels: clean(inputs, labels) * float("nan")
     return clean
 
 
@@ -40,7 +41,7 @@ def test_a_finite_step_resets_the_consecutive_count(trainer):
     clean = _poison(trainer)
     trainer.train_step()
     trainer.train_step()
-    trainer._loss_sum = clean
+    trainer.runtime._loss = clean
     assert math.isfinite(trainer.train_step()["loss"])
     assert trainer.bad_steps == 0 and trainer.skipped_steps == 2
 
