@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_CPU_VERSION := 2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo lint test test-fast clean
 
 venv: $(VENV)/.stamp
 
@@ -27,6 +27,12 @@ demo: venv
 	    --parallel.tp=2 --parallel.dp_shard=2 --checkpoint.resume=none
 	$(VENV)/bin/meshweave plot $(DEMO_OUT)
 	@echo "demo done: metrics in $(DEMO_OUT)/metrics.jsonl, plots in $(DEMO_OUT)/plots/, checkpoints in $(DEMO_OUT)/checkpoints/"
+
+# ruff (lint + format check) and mypy; CI runs it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: venv
 	$(PY) -m pytest -q -rs --durations=15

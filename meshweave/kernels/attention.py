@@ -1,7 +1,7 @@
 """The local attention op every attention path calls: ``attn(q, k, v, causal) -> (out, lse)``,
 its explicit backward, and the fp32 merge of partial results that context parallelism builds on.
 
-Contract (DESIGN.md): q ``[batch, seq, heads, head_dim]``, k/v ``[batch, seq, kv_heads, head_dim]``
+Contract (docs/architecture.md): q ``[batch, seq, heads, head_dim]``, k/v ``[batch, seq, kv_heads, head_dim]``
 with ``heads % kv_heads == 0`` (grouped-query attention without materialising repeated K/V);
 ``out`` has q's shape and dtype; ``lse`` is the log-sum-exp of the scaled scores,
 ``[batch, heads, seq]``, in fp32 whatever the input dtype (fp64 for fp64 inputs, so
@@ -13,7 +13,7 @@ Context-parallel methods compute attention block by block and need two more piec
 - :func:`attention_backward` — gradients of one block given the *final* (merged) ``out`` and
   ``lse`` of its query rows, so blocks can be differentiated independently and summed;
 - :func:`merge_partial` — fold a block's ``(out, lse)`` into running fp32 accumulators
-  (DESIGN.md's formula). A block whose rows are all masked has ``lse = -inf`` and leaves the
+  (the formula in docs/architecture.md). A block whose rows are all masked has ``lse = -inf`` and leaves the
   accumulator untouched; merging into an empty accumulator takes the block as it is. Neither
   produces NaN, which is where naive ``-inf - -inf`` merges break.
 """

@@ -4,7 +4,7 @@ The model knows nothing about meshes. Two seams let ``parallel/`` split it witho
 
 - layers live in a ``ModuleDict`` keyed by their global index, and ``embed_tokens``, ``norm`` and
   ``lm_head`` may be ``None``, so a pipeline stage is the same class with parts removed;
-- attention calls ``self.attn_op(q, k, v, causal)`` (the kernel contract in DESIGN.md), which
+- attention calls ``self.attn_op(q, k, v, causal)`` (the kernel contract in docs/architecture.md), which
   context parallelism rebinds.
 
 With MoE settings (``[moe]``, see :mod:`meshweave.models.moe`) the feed-forward of every
