@@ -185,12 +185,13 @@ def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
 
     from meshweave.comm import capture, ops
     from meshweave.comm.ops import LEDGER, CommGroup
-    from meshweave.models.moe import MoEFeedForward, MoESettings, SwiGLU, aux_loss, moe_layers
+    from meshweave.config import MoEConfig
+    from meshweave.models.moe import MoEFeedForward, SwiGLU, aux_loss, moe_layers
     from meshweave.parallel.expert import bind
 
     capture.install()
     torch.manual_seed(0)
-    settings = MoESettings(num_experts=E, top_k=TOP_K, expert_ffn_dim=spec.expert_ffn, renormalize=True,
+    settings = MoEConfig(num_experts=E, top_k=TOP_K, expert_ffn_dim=spec.expert_ffn, renormalize=True,
                            aux_loss_coeff=1e-2, z_loss_coeff=0.0)
     full = [MoEFeedForward(spec.dim, settings) for _ in range(spec.layers)]
     mw = _Stack.build([copy.deepcopy(m) for m in full], spec.dim)

@@ -364,7 +364,8 @@ def pipeline_worker(rank: int, world: int, spec: Spec) -> dict:
     _quiet()
     import gc
 
-    from meshweave.config import ConfigError, validate
+    from meshweave.config import ConfigError
+    from meshweave.validation import validate
     from meshweave.parallel.dims import ParallelDims
 
     dims = ParallelDims(pp=world, dp_replicate=1, dp_shard=1, cp=1, tp=1)

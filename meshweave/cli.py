@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from meshweave.config import ConfigError, options_help, resolve
+from meshweave.config import ConfigError, options_help
+from meshweave.validation import resolve
 
 TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]
        meshweave run --nproc N [--config FILE] [--out DIR] [--section.key=value ...]

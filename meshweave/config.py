@@ -27,52 +27,61 @@ class ConfigError(ValueError):
 # sections
 
 
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its ``--help`` text, and for strings its allowed values, beside it."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder shape. Parameter names follow Hugging Face Llama one-to-one."""
 
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_dim: int = 384
-    vocab_size: int = 320
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    dim: int = opt(128, "hidden size")
+    n_layers: int = opt(4, "decoder layers")
+    n_heads: int = opt(4, "attention heads")
+    n_kv_heads: int = opt(2, "key/value heads (grouped-query attention; divides n_heads)")
+    ffn_dim: int = opt(384, "SwiGLU hidden width")
+    vocab_size: int = opt(320, "embedding rows; must cover the tokenizer's vocabulary")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    max_seq_len: int = opt(2048, "longest sequence the model is built for")
+    tie_embeddings: bool = opt(False, "share one matrix between the embedding and the head")
+    init_std: float = opt(0.02, "std of the normal initialisation (residual outputs scaled by 1/sqrt(2 n_layers))")
 
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-experts feed-forward layers (meshweave.models.moe.MoESettings, field for field).
+    """Mixture-of-experts feed-forward layers, used as they are by meshweave.models.moe.
 
     ``num_experts = 0`` keeps the model dense. Layer ``i`` is MoE iff ``i % every == every - 1``.
     """
 
-    num_experts: int = 0
-    top_k: int = 2
-    every: int = 1
-    expert_ffn_dim: int = 128
-    shared_experts: int = 0
-    score: str = "softmax"
-    renormalize: bool = False
-    capacity_factor: float = 0.0
-    min_capacity: int = 4
-    aux_loss_coeff: float = 1e-2
-    z_loss_coeff: float = 1e-3
-    bias_balancing: bool = False
-    bias_update_rate: float = 1e-3
-    low_dim: int = 0
+    num_experts: int = opt(0, "routed experts per MoE layer; 0 = dense model (no MoE layers)")
+    top_k: int = opt(2, "experts each token is routed to")
+    every: int = opt(1, "every k-th layer is MoE (the last of each k); 1 = every layer")
+    expert_ffn_dim: int = opt(128, "SwiGLU hidden width of one expert (and of each shared expert)")
+    shared_experts: int = opt(0, "always-on experts per MoE layer (DeepSeekMoE), overlapping the dispatch")
+    score: str = opt("softmax", "router scores (sigmoid: weights renormalised over the top-k)", ("softmax", "sigmoid"))
+    renormalize: bool = opt(False, "softmax only: rescale the top-k weights to sum 1 (Mixtral)")
+    capacity_factor: float = opt(0.0, "expert capacity ceil(k*T/E * cf), tokens over it dropped; 0 = dropless")
+    min_capacity: int = opt(4, "capacity floor when capacity_factor > 0")
+    aux_loss_coeff: float = opt(1e-2, "load-balancing loss coeff * E * sum_i f_i P_i")
+    z_loss_coeff: float = opt(1e-3, "router z-loss coeff * mean logsumexp(logits)^2")
+    bias_balancing: bool = opt(False, "aux-loss-free balancing: per-expert selection bias nudged each step")
+    bias_update_rate: float = opt(1e-3, "bias step per optimizer step (sign of the load deviation)")
+    low_dim: int = opt(0, "BigMac: routed experts run at this width, so the all-to-alls move it (0 = off)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
 
 
 @dataclass
 class DataConfig:
     """Where tokens come from. ``embedded`` is Python's own pydoc topics, byte-tokenized."""
 
-    source: str = "embedded"
-    eval_fraction: float = 0.05
+    source: str = opt("embedded", "'embedded' or a directory written by `meshweave data prepare`")
+    eval_fraction: float = opt(0.05, "share of documents held out for eval")
 
 
 @dataclass
@@ -82,94 +91,130 @@ class ParallelConfig:
     ``dp_shard = -1`` fills whatever the other degrees leave of the world size.
     """
 
-    dp_replicate: int = 1
-    dp_shard: int = -1
-    tp: int = 1
-    cp: int = 1
-    pp: int = 1
-    ep: int = 1
-    cp_method: str = "ring"
-    ulysses: int = 0
-    cp_inner: str = "ring"
-    pp_schedule: str = "1f1b"
-    pp_microbatches: int = 0
-    pp_virtual_stages: int = 0
-    pp_layers: str = ""
-    mixed_precision: str = "none"
-    activation_checkpointing: bool = False
+    dp_replicate: int = opt(1, "replicated data-parallel degree (HSDP when dp_shard > 1)")
+    dp_shard: int = opt(-1, "FSDP degree; -1 fills the rest of the world size")
+    tp: int = opt(1, "tensor-parallel degree (with sequence parallelism)")
+    cp: int = opt(1, "context-parallel degree: each sequence is split over this many ranks")
+    pp: int = opt(1, "pipeline-parallel degree: the layers are split into this many stages (x virtual stages)")
+    ep: int = opt(1, "expert-parallel degree: experts split over ep ranks carved from dp_shard x cp")
+    cp_method: str = opt("ring", "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
+                         ("ulysses", "ring", "tokenring", "hybrid"))
+    ulysses: int = opt(0, "hybrid only: Ulysses degree inside each ring rank (0: largest power of 2 <= sqrt(cp))")
+    cp_inner: str = opt("ring", "hybrid only: ring or tokenring across the Ulysses groups", ("ring", "tokenring"))
+    pp_schedule: str = opt("1f1b", "gpipe | 1f1b | interleaved_1f1b | interleaved_zb (zero bubble) | zbv (zero bubble, V)",
+                           ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"))
+    pp_microbatches: int = opt(0, "microbatches per step per pipeline (0: the number of stages)")
+    pp_virtual_stages: int = opt(0, "stages per rank for interleaved schedules (0: 2 for them, 1 otherwise)")
+    pp_layers: str = opt("", "explicit split, e.g. '0-3,4-7' (one range per stage); empty: balance by cost")
+    mixed_precision: str = opt("none", "FSDP param dtype policy: bf16 params with fp32 reduction", ("none", "bf16"))
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer in backward")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    fused: str = "auto"
-    freeze_step: int = 100
+    """Optimizer and learning-rate schedule."""
+
+    name: str = opt("adamw", "optimizer (onebit_adam: 1-bit Adam across dp_replicate replicas)",
+                    ("adamw", "sgd", "onebit_adam"))
+    lr: float = opt(3e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final LR as a fraction of optim.lr")
+    weight_decay: float = opt(0.1, "decoupled weight decay (matrices only)")
+    beta1: float = opt(0.9, "Adam beta1 (SGD momentum)")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
+    grad_clip: float = opt(1.0, "max global grad norm; 0 disables clipping")
+    fused: str = opt("auto", "fused AdamW: auto uses it where the device supports it", ("auto", "true", "false"))
+    freeze_step: int = opt(100, "onebit_adam: exact Adam steps before the variance freezes and momentum goes 1-bit")
 
 
 @dataclass
 class DiLoCoConfig:
-    """Streaming DiLoCo across the dp_replicate replicas (meshweave.lowcomm.diloco)."""
+    """Streaming DiLoCo across the dp_replicate replicas, used as it is by meshweave.lowcomm.diloco."""
 
-    enabled: bool = False
-    inner_steps: int = 100
-    fragments: int = 1
-    delay: int = 0
-    alpha: float = 0.0
-    quantize: str = "none"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    enabled: bool = opt(False, "Streaming DiLoCo: replicas (dp_replicate) sync every inner_steps, not every step")
+    inner_steps: int = opt(100, "H: inner steps between two syncs of the same fragment")
+    fragments: int = opt(1, "P: strided layer fragments, synced in turn H/P steps apart")
+    delay: int = opt(0, "tau: steps the fragment's all-reduce runs in the background before it is merged")
+    alpha: float = opt(0.0, "weight of the local weights when merging (0: take the global weights)")
+    quantize: str = opt("none", "outer-gradient wire format (fp32 accumulation either way)", ("none", "fp4", "int4"))
+    outer_lr: float = opt(0.7, "outer Nesterov SGD learning rate")
+    outer_momentum: float = opt(0.9, "outer Nesterov SGD momentum")
+    chunk_size: int = opt(1024, "elements per 4-bit quantisation scale")
+
+    def validate(self, n_layers: int | None = None) -> None:
+        """ConfigError naming the field and the fix; ``n_layers``: the model's total layers."""
+        h, p = self.inner_steps, self.fragments
+        require(h >= 1, "comm.diloco.inner_steps", f"diloco.inner_steps={h} must be >= 1 (e.g. 100)")
+        require(p >= 1, "comm.diloco.fragments", f"diloco.fragments={p} must be >= 1 (1 is vanilla DiLoCo)")
+        require(h % p == 0, "comm.diloco.inner_steps",
+                f"diloco.inner_steps={h} is not divisible by diloco.fragments={p}: syncs are staggered every "
+                f"inner_steps / fragments steps (choose fragments in {[d for d in range(1, h + 1) if h % d == 0][:8]})")
+        require(n_layers is None or p <= n_layers, "comm.diloco.fragments",
+                f"diloco.fragments={p} exceeds the model's {n_layers} layers (choose fragments <= {n_layers})")
+        require(0 <= self.delay < h // p, "comm.diloco.delay",
+                f"diloco.delay={self.delay} must satisfy 0 <= delay < inner_steps / fragments = {h // p} so one "
+                "fragment is in flight at a time (lower delay or fragments)")
+        require(0.0 <= self.alpha <= 1.0, "comm.diloco.alpha",
+                f"diloco.alpha={self.alpha} must be in [0, 1] (0: adopt the global weights)")
+        kinds = _choices(DiLoCoConfig, "quantize")
+        require(self.quantize in kinds, "comm.diloco.quantize", f"diloco.quantize={self.quantize!r} must be one of {kinds}")
+        require(self.outer_lr > 0, "comm.diloco.outer_lr", f"diloco.outer_lr={self.outer_lr} must be > 0 (e.g. 0.7)")
+        require(0.0 <= self.outer_momentum < 1.0, "comm.diloco.outer_momentum",
+                f"diloco.outer_momentum={self.outer_momentum} must be in [0, 1) (e.g. 0.9)")
+        require(self.chunk_size >= 1, "comm.diloco.chunk_size", f"diloco.chunk_size={self.chunk_size} must be >= 1 (e.g. 1024)")
 
 
 @dataclass
 class CommConfig:
-    bucket_mb: float = 25.0
-    overlap: bool = True
-    timeout_s: float = 600.0
+    """The comm layer and the replicas' exchange."""
+
+    bucket_mb: float = opt(25.0, "gradient bucket size for the replicated all-reduce")
+    overlap: bool = opt(True, "launch bucket all-reduces during backward")
+    timeout_s: float = opt(600.0, "a collective that does not complete in this time fails the run, naming the op")
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0
-    keep: int = 2
-    resume: str = "auto"
-    save_final: bool = True
-    async_: bool = False  # `--checkpoint.async`: a Python keyword, hence the underscore
-    init_from: str = ""
+    """When and where checkpoints are written, and what a run starts from."""
+
+    interval: int = opt(0, "save every N steps (0: only at the end)")
+    keep: int = opt(2, "complete checkpoints kept")
+    resume: str = opt("auto", "auto (newest valid, if any) | none | PATH")
+    save_final: bool = opt(True, "save a checkpoint after the last step")
+    async_: bool = opt(False, "stage to host memory and write in the background while training continues")
+    init_from: str = opt("", "start from these weights (Hugging Face dir or a meshweave step-N dir) when not resuming")
 
 
 @dataclass
 class LogConfig:
-    interval: int = 1
-    progress: bool = True
-    peak_tflops: float = 0.0
-    wandb: bool = False
-    wandb_project: str = "meshweave"
-    wandb_run_name: str = ""
+    """Console, metrics.jsonl and wandb."""
+
+    interval: int = opt(1, "log every N steps (and the last)")
+    progress: bool = opt(True, "progress bar on the console")
+    peak_tflops: float = opt(0.0, "device peak for MFU; 0 looks the GPU up in a table")
+    wandb: bool = opt(False, "also log to Weights & Biases")
+    wandb_project: str = opt("meshweave", "wandb project")
+    wandb_run_name: str = opt("", "wandb run name (default: the run directory's name)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 1234
-    global_batch: int = 32
-    micro_batch: int = 0
-    seq_len: int = 128
-    dtype: str = "fp32"
-    eval_interval: int = 0
-    eval_batches: int = 4
-    max_bad_steps: int = 5
-    stop_at_step: int = 0
-    device: str = "auto"
+    """The run's length, batch, precision and device."""
+
+    steps: int = opt(100, "optimizer steps")
+    seed: int = opt(1234, "seed of the initial weights and the data order")
+    global_batch: int = opt(32, "sequences per optimizer step across all data-parallel ranks")
+    micro_batch: int = opt(0, "sequences per forward per rank; 0 = no accumulation")
+    seq_len: int = opt(128, "tokens per sequence")
+    dtype: str = opt("fp32", "bf16: autocast (loss and norms stay fp32)", ("fp32", "bf16"))
+    eval_interval: int = opt(0, "eval every N steps (0: never)")
+    eval_batches: int = opt(4, "global batches per eval")
+    max_bad_steps: int = opt(5, "abort after this many non-finite steps in a row")
+    stop_at_step: int = opt(0, "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps")
+    device: str = opt("auto", "auto picks CUDA when present", ("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -188,78 +233,9 @@ class Config:
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "out")
 
-# Allowed values for string options; one table so --help and validation agree.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "parallel.mixed_precision": ("none", "bf16"),
-    "parallel.cp_method": ("ulysses", "ring", "tokenring", "hybrid"),
-    "parallel.cp_inner": ("ring", "tokenring"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
-    "optim.name": ("adamw", "sgd", "onebit_adam"),
-    "comm.diloco.quantize": ("none", "fp4", "int4"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "optim.fused": ("auto", "true", "false"),
-    "moe.score": ("softmax", "sigmoid"),
-    "train.dtype": ("fp32", "bf16"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
 
-HELP: dict[str, str] = {
-    "model.ffn_dim": "SwiGLU hidden width",
-    "model.vocab_size": "embedding rows; must cover the tokenizer's vocabulary",
-    "moe.num_experts": "routed experts per MoE layer; 0 = dense model (no MoE layers)",
-    "moe.top_k": "experts each token is routed to",
-    "moe.every": "every k-th layer is MoE (the last of each k); 1 = every layer",
-    "moe.expert_ffn_dim": "SwiGLU hidden width of one expert (and of each shared expert)",
-    "moe.shared_experts": "always-on experts per MoE layer (DeepSeekMoE), overlapping the dispatch",
-    "moe.score": "router scores: softmax | sigmoid (weights renormalised over the top-k)",
-    "moe.renormalize": "softmax only: rescale the top-k weights to sum 1 (Mixtral)",
-    "moe.capacity_factor": "expert capacity ceil(k*T/E * cf), tokens over it dropped; 0 = dropless",
-    "moe.min_capacity": "capacity floor when capacity_factor > 0",
-    "moe.aux_loss_coeff": "load-balancing loss coeff * E * sum_i f_i P_i",
-    "moe.z_loss_coeff": "router z-loss coeff * mean logsumexp(logits)^2",
-    "moe.bias_balancing": "aux-loss-free balancing: per-expert selection bias nudged each step",
-    "moe.bias_update_rate": "bias step per optimizer step (sign of the load deviation)",
-    "moe.low_dim": "BigMac: routed experts run at this width, so the all-to-alls move it (0 = off)",
-    "parallel.ep": "expert-parallel degree: experts split over ep ranks carved from dp_shard x cp",
-    "data.source": "'embedded' or a directory written by `meshweave data prepare`",
-    "data.eval_fraction": "share of documents held out for eval",
-    "parallel.dp_shard": "FSDP degree; -1 fills the rest of the world size",
-    "parallel.dp_replicate": "replicated data-parallel degree (HSDP when dp_shard > 1)",
-    "parallel.mixed_precision": "FSDP param dtype policy: none | bf16 (fp32 reduce)",
-    "parallel.cp": "context-parallel degree: each sequence is split over this many ranks",
-    "parallel.cp_method": "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
-    "parallel.ulysses": "hybrid only: Ulysses degree inside each ring rank (0: largest power of 2 <= sqrt(cp))",
-    "parallel.cp_inner": "hybrid only: ring or tokenring across the Ulysses groups",
-    "parallel.pp": "pipeline-parallel degree: the layers are split into this many stages (x virtual stages)",
-    "parallel.pp_schedule": "gpipe | 1f1b | interleaved_1f1b | interleaved_zb (zero bubble) | zbv (zero bubble, V)",
-    "parallel.pp_microbatches": "microbatches per step per pipeline (0: the number of stages)",
-    "parallel.pp_virtual_stages": "stages per rank for interleaved schedules (0: 2 for them, 1 otherwise)",
-    "parallel.pp_layers": "explicit split, e.g. '0-3,4-7' (one range per stage); empty: balance by cost",
-    "optim.min_lr_ratio": "final LR as a fraction of optim.lr",
-    "optim.grad_clip": "max global grad norm; 0 disables clipping",
-    "optim.fused": "fused AdamW: auto uses it where the device supports it",
-    "optim.freeze_step": "onebit_adam: exact Adam steps before the variance freezes and momentum goes 1-bit",
-    "comm.diloco.enabled": "Streaming DiLoCo: replicas (dp_replicate) sync every inner_steps, not every step",
-    "comm.diloco.inner_steps": "H: inner steps between two syncs of the same fragment",
-    "comm.diloco.fragments": "P: strided layer fragments, synced in turn H/P steps apart",
-    "comm.diloco.delay": "tau: steps the fragment's all-reduce runs in the background before it is merged",
-    "comm.diloco.alpha": "weight of the local weights when merging (0: take the global weights)",
-    "comm.diloco.quantize": "outer-gradient wire format (fp32 accumulation either way)",
-    "comm.bucket_mb": "gradient bucket size for the replicated all-reduce",
-    "comm.overlap": "launch bucket all-reduces during backward",
-    "comm.timeout_s": "a collective that does not complete in this time fails the run, naming the op",
-    "checkpoint.interval": "save every N steps (0: only at the end)",
-    "checkpoint.keep": "complete checkpoints kept",
-    "checkpoint.resume": "auto (newest valid, if any) | none | PATH",
-    "checkpoint.async": "stage to host memory and write in the background while training continues",
-    "checkpoint.init_from": "start from these weights (Hugging Face dir or a meshweave step-N dir) when not resuming",
-    "log.peak_tflops": "device peak for MFU; 0 looks the GPU up in a table",
-    "train.global_batch": "sequences per optimizer step across all data-parallel ranks",
-    "train.micro_batch": "sequences per forward per rank; 0 = no accumulation",
-    "train.eval_interval": "eval every N steps (0: never)",
-    "train.max_bad_steps": "abort after this many non-finite steps in a row",
-    "train.stop_at_step": "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps",
-}
+def _choices(section_cls: type, name: str) -> tuple[str, ...] | None:
+    return next(f.metadata.get("choices") for f in dataclasses.fields(section_cls) if f.name == name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,12 +372,11 @@ def parse_overrides(args: list[str], cfg: Config) -> Config:
     return cfg
 
 
-def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:
-    """The run's config: defaults, then the TOML file, then the overrides, then validation."""
+def load(config_path: str | None, overrides: list[str]) -> Config:
+    """Defaults, then the TOML file, then the command-line overrides (types checked, nothing else:
+    meshweave.validation.resolve also validates)."""
     cfg = load_toml(config_path) if config_path else Config()
-    parse_overrides(overrides, cfg)
-    validate(cfg, world_size)
-    return cfg
+    return parse_overrides(overrides, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,45 +394,37 @@ def divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError for the first impossible value. Pure: touches no process group.
-
-    ``world_size`` defaults to ``$WORLD_SIZE`` (1 outside torchrun); the parallel degrees are
-    checked against it so a bad layout fails before any rank connects.
-    """
-    m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
+def check_sections(cfg: Config) -> None:
+    """Raise ConfigError for the first value its own section rules out (types were checked on load):
+    ranges, choices, finiteness. Checks between sections, against the world size or the file system
+    live in meshweave.validation."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
     for section in SECTIONS:
         for key, owner, name in leaves(getattr(cfg, section), section):
             value = getattr(owner, name)
             if isinstance(value, float):
                 require(math.isfinite(value), key, f"must be a finite number, got {value}")
-            allowed = CHOICES.get(key)
+            allowed = _choices(type(owner), name)
             if allowed and value not in allowed:
                 raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     require(m.dim % m.n_heads == 0, "model.dim",
-             f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)")
+            f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)")
     require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-             f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})")
+            f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})")
     require((m.dim // m.n_heads) % 2 == 0, "model.dim",
-             f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings")
+            f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(cfg.moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {cfg.moe.num_experts}")
 
     require(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
-    if cfg.data.source != "embedded":
-        require(Path(cfg.data.source, "index.json").is_file(), "data.source",
-                 f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
-                 "'embedded' or run `meshweave data prepare`")
-
 
     require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
     require(t.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: no accumulation)")
     require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
-    require(t.seq_len <= m.max_seq_len, "train.seq_len",
-             f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
     require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
@@ -470,38 +437,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     require(o.eps > 0, "optim.eps", "must be > 0")
     require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    require(o.freeze_step >= 1, "optim.freeze_step", "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)")
-    if cfg.comm.diloco.enabled:
-        require(o.name != "onebit_adam", "comm.diloco.enabled",
-                "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one")
-        try:
-            diloco_settings(cfg).validate(m.n_layers)
-        except ValueError as e:
-            raise ConfigError(f"comm.{e}") from None
+    require(o.freeze_step >= 1, "optim.freeze_step",
+            "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)")
 
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
     require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
     require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    if cfg.checkpoint.init_from:
-        source = Path(cfg.checkpoint.init_from)
-        require((source / "config.json").is_file() or (source / "manifest.json").is_file(),
-                "checkpoint.init_from", f"{source} is neither a Hugging Face model directory (config.json) "
-                "nor a meshweave checkpoint (manifest.json)")
     require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
     require(bool(cfg.out), "out", "must name a directory")
 
-    from meshweave.parallel.dims import resolve_degrees  # layout rules live with the mesh
 
-    resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+def check_moe(moe: MoEConfig, dim: int) -> None:
+    """ConfigError naming the ``[moe]`` key and a valid choice; ``dim``: the model's hidden size."""
+    def check(ok: bool, name: str, msg: str) -> None:
+        require(ok, f"moe.{name}", f"{name}={getattr(moe, name)!r} {msg}")
 
-
-def diloco_settings(cfg: Config):
-    """``comm.diloco`` as meshweave.lowcomm.diloco's DiLoCoSettings (imports torch: call lazily)."""
-    from meshweave.lowcomm.diloco import DiLoCoSettings
-
-    return DiLoCoSettings(**{k: v for k, v in dataclasses.asdict(cfg.comm.diloco).items() if k != "enabled"})
+    check(moe.num_experts >= 1, "num_experts", "must be >= 1")
+    check(1 <= moe.top_k <= moe.num_experts, "top_k", f"must be in 1..num_experts={moe.num_experts}")
+    check(moe.every >= 1, "every", "must be >= 1 (1 = every layer is MoE)")
+    check(moe.expert_ffn_dim >= 1, "expert_ffn_dim", "must be >= 1")
+    check(moe.shared_experts >= 0, "shared_experts", "must be >= 0")
+    scores = _choices(MoEConfig, "score")
+    check(moe.score in (scores or ()), "score", f"must be one of {scores}")
+    check(moe.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")
+    check(moe.min_capacity >= 0, "min_capacity", "must be >= 0")
+    for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+        check(getattr(moe, name) >= 0, name, "must be >= 0")
+    check(0 <= moe.low_dim < dim, "low_dim", f"must be in 0..{dim - 1} (0 = off; below model dim={dim})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,8 +502,9 @@ def options_help() -> str:
     for section in SECTIONS:
         for key, owner, name in leaves(getattr(default, section), section):
             value = getattr(owner, name)
-            extra = HELP.get(key, "")
-            if key in CHOICES:
-                extra = (extra + "; " if extra else "") + "one of " + "|".join(CHOICES[key])
+            meta = next(f.metadata for f in dataclasses.fields(owner) if f.name == name)
+            extra = meta.get("help", "")
+            if meta.get("choices"):
+                extra = (extra + "; " if extra else "") + "one of " + "|".join(meta["choices"])
             rows.append(f"  {'--' + key + '=' + _toml_value(value):<38} {extra}".rstrip())
     return "\n".join(rows)

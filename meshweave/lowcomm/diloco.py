@@ -80,66 +80,25 @@ from torch.distributed.tensor import DTensor
 from meshweave.comm import ops
 from meshweave.comm.codecs import dequantize_4bit, quantize_4bit
 from meshweave.comm.ops import CommGroup, Handle
+from meshweave.config import DiLoCoConfig
+from meshweave.models.family import family_of
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-QUANTIZE_KINDS = ("none", "fp4", "int4")
+def applying_fragment(cfg: DiLoCoConfig, step: int) -> int | None:
+    """The fragment whose outer step is applied after global step ``step`` (1-based), if any."""
+    if step < 1:
+        return None
+    spacing = cfg.inner_steps // cfg.fragments
+    phase = step % cfg.inner_steps
+    fragment = (phase if phase else cfg.inner_steps) // spacing - 1
+    return fragment if phase % spacing == 0 else None
 
 
-@dataclass
-class DiLoCoSettings:
-    """Hyper-parameters of Streaming DiLoCo (see the module docstring for their meaning)."""
-
-    inner_steps: int = 100
-    fragments: int = 1
-    delay: int = 0
-    alpha: float = 0.0
-    quantize: str = "none"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    chunk_size: int = 1024
-
-    def validate(self, n_layers: int | None = None) -> None:
-        """Raise ``ValueError`` naming the field and the fix; ``n_layers``: the model's total layers."""
-        h, p = self.inner_steps, self.fragments
-        if h < 1:
-            raise ValueError(f"diloco.inner_steps={h} must be >= 1 (e.g. 100)")
-        if p < 1:
-            raise ValueError(f"diloco.fragments={p} must be >= 1 (1 is vanilla DiLoCo)")
-        if h % p:
-            divisors = [d for d in range(1, h + 1) if h % d == 0][:8]
-            raise ValueError(f"diloco.inner_steps={h} is not divisible by diloco.fragments={p}: syncs are "
-                             f"staggered every inner_steps / fragments steps (choose fragments in {divisors})")
-        if n_layers is not None and p > n_layers:
-            raise ValueError(f"diloco.fragments={p} exceeds the model's {n_layers} layers "
-                             f"(choose fragments <= {n_layers})")
-        if not 0 <= self.delay < h // p:
-            raise ValueError(f"diloco.delay={self.delay} must satisfy 0 <= delay < inner_steps / fragments "
-                             f"= {h // p} so one fragment is in flight at a time (lower delay or fragments)")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"diloco.alpha={self.alpha} must be in [0, 1] (0: adopt the global weights)")
-        if self.quantize not in QUANTIZE_KINDS:
-            raise ValueError(f"diloco.quantize={self.quantize!r} must be one of {QUANTIZE_KINDS}")
-        if not self.outer_lr > 0:
-            raise ValueError(f"diloco.outer_lr={self.outer_lr} must be > 0 (e.g. 0.7)")
-        if not 0.0 <= self.outer_momentum < 1.0:
-            raise ValueError(f"diloco.outer_momentum={self.outer_momentum} must be in [0, 1) (e.g. 0.9)")
-        if self.chunk_size < 1:
-            raise ValueError(f"diloco.chunk_size={self.chunk_size} must be >= 1 (e.g. 1024)")
-
-    def applying_fragment(self, step: int) -> int | None:
-        """The fragment whose outer step is applied after global step ``step`` (1-based), if any."""
-        if step < 1:
-            return None
-        spacing = self.inner_steps // self.fragments
-        phase = step % self.inner_steps
-        fragment = (phase if phase else self.inner_steps) // spacing - 1
-        return fragment if phase % spacing == 0 else None
-
-    def launching_fragment(self, step: int) -> int | None:
-        """The fragment whose outer gradient is launched after global step ``step``, if any."""
-        return self.applying_fragment(step + self.delay)
+def launching_fragment(cfg: DiLoCoConfig, step: int) -> int | None:
+    """The fragment whose outer gradient is launched after global step ``step``, if any."""
+    return applying_fragment(cfg, step + cfg.delay)
 
 
 @dataclass
@@ -172,7 +131,7 @@ class StreamingDiLoCo:
     outcome) and ``fragment_of`` (parameter name -> fragment).
     """
 
-    def __init__(self, model: nn.Module, group: CommGroup, settings: DiLoCoSettings,
+    def __init__(self, model: nn.Module, group: CommGroup, settings: DiLoCoConfig,
                  agree: CommGroup | None = None) -> None:
         settings.validate()
         self.model, self.group, self.settings, self.agree = model, group, settings, agree
@@ -182,7 +141,7 @@ class StreamingDiLoCo:
         self._inflight: _InFlight | None = None
         self._applied_at: dict[int, int] = {}  # fragment -> the step of its latest successful apply
 
-        self.fragment_of: dict[str, int] = _assign_fragments(model, settings.fragments)
+        self.fragment_of: dict[str, int] = family_of(model).fragments(model, settings.fragments)
         named = dict(model.named_parameters())
         self._names = [n for n in named if n in self.fragment_of]
         self._params = [named[n] for n in self._names]
@@ -203,10 +162,10 @@ class StreamingDiLoCo:
             # Only possible when the schedule changed across a resume: never merge stale weights.
             stale, self._inflight = self._inflight, None
             self._fail(step, stale.fragment, f"outer gradient due at step {stale.apply_step} was never applied")
-        launching = self.settings.launching_fragment(step)
+        launching = launching_fragment(self.settings, step)
         if launching is not None:
             self._launch(launching, step + self.settings.delay)
-        applying = self.settings.applying_fragment(step)
+        applying = applying_fragment(self.settings, step)
         if applying is not None:
             if self._inflight is None or self._inflight.apply_step != step:
                 self._fail(step, applying, "no outer gradient in flight (delay changed across a resume?)")
@@ -324,7 +283,7 @@ class StreamingDiLoCo:
         at ``step`` one more outer step, and load the global weights into the model (alpha is
         ignored), so every replica ends holding the same weights. Returns what it did."""
         synced: dict[int, bool] = {}
-        scheduled = self.settings.applying_fragment(step)
+        scheduled = applying_fragment(self.settings, step)
         if scheduled is not None:  # applied by after_inner_step, merged with alpha
             synced[scheduled] = self._applied_at.get(scheduled) == step
             if synced[scheduled] and self.settings.alpha:
@@ -419,21 +378,6 @@ class StreamingDiLoCo:
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _assign_fragments(model: nn.Module, fragments: int) -> dict[str, int]:
-    """Parameter name -> fragment, by the rule in the module docstring (trainable parameters only)."""
-    layers = getattr(model, "layers", None) or {}
-    layer_of = {id(p): int(key) % fragments for key, layer in layers.items() for p in layer.parameters()}
-    last = max((int(key) for key in layers), default=fragments - 1) % fragments
-
-    def ids(*attrs: str) -> set[int]:
-        modules = [getattr(model, a, None) for a in attrs]
-        return {id(p) for m in modules if m is not None for p in m.parameters()}
-
-    tail = ids("norm", "lm_head") - ids("embed_tokens")  # a tied head weight is the embedding's
-    return {name: layer_of.get(id(p), last if id(p) in tail else 0)
-            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _local(p: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ class ModelFamily:
         fragment ``i % n``; last-stage modules (norm, head) go with the highest-indexed block held
         (the one that feeds them); everything else (the embedding, a head weight tied to it) with 0.
         A function of global names only, so every pipeline stage agrees."""
-        blocks = self.block_dict(model) if getattr(model, self.blocks, None) is not None else {}
+        blocks: Mapping[str, nn.Module] = self.block_dict(model) if getattr(model, self.blocks, None) is not None else {}
         fragment_of_param = {id(p): int(key) % n for key, block in blocks.items() for p in block.parameters()}
         last = max((int(key) for key in blocks), default=n - 1) % n
 

@@ -20,7 +20,6 @@ every layout materialises the same full tensors and keeps its own shard of them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from typing import Callable, ClassVar
@@ -33,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from meshweave.config import ModelConfig, MoEConfig
 from meshweave.kernels.attention import attention
 from meshweave.models.family import ModelFamily
-from meshweave.models.moe import MoEFeedForward, MoESettings, is_moe_layer
+from meshweave.models.moe import MoEFeedForward, is_moe_layer
 
 Tensor = torch.Tensor
 AttentionOp = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
@@ -104,13 +103,13 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, moe: MoESettings | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp: nn.Module = (MoEFeedForward(cfg.dim, moe) if moe is not None and is_moe_layer(layer_idx, moe)
-                               else FeedForward(cfg))
+        routed = moe is not None and moe.enabled and is_moe_layer(layer_idx, moe)
+        self.mlp: nn.Module = MoEFeedForward(cfg.dim, moe) if routed else FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
@@ -129,7 +128,7 @@ class Transformer(nn.Module):
 
     family: ClassVar[ModelFamily]  # declared below the class: what parallel/ needs to know
 
-    def __init__(self, cfg: ModelConfig, moe: MoESettings | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -208,17 +207,11 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else f"model.{name}"
 
 
-def moe_settings(cfg: MoEConfig) -> MoESettings | None:
-    """The MoE layers' settings from a ``[moe]`` section; ``None`` for a dense model."""
-    if cfg.num_experts == 0:
-        return None
-    return MoESettings(**dataclasses.asdict(cfg))
-
-
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta",
-                moe: MoESettings | None = None) -> Transformer:
+                moe: MoEConfig | None = None) -> Transformer:
     """The model on ``device`` without initial values (``meta`` by default); see :func:`init_value`.
-    With ``moe`` the MoE layers' feed-forwards are mixtures of experts."""
+    With an ``moe`` section of ``num_experts > 0`` the MoE layers' feed-forwards are mixtures of
+    experts; ``None`` or ``num_experts = 0`` is the dense model."""
     with torch.device(device):
         return Transformer(cfg, moe)
 

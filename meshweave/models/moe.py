@@ -43,71 +43,23 @@ residual branch like the dense model's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshweave.config import MoEConfig, check_moe
+
 Tensor = torch.Tensor
 
-SCORES = ("softmax", "sigmoid")
 
-
-@dataclass
-class MoESettings:
-    """Shape and routing of the MoE layers. Layer ``i`` is MoE iff ``i % every == every - 1``."""
-
-    num_experts: int = 8
-    top_k: int = 2
-    every: int = 1
-    expert_ffn_dim: int = 128
-    shared_experts: int = 0
-    score: str = "softmax"
-    renormalize: bool = False  # softmax only: rescale the top-k weights to sum 1 (Mixtral)
-    capacity_factor: float = 0.0  # 0: dropless
-    min_capacity: int = 4
-    aux_loss_coeff: float = 1e-2
-    z_loss_coeff: float = 1e-3
-    bias_balancing: bool = False
-    bias_update_rate: float = 1e-3
-    low_dim: int = 0
-
-    def validate(self, dim: int) -> None:
-        """Raise ``ValueError`` naming the offending field and a valid choice."""
-        def bad(msg: str) -> None:
-            raise ValueError(f"MoESettings.{msg}")
-
-        if self.num_experts < 1:
-            bad(f"num_experts={self.num_experts} must be >= 1")
-        if not 1 <= self.top_k <= self.num_experts:
-            bad(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
-        if self.every < 1:
-            bad(f"every={self.every} must be >= 1 (1 = every layer is MoE)")
-        if self.expert_ffn_dim < 1:
-            bad(f"expert_ffn_dim={self.expert_ffn_dim} must be >= 1")
-        if self.shared_experts < 0:
-            bad(f"shared_experts={self.shared_experts} must be >= 0")
-        if self.score not in SCORES:
-            bad(f"score={self.score!r} must be one of {SCORES}")
-        if self.capacity_factor < 0:
-            bad(f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
-        if self.min_capacity < 0:
-            bad(f"min_capacity={self.min_capacity} must be >= 0")
-        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
-            if getattr(self, name) < 0:
-                bad(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0 <= self.low_dim < dim:
-            bad(f"low_dim={self.low_dim} must be in 0..{dim - 1} (0 = off; below model dim={dim})")
-
-
-def is_moe_layer(layer_idx: int, settings: MoESettings) -> bool:
+def is_moe_layer(layer_idx: int, settings: MoEConfig) -> bool:
     """Whether global layer ``layer_idx`` gets an MoE feed-forward (the last of every ``every``)."""
     return layer_idx % settings.every == settings.every - 1
 
 
-def capacity(num_tokens: int, settings: MoESettings) -> int:
+def capacity(num_tokens: int, settings: MoEConfig) -> int:
     """Assignments each expert admits from ``num_tokens`` tokens: ``max(ceil(k T / E cf), min)``."""
     s = settings
     return max(math.ceil(s.top_k * num_tokens / s.num_experts * s.capacity_factor), s.min_capacity)
@@ -129,7 +81,7 @@ class Router(nn.Module):
     dropping) and ``last_dropped`` (fraction of assignments dropped).
     """
 
-    def __init__(self, dim: int, settings: MoESettings) -> None:
+    def __init__(self, dim: int, settings: MoEConfig) -> None:
         super().__init__()
         self.settings = settings
         self.weight = nn.Parameter(torch.empty(settings.num_experts, dim))
@@ -291,9 +243,9 @@ def local_dispatch(tokens: Tensor, expert_idx: Tensor, weights: Tensor, experts:
 class MoEFeedForward(nn.Module):
     """Router -> dispatch op -> experts -> combine (+ shared experts); ``[b, s, dim] -> same``."""
 
-    def __init__(self, dim: int, settings: MoESettings) -> None:
+    def __init__(self, dim: int, settings: MoEConfig) -> None:
         super().__init__()
-        settings.validate(dim)
+        check_moe(settings, dim)
         self.settings = settings
         width = settings.low_dim or dim
         self.gate = Router(dim, settings)

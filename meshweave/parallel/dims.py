@@ -13,7 +13,7 @@ the slice plain FSDP would give it: expert weights stay dim-0 shards of the FSDP
 (parallel/expert.py relies on this; validation requires dp_shard*cp to divide num_experts).
 
 :func:`resolve_degrees` checks the degrees against the world size and the model before any process
-group exists (config validation calls it); it imports no torch so a bad layout fails in
+group exists (meshweave.validation calls it); it imports no torch so a bad layout fails in
 milliseconds with a message that names the fix.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meshweave.config import Config, ConfigError, ModelConfig, divisors, require
+from meshweave.config import Config, ModelConfig, divisors, require
 from meshweave.parallel.stages import check_pipeline
 
 if TYPE_CHECKING:
@@ -169,7 +169,6 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
     for key in ("dp_replicate", "tp", "cp", "pp", "ep"):
         require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (fill)")
-    _check_moe(cfg)
     _check_context_parallel(cfg)
 
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
@@ -207,21 +206,6 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
             "for autocast without FSDP use train.dtype=bf16")
     _check_expert_parallel(cfg)
     return ParallelDims(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
-
-
-def _check_moe(cfg: Config) -> None:
-    """The ``[moe]`` section, through MoESettings.validate (imports torch only for MoE models)."""
-    moe = cfg.moe
-    require(moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {moe.num_experts}")
-    if moe.num_experts == 0:
-        return
-    from meshweave.models.llama import moe_settings
-
-    try:
-        moe_settings(moe).validate(cfg.model.dim)
-    except ValueError as e:  # "MoESettings.<field>=<value> must ..." -> "moe.<field>: ..."
-        field, _, rest = str(e).removeprefix("MoESettings.").partition("=")
-        raise ConfigError(f"moe.{field}: {field}={rest}") from None
 
 
 def _check_expert_parallel(cfg: Config) -> None:

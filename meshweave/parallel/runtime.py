@@ -149,8 +149,8 @@ class ParallelRuntime:
                             loss_sum += _scalar(self._loss(inputs, labels))
                     tokens += int((labels != IGNORE_INDEX).sum())
         self.model.train()
-        loss_sum, tokens = all_reduce_scalars([loss_sum, tokens], self.loss_group, self.device)
-        return loss_sum / max(tokens, 1.0)
+        total_loss, total_tokens = all_reduce_scalars([loss_sum, tokens], self.loss_group, self.device)
+        return total_loss / max(total_tokens, 1.0)
 
     # ---------------------------------------------------------------------------------------
     # internals

@@ -29,7 +29,7 @@ from meshweave.comm.ops import LEDGER, CommGroup
 from meshweave.config import Config, ConfigError, to_toml
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.launch.preemption import StopRequest
-from meshweave.models.llama import Transformer, build_model, moe_settings, num_params
+from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime
@@ -64,7 +64,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         torch.manual_seed(cfg.train.seed)
 
-        model: Transformer = build_model(cfg.model, moe=moe_settings(cfg.moe))
+        model: Transformer = build_model(cfg.model, moe=cfg.moe)
         self.n_params = num_params(model)
         self.flops_per_token = model_flops_per_token(num_params(model, exclude_embedding=True),
                                                      cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)

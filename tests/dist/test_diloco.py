@@ -26,7 +26,9 @@ from torch.testing import assert_close
 from _spawn import spawn
 from meshweave.comm import ops
 from meshweave.comm.codecs import dequantize_4bit, quantize_4bit
-from meshweave.lowcomm.diloco import DiLoCoSettings, StreamingDiLoCo
+from meshweave.config import DiLoCoConfig
+from meshweave.lowcomm.diloco import StreamingDiLoCo, applying_fragment, launching_fragment
+from meshweave.models.llama import Transformer
 from meshweave.comm.ops import LEDGER, CommGroup
 
 pytestmark = pytest.mark.dist
@@ -35,15 +37,17 @@ VOCAB, DIM, N_LAYERS = 16, 32, 4
 KEY = "dp_replicate/"  # the ledger prefix of DiLoCo's collectives: the group's dim
 
 H_BYTES, P_BYTES = 48, 4  # byte comparison over 2 H steps: every fragment syncs exactly twice
-VANILLA = DiLoCoSettings(inner_steps=5, fragments=1, delay=0, alpha=0.0)
+VANILLA = DiLoCoConfig(inner_steps=5, fragments=1, delay=0, alpha=0.0)
 # alpha 0.25, not 0.5: a mix with the roles of local and global swapped must not pass
-STREAMING = DiLoCoSettings(inner_steps=8, fragments=2, delay=2, alpha=0.25)
+STREAMING = DiLoCoConfig(inner_steps=8, fragments=2, delay=2, alpha=0.25)
 # H = 8, P = 2, tau = 3: fragment 0 launches at 9 and applies at 12; nothing is in flight after 12
-RESUME = DiLoCoSettings(inner_steps=8, fragments=2, delay=3, alpha=0.5, quantize="int4", chunk_size=64)
-FSDP_TWIN = DiLoCoSettings(inner_steps=4, fragments=2, delay=1, alpha=0.25)
+RESUME = DiLoCoConfig(inner_steps=8, fragments=2, delay=3, alpha=0.5, quantize="int4", chunk_size=64)
+FSDP_TWIN = DiLoCoConfig(inner_steps=4, fragments=2, delay=1, alpha=0.25)
 
 
 class TinyLM(nn.Module):
+    family = Transformer.family  # laid out like the Llama family: embed_tokens, layers, norm, lm_head
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)  # every replica starts from the same weights, as DiLoCo requires
@@ -108,7 +112,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 # ---- one training run of a scenario on one rank
 @dataclass
 class Scenario:
-    settings: DiLoCoSettings
+    settings: DiLoCoConfig
     steps: int
     dp_baseline: bool = False         # also all-reduce every gradient (dim "dp") for its ledger bytes
     resume_at: int | None = None      # checkpoint after this step, rebuild everything, load, continue
@@ -148,7 +152,7 @@ def run(rank: int, sc: Scenario, group: CommGroup, replica: int | None = None, s
     LEDGER.reset()
     for t in range(1, sc.steps + 1):
         inner_step(model, opt, replica, t, loss_scale, dp_group)
-        syncing = sc.settings.applying_fragment(t) is not None
+        syncing = applying_fragment(sc.settings, t) is not None
         if syncing:
             rec["pre_sync_local"][t] = snapshot(model)
             if t in (sc.inject_inf_at, sc.raise_at):  # tau = 0 there: state_dict() waits for nothing
@@ -197,7 +201,7 @@ def run(rank: int, sc: Scenario, group: CommGroup, replica: int | None = None, s
     return rec
 
 
-def reference(rank: int, world: int, s: DiLoCoSettings, steps: int) -> dict:
+def reference(rank: int, world: int, s: DiLoCoConfig, steps: int) -> dict:
     """Streaming DiLoCo (fp32) as the paper states it, written without meshweave: fragment p syncs
     at steps (p + 1) H / P + k H; its outer gradient ``global - local`` is taken ``delay`` steps
     earlier and summed over replicas, then divided by their number and fed to a Nesterov
@@ -232,7 +236,7 @@ def reference(rank: int, world: int, s: DiLoCoSettings, steps: int) -> dict:
 
 # ---- the jobs
 def scenarios() -> dict[str, Scenario]:
-    b = DiLoCoSettings(inner_steps=H_BYTES, fragments=1)
+    b = DiLoCoConfig(inner_steps=H_BYTES, fragments=1)
     streamed = replace(b, fragments=P_BYTES)
     return {
         "vanilla": Scenario(VANILLA, 20),
@@ -243,8 +247,8 @@ def scenarios() -> dict[str, Scenario]:
         "bytes_int4": Scenario(replace(streamed, quantize="int4"), 2 * H_BYTES),
         "q_fp4": Scenario(replace(VANILLA, quantize="fp4", chunk_size=64), 20),
         "q_int4": Scenario(replace(VANILLA, quantize="int4", chunk_size=64), 20),
-        "failure": Scenario(DiLoCoSettings(inner_steps=4), 16, inject_inf_at=8, raise_at=16),
-        "failure_fp4": Scenario(DiLoCoSettings(inner_steps=4, quantize="fp4"), 12, inject_inf_at=8),
+        "failure": Scenario(DiLoCoConfig(inner_steps=4), 16, inject_inf_at=8, raise_at=16),
+        "failure_fp4": Scenario(DiLoCoConfig(inner_steps=4, quantize="fp4"), 12, inject_inf_at=8),
         # 19: fragment 0 launched at 18 is in flight (due at 20), fragment 1 last synced at 16
         "finish_in_flight": Scenario(STREAMING, 19, finish=True),
         # 20: fragment 0 has just been applied (merged with alpha), fragment 1 is 4 steps stale
@@ -263,7 +267,7 @@ def worker(rank: int, world: int, job: str) -> dict:
         return run(rank, sc, CommGroup.from_mesh(mesh, "rep"), rank // 2, mesh["shard"])
     group = CommGroup(dist.group.WORLD, "dp_replicate")
     if job == "three":
-        base = DiLoCoSettings(inner_steps=4, fragments=2, delay=1, chunk_size=64)
+        base = DiLoCoConfig(inner_steps=4, fragments=2, delay=1, chunk_size=64)
         return {q: run(rank, Scenario(replace(base, quantize=q), 12), group) for q in ("none", "int4", "fp4")}
     out = {name: run(rank, sc, group) for name, sc in scenarios().items()}
     out["vanilla_reference"] = reference(rank, world, VANILLA, 20)
@@ -299,30 +303,30 @@ def fragment_params(rec: dict, fragment: int) -> set[str]:
 ])
 def test_invalid_settings_name_the_field_and_the_fix(field, value, fix):
     with pytest.raises(ValueError, match=f"diloco.{field}=.*{fix}"):
-        replace(DiLoCoSettings(inner_steps=16, fragments=2), **{field: value}).validate(n_layers=4)
+        replace(DiLoCoConfig(inner_steps=16, fragments=2), **{field: value}).validate(n_layers=4)
 
 
 def test_each_fragment_applies_once_per_h_steps_evenly_staggered_and_launches_tau_earlier():
-    s = DiLoCoSettings(inner_steps=8, fragments=4, delay=1)
-    applies = {t: s.applying_fragment(t) for t in range(1, 17) if s.applying_fragment(t) is not None}
+    s = DiLoCoConfig(inner_steps=8, fragments=4, delay=1)
+    applies = {t: applying_fragment(s, t) for t in range(1, 17) if applying_fragment(s, t) is not None}
     assert applies == {2: 0, 4: 1, 6: 2, 8: 3, 10: 0, 12: 1, 14: 2, 16: 3}
-    assert all(s.launching_fragment(t) == s.applying_fragment(t + 1) for t in range(1, 17))
-    assert [t for t in range(1, 21) if VANILLA.applying_fragment(t) is not None] == [5, 10, 15, 20]
+    assert all(launching_fragment(s, t) == applying_fragment(s, t + 1) for t in range(1, 17))
+    assert [t for t in range(1, 21) if applying_fragment(VANILLA, t) is not None] == [5, 10, 15, 20]
 
 
 def test_fragments_are_strided_layers_with_the_embedding_first_and_the_head_with_the_last_layer():
     model = TinyLM()
-    assert StreamingDiLoCo(model, None, DiLoCoSettings(fragments=2)).fragment_of == expected_fragments(model, 2)
+    assert StreamingDiLoCo(model, None, DiLoCoConfig(fragments=2)).fragment_of == expected_fragments(model, 2)
     model.lm_head = nn.Linear(DIM, VOCAB, bias=False)
     model.lm_head.weight = model.embed_tokens.weight  # tied: stays with the embedding
     model.norm.weight.requires_grad_(False)  # frozen: never changes, never syncs
-    fragment_of = StreamingDiLoCo(model, None, DiLoCoSettings(fragments=2)).fragment_of
+    fragment_of = StreamingDiLoCo(model, None, DiLoCoConfig(fragments=2)).fragment_of
     assert fragment_of["embed_tokens.weight"] == 0 and "norm.weight" not in fragment_of
     assert "lm_head.weight" not in fragment_of  # named_parameters() names a tied weight once
     stage = TinyLM()  # a middle pipeline stage: layers 2 and 3, no embedding, norm or head
     stage.embed_tokens = stage.norm = stage.lm_head = None
     del stage.layers["0"], stage.layers["1"]
-    assert StreamingDiLoCo(stage, None, DiLoCoSettings(fragments=2)).fragment_of == expected_fragments(stage, 2)
+    assert StreamingDiLoCo(stage, None, DiLoCoConfig(fragments=2)).fragment_of == expected_fragments(stage, 2)
 
 
 # ---- against the paper's algorithm
@@ -357,7 +361,7 @@ def test_merge_keeps_alpha_of_the_local_weights_and_touches_only_the_syncing_fra
         rec = r["streaming"]
         for t, after in rec["post_sync_local"].items():
             before, g = rec["pre_sync_local"][t], rec["sync_globals"][t]
-            syncing = fragment_params(rec, STREAMING.applying_fragment(t))
+            syncing = fragment_params(rec, applying_fragment(STREAMING, t))
             for name in after:
                 if name in syncing:  # a rounding of each product and of the sum: 1e-6 on O(1)
                     assert_close(after[name], a * before[name] + (1 - a) * g[name], rtol=0, atol=1e-6)
@@ -372,8 +376,8 @@ def test_outer_gradient_launches_tau_steps_before_its_sync_and_is_waited_for_at_
         for t, (step_bytes, step_seconds) in enumerate(zip(rec["step_bytes"], rec["step_seconds"]), start=1):
             launched = KEY + "all_reduce" in step_bytes
             waited = step_seconds.get(KEY + "all_reduce", 0.0) > 0
-            assert launched == (s.launching_fragment(t) is not None), t
-            assert waited == (s.applying_fragment(t) is not None), t
+            assert launched == (launching_fragment(s, t) is not None), t
+            assert waited == (applying_fragment(s, t) is not None), t
             assert not (launched and waited), t  # tau = 2: never within one step
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from _spawn import spawn
-from meshweave.models.moe import MoEFeedForward, MoESettings
+from meshweave.config import MoEConfig
+from meshweave.models.moe import MoEFeedForward
 
 pytestmark = pytest.mark.dist
 
@@ -33,8 +34,8 @@ SCENARIOS = {
 }
 
 
-def settings(**overrides) -> MoESettings:
-    return MoESettings(num_experts=E, top_k=2, expert_ffn_dim=FFN, shared_experts=1, **overrides)
+def settings(**overrides) -> MoEConfig:
+    return MoEConfig(num_experts=E, top_k=2, expert_ffn_dim=FFN, shared_experts=1, **overrides)
 
 
 def full_layer(**overrides) -> MoEFeedForward:

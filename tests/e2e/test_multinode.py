@@ -202,7 +202,7 @@ def _rx_bytes(ns: str, dev: str) -> int:
 def _param_bytes() -> int:
     """fp32 bytes of the TINY model's parameters: a lower bound on what one step's gradient
     all-reduce delivers to each of two ranks."""
-    from meshweave.config import resolve
+    from meshweave.validation import resolve
     from meshweave.models.llama import build_model, num_params
 
     return 4 * num_params(build_model(resolve(None, TINY).model))

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meshweave.config import (
-    SECTIONS, Config, ConfigError, leaves, load_toml, option_name, parse_overrides, resolve, to_toml, validate,
-)
+from meshweave.config import SECTIONS, Config, ConfigError, leaves, load_toml, option_name, parse_overrides, to_toml
+from meshweave.validation import resolve, validate
 
 REPO = Path(__file__).resolve().parents[2]
 MESHWEAVE = str(Path(sys.executable).with_name("meshweave"))
@@ -412,3 +411,20 @@ def test_keyword_named_option_is_spelled_without_underscore(tmp_path):
     cfg = parse_overrides(["--checkpoint.async=true"], Config())
     assert cfg.checkpoint.async_ is True
     assert "async = true" in to_toml(cfg) and load_toml(write(tmp_path / "c.toml", to_toml(cfg))) == cfg
+
+
+# --------------------------------------------------------------------------------------------
+# the config is a leaf, documented field by field
+
+
+def test_every_option_has_help_text_beside_its_field():
+    for section in SECTIONS:
+        for key, owner, name in leaves(getattr(Config(), section), section):
+            meta = next(f.metadata for f in dataclasses.fields(owner) if f.name == name)
+            assert meta.get("help"), f"{key} has no help text"
+
+
+def test_validation_imports_no_torch():
+    # A bad layout must fail in the launching process in milliseconds: no torch on that path.
+    code = "import sys, meshweave.validation; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

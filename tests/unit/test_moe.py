@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meshweave.config import MoEConfig, check_moe
 from meshweave.models.moe import (
     Experts,
     MoEFeedForward,
-    MoESettings,
     Router,
     aux_loss,
     capacity,
@@ -39,10 +39,10 @@ DIM = 16
 TOL = 1e-12
 
 
-def settings(**overrides) -> MoESettings:
+def settings(**overrides) -> MoEConfig:
     fields = dict(num_experts=4, top_k=2, expert_ffn_dim=8, aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
     fields.update(overrides)
-    return MoESettings(**fields)
+    return MoEConfig(**fields)
 
 
 def make_moe(seed: int = 0, dim: int = DIM, **overrides) -> MoEFeedForward:
@@ -382,8 +382,8 @@ def test_layer_builds_on_meta_without_storage():
                                              ({"score": "relu"}, "score"), ({"capacity_factor": -1}, "capacity_factor"),
                                              ({"every": 0}, "every"), ({"num_experts": 0}, "num_experts")])
 def test_invalid_settings_name_the_field(overrides, field):
-    with pytest.raises(ValueError, match=rf"MoESettings\.{field}="):
-        settings(**overrides).validate(DIM)
+    with pytest.raises(ValueError, match=rf"moe\.{field}: {field}="):
+        check_moe(settings(**overrides), DIM)
 
 
 @pytest.mark.parametrize("every,expected", [(1, [0, 1, 2, 3]), (2, [1, 3]), (4, [3])])

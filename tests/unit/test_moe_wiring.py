@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from meshweave.config import Config, ConfigError, load_toml, to_toml, validate
-from meshweave.models.llama import FeedForward, build_model, init_value, moe_settings, num_params
+from meshweave.config import Config, ConfigError, load_toml, to_toml
+from meshweave.models.llama import FeedForward, build_model, init_value, num_params
 from meshweave.models.moe import MoEFeedForward, aux_loss, moe_layers, set_aux_loss_scale
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import aux_loss_scale
+from meshweave.validation import validate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -36,14 +37,15 @@ def moe_config(**moe) -> Config:
 
 def test_moe_section_defaults_to_a_dense_model():
     assert Config().moe.num_experts == 0
-    assert moe_settings(Config().moe) is None
-    model = build_model(Config().model, moe=moe_settings(Config().moe))
+    assert not Config().moe.enabled
+    model = build_model(Config().model, moe=Config().moe)
     assert not moe_layers(model)
 
 
-def test_moe_section_mirrors_moe_settings_field_for_field():
+def test_moe_layers_take_the_moe_section_itself():
     cfg = moe_config(top_k=1, low_dim=16, score="sigmoid")
-    settings = moe_settings(cfg.moe)
+    settings = next(iter(moe_layers(build_model(cfg.model, moe=cfg.moe)))).settings
+    assert settings is cfg.moe
     assert (settings.num_experts, settings.top_k, settings.low_dim, settings.score) == (8, 1, 16, "sigmoid")
 
 
@@ -91,7 +93,7 @@ def test_presets_validate_and_mixtral_has_mixtrals_parameter_count():
     validate(mixtral, world_size=64)
     assert (mixtral.parallel.pp, mixtral.parallel.dp_shard, mixtral.parallel.ep) == (8, 8, 8)
     # 46.7B total (Mistral AI's figure), counted on the meta model
-    assert num_params(build_model(mixtral.model, moe=moe_settings(mixtral.moe))) / 1e9 == pytest.approx(46.70, abs=0.01)
+    assert num_params(build_model(mixtral.model, moe=mixtral.moe)) / 1e9 == pytest.approx(46.70, abs=0.01)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,14 +102,14 @@ def test_presets_validate_and_mixtral_has_mixtrals_parameter_count():
 
 def test_every_kth_layer_is_moe_and_the_rest_stay_dense():
     cfg = moe_config(every=2)
-    model = build_model(cfg.model, moe=moe_settings(cfg.moe))
+    model = build_model(cfg.model, moe=cfg.moe)
     kinds = [type(layer.mlp) for layer in model.layers.values()]
     assert kinds == [FeedForward, MoEFeedForward, FeedForward, MoEFeedForward]
 
 
 def test_moe_parameter_names_follow_hugging_face_moe_with_stacked_experts():
     cfg = moe_config(shared_experts=1, low_dim=16)
-    model = build_model(cfg.model, moe=moe_settings(cfg.moe))
+    model = build_model(cfg.model, moe=cfg.moe)
     names = {n for n, _ in model.named_parameters() if n.startswith("layers.0.")}
     assert {n for n in names if ".mlp." in n} == {
         "layers.0.mlp.gate.weight",
@@ -144,7 +146,7 @@ def test_aux_loss_scale_is_one_over_ranks_times_micro_batches():
 def test_scaled_aux_loss_in_the_gradient_equals_adding_it_to_the_loss():
     # float64, same ops in a different association: agreement to 1e-12 (values O(1))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(MoEFeedForward(16, moe_settings(moe_config(expert_ffn_dim=8).moe))).double()
+    model = torch.nn.Sequential(MoEFeedForward(16, moe_config(expert_ffn_dim=8).moe)).double()
     x, probe = torch.randn(2, 6, 16, dtype=torch.float64), torch.randn(2, 6, 16, dtype=torch.float64)
     reference = copy.deepcopy(model)
     ((reference(x) * probe).sum() + 0.25 * aux_loss(reference)).backward()
@@ -156,7 +158,7 @@ def test_scaled_aux_loss_in_the_gradient_equals_adding_it_to_the_loss():
 
 def test_the_aux_loss_leaves_evaluation_and_the_forward_value_alone():
     torch.manual_seed(0)
-    moe = MoEFeedForward(16, moe_settings(moe_config(expert_ffn_dim=8).moe)).double()
+    moe = MoEFeedForward(16, moe_config(expert_ffn_dim=8).moe).double()
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     plain = moe(x)
     set_aux_loss_scale(moe, 0.5)

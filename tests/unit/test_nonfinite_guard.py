@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parity import TINY
-from meshweave.config import resolve
+from meshweave.validation import resolve
 from meshweave.launch.env import destroy_process_group
 from meshweave.trainer.loop import NonFiniteLossError, Trainer
 

@@ -1,0 +1,49 @@
+"""A run's configuration checked as a whole, before any process group exists.
+
+:mod:`meshweave.config` checks each section on its own; this module adds what spans sections, the
+world size or the file system: the parallel degrees against the world size and the model
+(parallel/dims.py), the pipeline split (parallel/stages.py), MoE against the model and expert
+parallelism, DiLoCo against 1-bit Adam and the layer count, the sequence against the model's
+maximum, and that named data / initial weights exist. The CLI calls :func:`resolve` in the
+launching process, so a bad value costs one line on stderr naming the key and the fix, exit code 2,
+never a traceback from eight ranks. No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from meshweave.config import Config, check_moe, check_sections, load, require
+from meshweave.parallel.dims import ParallelDims, resolve_degrees
+
+
+def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
+    """Raise ConfigError for the first impossible value; returns the parallel degrees (and fills
+    ``parallel.dp_shard = -1``). ``world_size`` defaults to ``$WORLD_SIZE`` (1 outside torchrun)."""
+    check_sections(cfg)
+    m, t = cfg.model, cfg.train
+    if cfg.moe.num_experts:
+        check_moe(cfg.moe, m.dim)
+    require(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if cfg.comm.diloco.enabled:
+        require(cfg.optim.name != "onebit_adam", "comm.diloco.enabled",
+                "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one")
+        cfg.comm.diloco.validate(m.n_layers)
+    if cfg.data.source != "embedded":
+        require(Path(cfg.data.source, "index.json").is_file(), "data.source",
+                f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
+                "'embedded' or run `meshweave data prepare`")
+    if cfg.checkpoint.init_from:
+        source = Path(cfg.checkpoint.init_from)
+        require((source / "config.json").is_file() or (source / "manifest.json").is_file(),
+                "checkpoint.init_from", f"{source} is neither a Hugging Face model directory (config.json) "
+                "nor a meshweave checkpoint (manifest.json)")
+    return resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:
+    """The run's config: defaults, then the TOML file, then the overrides, then :func:`validate`."""
+    cfg = load(config_path, overrides)
+    validate(cfg, world_size)
+    return cfg
