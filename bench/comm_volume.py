@@ -357,7 +357,8 @@ def _setup_common(spec: dict):
     import torch.distributed as dist
 
     from meshweave.config import DataConfig, ModelConfig, OptimConfig
-    from meshweave.trainer.data import ShardedLoader, build_datasets
+    from meshweave.data.datasets import build_datasets
+    from meshweave.data.loader import ShardedLoader
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mcfg = ModelConfig(**spec["model"])

@@ -279,7 +279,7 @@ class MeshweavePipeline:
         from meshweave.models.llama import build_model
         from meshweave.parallel.parallelize import parallelize
         from meshweave.parallel.pipeline import build_schedule
-        from meshweave.trainer.data import IGNORE_INDEX
+        from meshweave.data.datasets import IGNORE_INDEX
         from meshweave.trainer.optim import build_optimizer
 
         self.torch, self.cfg = torch, cfg
@@ -325,7 +325,8 @@ class MeshweavePipeline:
 def _loader(spec: Spec) -> Any:
     """A fresh ShardedLoader over the embedded corpus: one (inputs, labels) of ``batch`` per step."""
     from meshweave.config import DataConfig
-    from meshweave.trainer.data import ShardedLoader, build_datasets
+    from meshweave.data.datasets import build_datasets
+    from meshweave.data.loader import ShardedLoader
 
     train, _, _ = build_datasets(DataConfig(), spec.seq_len, SEED)
     return ShardedLoader(train, spec.batch, 0, 0, 1, SEED)  # every stage sees the whole batch (dp = 1)

@@ -139,7 +139,7 @@ def cmd_data(args: list[str]) -> int:
     prep.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path")
     prep.add_argument("--out", required=True, help="output directory")
     ns = parser.parse_args(args)
-    from meshweave.trainer.data import prepare
+    from meshweave.data.prepare import prepare
 
     try:
         index = prepare(ns.input, ns.tokenizer, ns.out)

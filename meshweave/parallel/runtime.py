@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from meshweave.comm.ops import CommGroup, all_reduce, all_reduce_scalars
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
-from meshweave.trainer.data import IGNORE_INDEX
+from meshweave.data.datasets import IGNORE_INDEX
 from meshweave.lowcomm.replicas import ReplicaExchange
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.dims import ParallelDims, ParallelMesh

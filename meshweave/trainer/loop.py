@@ -34,7 +34,8 @@ from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime
 from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
-from meshweave.trainer.data import IGNORE_INDEX, ShardedLoader, build_datasets
+from meshweave.data.datasets import IGNORE_INDEX, build_datasets
+from meshweave.data.loader import ShardedLoader
 from meshweave.trainer.hf import check_init_from, load_initial_weights
 from meshweave.trainer.metrics import (
     MetricsLogger,
@@ -286,7 +287,7 @@ def preflight(cfg: Config) -> None:
         except CheckpointError as e:
             raise ConfigError(f"checkpoint.resume: {e} (use auto to fall back to the newest valid one)") from None
     if cfg.data.source == "embedded":
-        from meshweave.trainer.data import ByteTokenizer
+        from meshweave.data.tokenizers import ByteTokenizer
 
         vocab = ByteTokenizer().vocab_size
     else:

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from meshweave.config import DataConfig
-from meshweave.trainer.data import (
-    IGNORE_INDEX, ByteTokenizer, HFTokenizer, PackedSequences, ShardedLoader, TokenCorpus,
-    build_datasets, corpus_from_source, embedded_documents, load_tokenizer, prepare,
+from meshweave.data.datasets import (
+    IGNORE_INDEX, PackedSequences, TokenCorpus, build_datasets, corpus_from_source, embedded_documents,
     split_documents,
 )
+from meshweave.data.loader import ShardedLoader
+from meshweave.data.prepare import prepare
+from meshweave.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 EOS = 1000
 

@@ -1,0 +1,220 @@
+"""Datasets: the token corpus (embedded or prepared), the train/eval split and packing into samples.
+
+The pipeline is ``documents -> tokens.bin + index.json -> TokenCorpus -> PackedSequences ->
+ShardedLoader`` (loader.py). Every step is deterministic: the split is a hash of the document
+index, packing a pure function of the corpus and the sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshweave.data.prepare import INDEX_FORMAT
+from meshweave.data.tokenizers import ByteTokenizer
+
+IGNORE_INDEX = -100  # the label of a position that has no target (the loss skips it)
+# Fixed salt for the split hash: the held-out set must not move when the training seed does.
+_SPLIT_SALT = 0x6D657368776561FE
+
+
+def embedded_documents() -> list[str]:
+    """Python's own pydoc topic texts, one document per topic, in sorted-key order.
+
+    Ships with every CPython, so a run needs no download and is identical on every machine.
+    """
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+
+
+class TokenCorpus:
+    """A flat token array and where each document (with its trailing eos) starts and ends.
+
+    ``doc_offsets`` has ``num_documents + 1`` non-decreasing entries from 0 to ``len(tokens)``.
+    """
+
+    def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, vocab_size: int, eos_id: int) -> None:
+        offsets = np.asarray(doc_offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens) \
+                or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"doc_offsets must rise from 0 to the token count {len(tokens)} "
+                             "with at least one document")
+        self.tokens = tokens
+        self.doc_offsets = offsets
+        self.vocab_size = int(vocab_size)
+        self.eos_id = int(eos_id)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def document(self, d: int) -> np.ndarray:
+        """Tokens of document ``d``, ending in eos."""
+        return self.tokens[self.doc_offsets[d]:self.doc_offsets[d + 1]]
+
+    @classmethod
+    def embedded(cls) -> TokenCorpus:
+        """The pydoc topics, byte-tokenized in memory, eos after each."""
+        tok = ByteTokenizer()
+        docs = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in embedded_documents()]
+        offsets = np.cumsum([0] + [len(d) + 1 for d in docs])
+        tokens = np.empty(offsets[-1], dtype=np.uint16)
+        for d, ids in enumerate(docs):
+            tokens[offsets[d]:offsets[d + 1] - 1] = ids
+            tokens[offsets[d + 1] - 1] = tok.eos_id
+        return cls(tokens, offsets, tok.vocab_size, tok.eos_id)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> TokenCorpus:
+        """Memory-map a directory written by :func:`prepare`, read-only; no token is read yet."""
+        root = Path(directory)
+        index = json.loads((root / "index.json").read_text(encoding="utf-8"))
+        if index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{root / 'index.json'}: format {index.get('format')!r}, "
+                             f"this version reads format {INDEX_FORMAT}")
+        num_tokens = int(index["num_tokens"])
+        tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(index["dtype"]), mode="r", shape=(num_tokens,))
+        return cls(tokens, np.asarray(index["doc_offsets"]), index["vocab_size"], index["eos_id"])
+
+
+def corpus_from_source(source: str) -> TokenCorpus:
+    """``"embedded"`` -> the in-memory pydoc corpus; anything else -> the prepared directory."""
+    return TokenCorpus.embedded() if source == "embedded" else TokenCorpus.open(source)
+
+
+# --------------------------------------------------------------------------------------------
+# train / eval split
+
+
+def _unit_hash(indices: np.ndarray) -> np.ndarray:
+    """A salted splitmix64 of each index, as a float uniform in [0, 1). Same on every machine."""
+    with np.errstate(over="ignore"):
+        z = indices.astype(np.uint64) + np.uint64(_SPLIT_SALT)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def split_documents(num_documents: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending (train, eval) document ids: disjoint, together all of ``range(num_documents)``.
+
+    Document ``d`` is held out iff its hash is below ``eval_fraction``, except that eval gets the
+    lowest-hashing document if it would otherwise be empty (for ``eval_fraction > 0``) and train
+    keeps the highest-hashing one if it would be.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction > 0 and num_documents < 2:
+        raise ValueError(f"eval_fraction={eval_fraction} needs at least 2 documents, "
+                         f"the corpus has {num_documents}")
+    ids = np.arange(num_documents, dtype=np.int64)
+    h = _unit_hash(ids)
+    held = h < eval_fraction
+    if eval_fraction > 0 and not held.any():
+        held[np.argmin(h)] = True
+    if held.all():
+        held[np.argmax(h)] = False
+    return ids[~held], ids[held]
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+
+
+def _spans(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of maximal runs of adjacent ``[start, end)`` ranges, in order."""
+    if len(starts) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # Neighbouring documents become one span: fewer spans, fewer slices per window.
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+    first = np.concatenate([[0], breaks]).astype(np.int64)
+    last = np.concatenate([breaks - 1, [len(starts) - 1]]).astype(np.int64)
+    return starts[first], ends[last] - starts[first]
+
+
+class PackedSequences:
+    """Fixed-length training windows over a split's documents, packed end to end.
+
+    The stream is the chosen documents in ascending order, each ending in eos. Window ``i`` is
+    ``stream[i*seq_len : (i+1)*seq_len + 1]``: inputs are its first ``seq_len`` tokens, labels its
+    last ``seq_len``, with the label after an eos input set to ``IGNORE_INDEX`` so no document is
+    trained to predict the next one. Windows are gathered from spans on demand, so a memory-mapped
+    corpus is read only where a window lands.
+    """
+
+    def __init__(self, corpus: TokenCorpus, doc_ids: Sequence[int] | np.ndarray, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        docs = np.unique(np.asarray(doc_ids, dtype=np.int64))
+        if len(docs) and (docs[0] < 0 or docs[-1] >= corpus.num_documents):
+            raise ValueError(f"doc_ids must lie in [0, {corpus.num_documents})")
+        self._span_starts, span_lens = _spans(corpus.doc_offsets[docs], corpus.doc_offsets[docs + 1])
+        self._cum = np.concatenate([[0], np.cumsum(span_lens)]).astype(np.int64)
+        self.corpus = corpus
+        self.doc_ids = docs
+        self.seq_len = seq_len
+        self.eos_id = corpus.eos_id
+
+    @property
+    def num_tokens(self) -> int:
+        """Length of the packed stream, eos tokens included."""
+        return int(self._cum[-1])
+
+    def __len__(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.seq_len)
+
+    def window(self, i: int) -> np.ndarray:
+        """The ``seq_len + 1`` stream tokens of window ``i`` as int64."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} sequences")
+        pos, stop = i * self.seq_len, (i + 1) * self.seq_len + 1
+        k = int(np.searchsorted(self._cum, pos, side="right")) - 1
+        pieces = []
+        while pos < stop:
+            begin = int(self._span_starts[k] + pos - self._cum[k])
+            take = min(stop, int(self._cum[k + 1])) - pos
+            pieces.append(self.corpus.tokens[begin:begin + take])
+            pos += take
+            k += 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, both ``torch.long`` of shape ``[seq_len]``."""
+        w = self.window(i)
+        inputs, labels = w[:-1], w[1:].copy()
+        labels[inputs == self.eos_id] = IGNORE_INDEX
+        return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+def build_datasets(data_cfg: Any, seq_len: int,
+                   seed: int) -> tuple[PackedSequences, PackedSequences, TokenCorpus]:
+    """``(train, eval, corpus)`` for ``data_cfg.source`` split by ``data_cfg.eval_fraction``.
+
+    ``seed`` does not enter the split: held-out documents are a property of the corpus, so runs
+    with different seeds are evaluated on the same text. Train always has at least one sequence,
+    and eval does whenever ``eval_fraction > 0``; otherwise this raises ValueError.
+    """
+    del seed
+    corpus = corpus_from_source(data_cfg.source)
+    train_ids, eval_ids = split_documents(corpus.num_documents, data_cfg.eval_fraction)
+    train = PackedSequences(corpus, train_ids, seq_len)
+    evals = PackedSequences(corpus, eval_ids, seq_len)
+    need = seq_len + 1
+    if len(train) == 0:
+        raise ValueError(f"data.source={data_cfg.source!r}: the train split has {train.num_tokens} "
+                         f"tokens, fewer than train.seq_len+1={need}; use more data or a shorter seq_len")
+    if data_cfg.eval_fraction > 0 and len(evals) == 0:
+        raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}: the {len(eval_ids)} held-out "
+                         f"documents hold {evals.num_tokens} tokens, fewer than train.seq_len+1={need}; "
+                         "raise data.eval_fraction or shorten train.seq_len")
+    return train, evals, corpus
