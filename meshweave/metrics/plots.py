@@ -6,8 +6,6 @@ on a laptop without the GPUs that produced it.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 from matplotlib.axes import Axes  # noqa: E402
 
-
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Step records of a metrics.jsonl, sorted by step, one per step (the last one written wins).
-
-    Lines that are not JSON objects with an integer ``step`` (a torn final line, stray output)
-    are skipped. Raises ValueError naming the file if it is missing or holds no records.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such metrics file (is this a meshweave run directory?)")
-    by_step: dict[int, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            step = record.get("step")
-            if isinstance(step, bool) or not isinstance(step, int):
-                continue
-            # A resumed run rewinds to its checkpoint and re-logs those steps; the rerun is current.
-            by_step[step] = record
-    if not by_step:
-        raise ValueError(f"{path}: no step records (file is empty or malformed)")
-    return [by_step[s] for s in sorted(by_step)]
+from meshweave.metrics.sinks import read_metrics  # noqa: E402
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

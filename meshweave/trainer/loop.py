@@ -37,13 +37,8 @@ from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, che
 from meshweave.data.datasets import IGNORE_INDEX, build_datasets
 from meshweave.data.loader import ShardedLoader
 from meshweave.trainer.hf import check_init_from, load_initial_weights
-from meshweave.trainer.metrics import (
-    MetricsLogger,
-    device_peak_tflops,
-    mfu,
-    model_flops_per_token,
-    peak_memory_bytes,
-)
+from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
+from meshweave.metrics.sinks import MetricsLogger
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
 
 class NonFiniteLossError(RuntimeError):

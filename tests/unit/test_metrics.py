@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from meshweave.config import LogConfig
-from meshweave.trainer.metrics import (
-    METRIC_KEYS, PEAK_TFLOPS, GpuTelemetry, MetricsLogger, device_peak_tflops,
-    format_console_line, lookup_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes,
-    to_json_value,
+from meshweave.metrics.accounting import (
+    PEAK_TFLOPS, device_peak_tflops, lookup_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes,
 )
-from meshweave.metrics.plots import plot_run, read_metrics
+from meshweave.metrics.sinks import METRIC_KEYS, MetricsLogger, format_console_line, read_metrics, to_json_value
+from meshweave.metrics.telemetry import GpuTelemetry
+from meshweave.metrics.plots import plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Training metrics: FLOPs and MFU accounting, memory and GPU telemetry, and the run's log sinks.
+"""The run's log sinks: metrics.jsonl, events.log, the console and Weights & Biases.
 
 Rank 0 owns every sink. One logged step is one JSON object on one line of ``metrics.jsonl`` in
 the run directory, so a crashed or resumed run leaves a file that is still readable line by line;
@@ -14,9 +14,7 @@ import math
 import netrc
 import os
 import re
-import resource
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,189 +22,13 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from meshweave.metrics.telemetry import GpuTelemetry
+
 # Every line of metrics.jsonl carries these keys (None when not measured), in this order.
 METRIC_KEYS: tuple[str, ...] = (
     "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",
     "mem_peak_bytes", "comm_bytes", "comm_bytes_total", "gpu_util", "gpu_mem_bytes", "gpu_power_w",
 )
-
-# --------------------------------------------------------------------------------------------
-# FLOPs and MFU
-
-
-def model_flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N + 12 n_layers dim seq_len``.
-
-    ``6 N`` is forward (2N) plus backward (4N) for the dense matmuls over the non-embedding
-    parameters; ``12 L d T`` is the attention score and value matmuls (QK^T and AV, forward and
-    backward) that the parameter count misses. This is the PaLM appendix-B / nanoGPT estimate: it
-    ignores causal masking savings and activation recomputation, so MFU stays comparable across
-    runs that differ only in activation checkpointing.
-    """
-    return 6.0 * n_params_non_embedding + 12.0 * n_layers * dim * seq_len
-
-
-# Dense (no structured sparsity) peak tensor-core TFLOPs per device for bf16 inputs with fp32
-# accumulation, from the vendors' datasheets, as (device-name pattern, label, TFLOPs). Most
-# specific first: "A10" must not claim an A100 or A10G, and an H100 that names no form factor
-# (e.g. "NVIDIA H100 80GB HBM3") is the SXM part.
-_DEVICES: tuple[tuple[str, str, float], ...] = (
-    (r"\bB200\b", "B200", 2250.0),
-    (r"\bH200\b", "H200", 989.0),
-    (r"\bH100\b.*\bNVL\b", "H100 NVL", 835.0),
-    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.0),
-    (r"\bH100\b", "H100 SXM", 989.0),
-    (r"\bA100\b", "A100", 312.0),
-    (r"\bA10G\b", "A10G", 70.0),  # AWS's A10 variant: lower clocks and power than the A10
-    (r"\bA10\b", "A10", 125.0),
-    (r"\bL40S\b", "L40S", 362.0),
-    (r"\bL40\b", "L40", 181.0),
-    (r"\bL4\b", "L4", 121.0),
-    (r"\bV100\b", "V100", 125.0),  # no bf16 on Volta: its fp16 figure stands in
-    (r"\bRTX 4090\b", "RTX 4090", 165.0),
-    (r"\bRTX 3090\b", "RTX 3090", 71.0),
-    (r"\bMI300X\b", "MI300X", 1307.0),
-)
-PEAK_TFLOPS: dict[str, float] = {label: tflops for _, label, tflops in _DEVICES}
-
-
-def lookup_peak_tflops(device_name: str) -> float | None:
-    """Peak dense bf16 TFLOPs for a device name as CUDA/ROCm reports it, or None if unknown."""
-    for pattern, _, tflops in _DEVICES:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return tflops
-    return None
-
-
-def device_peak_tflops(override: float) -> float | None:
-    """Per-device peak TFLOPs: ``override`` if > 0, else the table entry for the current GPU.
-
-    None when neither is known (CPU runs, unlisted GPUs), which makes MFU None rather than wrong.
-    """
-    if override > 0:
-        return float(override)
-    if torch.cuda.is_available():
-        return lookup_peak_tflops(torch.cuda.get_device_name())
-    return None
-
-
-def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilisation as a fraction in [0, 1]: achieved FLOP/s over the device peak.
-
-    None when the peak is unknown or not positive.
-    """
-    if peak_tflops is None or peak_tflops <= 0:
-        return None
-    return tokens_per_s_per_device * flops_per_token / (peak_tflops * 1e12)
-
-
-# --------------------------------------------------------------------------------------------
-# memory and GPU telemetry
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """High-water memory in bytes: CUDA allocator peak on a GPU, else the process's peak RSS."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports ru_maxrss in KiB, macOS in bytes.
-    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
-
-
-class GpuTelemetry:
-    """Utilisation, memory in use and power draw of this process's GPU, read through NVML.
-
-    Every field is None when pynvml (package ``nvidia-ml-py``) is missing, there is no GPU, or
-    NVML cannot answer; construction and :meth:`read` never raise.
-    """
-
-    def __init__(self, device_index: int | None = None) -> None:
-        self._nvml: Any = None
-        self._handle: Any = None
-        if not torch.cuda.is_available():
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # not installed, or no driver NVML can talk to (e.g. ROCm)
-            return
-        self._nvml = pynvml
-        index = torch.accelerator.current_device_index() if device_index is None else device_index
-        self._handle = self._find_handle(pynvml, index)
-        if self._handle is None:
-            self.close()
-
-    @staticmethod
-    def _find_handle(pynvml: Any, index: int) -> Any:
-        # NVML numbers every GPU on the host while CUDA numbers only CUDA_VISIBLE_DEVICES, so the
-        # UUID is the reliable link; the index is a fallback for builds without props.uuid.
-        try:
-            dev_uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-            if dev_uuid is not None:
-                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{dev_uuid}")
-        except Exception:
-            pass
-        try:
-            return pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:
-            return None
-
-    @property
-    def available(self) -> bool:
-        """Whether :meth:`read` can return real values."""
-        return self._handle is not None
-
-    def read(self) -> dict[str, float | int | None]:
-        """``{gpu_util (percent), gpu_mem_bytes (device-wide used), gpu_power_w}``; None if unknown."""
-        nv, h = self._nvml, self._handle
-        queries = {
-            "gpu_util": lambda: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-            "gpu_mem_bytes": lambda: int(nv.nvmlDeviceGetMemoryInfo(h).used),
-            "gpu_power_w": lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,  # NVML reports mW
-        }
-        out: dict[str, float | int | None] = dict.fromkeys(queries)
-        if h is None:
-            return out
-        # Each query may be unsupported on a given board (power on some consumer cards), so one
-        # failure must not hide the others.
-        for key, query in queries.items():
-            try:
-                out[key] = query()
-            except Exception:
-                pass
-        return out
-
-    def close(self) -> None:
-        """Shut NVML down; later reads return None fields. Safe to call twice."""
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
-        self._nvml = None
-        self._handle = None
-
-
-class StepTimer:
-    """Wall-clock time of a training step, synchronising CUDA so queued kernels are counted."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._device = device if device.type == "cuda" and torch.cuda.is_available() else None
-        self._t0 = time.perf_counter()
-
-    def _now(self) -> float:
-        if self._device is not None:
-            torch.cuda.synchronize(self._device)
-        return time.perf_counter()
-
-    def start(self) -> None:
-        """Begin a step (after draining work queued by the previous one)."""
-        self._t0 = self._now()
-
-    def stop(self) -> float:
-        """Seconds since :meth:`start`, once all work queued on the device has finished."""
-        return self._now() - self._t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,3 +248,31 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Step records of a metrics.jsonl, sorted by step, one per step (the last one written wins).
+
+    Lines that are not JSON objects with an integer ``step`` (a torn final line, stray output)
+    are skipped. Raises ValueError naming the file if it is missing or holds no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such metrics file (is this a meshweave run directory?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            step = record.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                continue
+            # A resumed run rewinds to its checkpoint and re-logs those steps; the rerun is current.
+            by_step[step] = record
+    if not by_step:
+        raise ValueError(f"{path}: no step records (file is empty or malformed)")
+    return [by_step[s] for s in sorted(by_step)]
