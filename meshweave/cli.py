@@ -178,8 +178,8 @@ def cmd_ckpt(args: list[str]) -> int:
     exp.add_argument("ckpt")
     exp.add_argument("out")
     ns = parser.parse_args(args)
-    from meshweave.trainer import hf
-    from meshweave.trainer.checkpoint import CheckpointError, describe
+    from meshweave.checkpoint import hf
+    from meshweave.checkpoint.manager import CheckpointError, describe
 
     try:
         if ns.action == "inspect":

@@ -33,10 +33,10 @@ from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime
-from meshweave.trainer.checkpoint import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
+from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
 from meshweave.data.datasets import IGNORE_INDEX, build_datasets
 from meshweave.data.loader import ShardedLoader
-from meshweave.trainer.hf import check_init_from, load_initial_weights
+from meshweave.checkpoint.hf import check_init_from, load_initial_weights
 from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
 from meshweave.metrics.sinks import MetricsLogger
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr

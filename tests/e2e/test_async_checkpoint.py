@@ -5,8 +5,8 @@ import json
 import torch
 
 from parity import losses, read_metrics, train_run
-from meshweave.trainer.hf import read_checkpoint
-from meshweave.trainer.checkpoint import verify
+from meshweave.checkpoint.hf import read_checkpoint
+from meshweave.checkpoint.manager import verify
 
 STEPS, EVERY = 6, 3
 

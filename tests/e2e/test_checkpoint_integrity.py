@@ -8,8 +8,8 @@ import time
 import pytest
 
 from parity import MESHWEAVE, losses, read_metrics, train_run
-from meshweave.trainer.checkpoint import CheckpointError, verify
-from meshweave.trainer.safe_load import UnsafeCheckpointError, safe_load_metadata
+from meshweave.checkpoint.manager import CheckpointError, verify
+from meshweave.checkpoint.safe_load import UnsafeCheckpointError, safe_load_metadata
 
 STEPS = 6
 

@@ -13,7 +13,7 @@ import torch
 
 from parity import MESHWEAVE, losses, train_run
 from meshweave.models.llama import build_model
-from meshweave.trainer.hf import export_hf, import_hf, read_hf_config, read_model_weights
+from meshweave.checkpoint.hf import export_hf, import_hf, read_hf_config, read_model_weights
 
 transformers = pytest.importorskip("transformers")
 

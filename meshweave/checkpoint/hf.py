@@ -1,8 +1,8 @@
 """Hugging Face interop for Llama-family dense models: config translation and safetensors weights.
 
-meshweave parameter names are Hugging Face Llama's without the ``model.`` prefix (see
-:func:`meshweave.models.llama.hf_name`), and rotary embeddings use the same half-split layout, so
-weights move with a rename only — no permutation, bit-exact both ways.
+meshweave parameter names are Hugging Face Llama's without the ``model.`` prefix (the family's
+``hf_name``, models/family.py), and rotary embeddings use the same half-split layout, so weights
+move with a rename only — no permutation, bit-exact both ways.
 
 - :func:`import_hf` turns a HF model directory into a meshweave checkpoint (``step-0``, model only)
   plus a ``config.toml`` holding the translated model section;
@@ -26,9 +26,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from meshweave.config import Config, ConfigError, ModelConfig, to_toml
-from meshweave.models.llama import build_model, hf_name
-from meshweave.trainer.checkpoint import checkpoint_info, read_manifest, verify, write_manifest
-from meshweave.trainer.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
+from meshweave.models.llama import Transformer, build_model
+from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
+from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
 
 _SUPPORTED = ("LlamaForCausalLM",)
 
@@ -99,7 +99,7 @@ def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{hf_dir / name}: missing (safetensors weights required)")
         hf_state.update(load_file(hf_dir / name))
     cfg = read_hf_config(hf_dir)
-    wanted = {hf_name(n): n for n in build_model(cfg).state_dict()}
+    wanted = {Transformer.family.hf_name(n): n for n in build_model(cfg).state_dict()}
     missing = sorted(set(wanted) - set(hf_state))
     if cfg.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
@@ -164,7 +164,7 @@ def read_model_weights(ckpt: str | Path) -> tuple[ModelConfig, dict[str, torch.T
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's model as a HF directory (``config.json`` + ``model.safetensors``)."""
     cfg, state = read_model_weights(ckpt)
-    hf_state = {hf_name(k): v.contiguous() for k, v in state.items()
+    hf_state = {Transformer.family.hf_name(k): v.contiguous() for k, v in state.items()
                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from meshweave.comm.ops import CommGroup, barrier, broadcast
 from meshweave.config import Config
-from meshweave.trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from meshweave.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 # Optimizer state and hyperparameters keyed per parameter name ("param_groups.<fqn>.lr"), not as
 # a list of groups saved by one rank: a pipeline rank holds only its stages' parameters, so only
