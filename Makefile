@@ -37,8 +37,9 @@ lint: venv
 test: venv
 	$(PY) -m pytest -q -rs --durations=15
 
+# The in-process specifications only: no test that starts a process.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not procs"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

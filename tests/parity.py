@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshweave.metrics import plots
+from meshweave.launch.harness import read_metrics
 
 MESHWEAVE = [sys.executable, "-m", "meshweave"]
 
@@ -36,12 +36,6 @@ def train_run(out: Path, nproc: int, *overrides: str, steps: int = 20, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return read_metrics(out)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl records in step order (a step logged twice keeps the last); [] if none."""
-    path = Path(out) / "metrics.jsonl"
-    return plots.read_metrics(path) if path.exists() and path.stat().st_size else []
 
 
 def final_weights(out: Path) -> dict:

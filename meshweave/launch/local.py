@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from meshweave.launch.harness import free_port
 
 
 def torchrun_command(nproc: int, train_args: list[str], port: int) -> list[str]:

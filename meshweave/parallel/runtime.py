@@ -62,6 +62,7 @@ class ParallelRuntime:
         self.replicas = replicas
         self._loss_fn = loss_fn
         self._loss_scale = 1.0  # 1 / the step's global token count, for the pipeline's loss_fn
+        self._apart = False  # whether the last step's gradients stayed inside each replica
         self.dp_group = mesh.group("dp")
         # Token counts, losses and gradients sum over data-parallel *and* context-parallel ranks.
         self.loss_group = mesh.group(dims.loss_dim)
@@ -89,7 +90,7 @@ class ParallelRuntime:
     def forward_backward(self, batch: list[Microbatch], global_tokens: float) -> float:
         """Forward and backward over this rank's microbatches, then finish the gradient exchange;
         returns the step's loss (the mean token loss; the replicas' mean while they are apart)."""
-        apart = self.replicas.apart
+        apart = self._apart = self.replicas.apart  # 1-bit Adam's step may flip it: report what this step did
         if self.schedule is not None:
             (inputs, labels), = batch
             loss_sum = self._pipeline_pass(inputs, labels, train=True, scale=1.0 / max(global_tokens, 1.0))
@@ -127,7 +128,7 @@ class ParallelRuntime:
         if moe := expert_metrics(self.model):
             record["moe"] = moe
         if self.replicas.mode != "dp":
-            record.update(replicas_apart=self.replicas.apart, **self.replicas.metrics())
+            record.update(replicas_apart=self._apart, **self.replicas.metrics())
         return record
 
     # ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ exactly the bytes of the module docstring's table under ``"<dim>/<op>"``; groups
 nothing. ``GradientReducer`` must leave every rank with the sum over ranks of the local gradients.
 
 The multi-process work runs once per module (one 4-rank job for the ops, one 2-rank job for the
-reducer, see ``_spawn``); each test then checks one behaviour of the recorded results.
+reducer, see ``meshweave.launch.harness.spawn``); each test then checks one behaviour of the recorded results.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from _spawn import spawn
+from meshweave.launch.harness import spawn
 from meshweave.comm.ops import CommGroup, CommLedger
 from meshweave.comm.overlap import GradientReducer
 

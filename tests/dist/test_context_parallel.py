@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 
-from _spawn import spawn
+from meshweave.launch.harness import spawn
 
 pytestmark = pytest.mark.dist
 

@@ -9,15 +9,15 @@ gradient reduction shows up as > 1e-3 within the first steps.
 
 import pytest
 
-from parity import assert_losses_match, losses, train_run
+from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return losses(train_run(tmp_path_factory.mktemp("single"), 1, steps=STEPS))
+def reference(reference_run):
+    return losses(reference_run(1, steps=STEPS))
 
 
 def cp(degree: int, method: str, *extra: str) -> list[str]:

@@ -7,15 +7,15 @@ slowly through 20 AdamW updates; a real bug (wrong normalisation, a missed bucke
 
 import pytest
 
-from parity import assert_losses_match, losses, train_run
+from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return losses(train_run(tmp_path_factory.mktemp("single"), 1, steps=STEPS))
+def reference(reference_run):
+    return losses(reference_run(1, steps=STEPS))
 
 
 def test_reference_loss_falls(reference):

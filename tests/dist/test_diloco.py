@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.testing import assert_close
 
-from _spawn import spawn
+from meshweave.launch.harness import spawn
 from meshweave.comm import ops
 from meshweave.comm.codecs import dequantize_4bit, quantize_4bit
 from meshweave.config import DiLoCoConfig

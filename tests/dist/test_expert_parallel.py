@@ -6,7 +6,7 @@ tokens: outputs, input gradients, router / shared / projection gradients (per ra
 gradients (the owner's slice of the gradient summed over every rank's tokens). The ledger must
 book exactly the rows the split sizes send away, and BigMac must shrink those bytes by dim/low_dim.
 
-One job per world size (module-scoped fixtures, see ``_spawn``); each test checks one behaviour of
+One job per world size (module-scoped fixtures, see ``meshweave.launch.harness.spawn``); each test checks one behaviour of
 the recorded results. Everything is float64, so the only differences are summation order.
 """
 
@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _spawn import spawn
+from meshweave.launch.harness import spawn
 from meshweave.config import MoEConfig
 from meshweave.models.moe import MoEFeedForward
 

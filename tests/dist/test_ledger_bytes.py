@@ -8,7 +8,7 @@ a whole bucket.
 
 import pytest
 
-from parity import TINY, train_run
+from tests.parity import TINY, train_run
 from meshweave.config import Config, parse_overrides
 from meshweave.models.llama import build_model, num_params
 

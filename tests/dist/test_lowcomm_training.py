@@ -12,7 +12,7 @@ equivalence, replicas' identical global weights) are specified in test_onebit.py
 
 import pytest
 
-from parity import assert_losses_match, losses, train_run
+from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
 REPLICAS = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]

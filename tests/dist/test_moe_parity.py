@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity import assert_losses_match, assert_weights_match, final_weights, losses, train_run
+from tests.parity import assert_losses_match, assert_weights_match, final_weights, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS = 10
@@ -94,11 +94,11 @@ def test_one_process_with_the_same_micro_batches_matches_ep2(tmp_path, fsdp4_ep2
     pytest.param(2, ["--parallel.dp_shard=2"], ["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.ep=2"],
                  id="tp2-fsdp2-ep2"),
 ])
-def test_weights_after_sgd_match_unsharded_experts(tmp_path, ref_nproc, reference, layout):
+def test_weights_after_sgd_match_unsharded_experts(tmp_path, reference_run, ref_nproc, reference, layout):
     args = ["--optim.name=sgd", "--checkpoint.save_final=true"]
-    moe_run(tmp_path / "ref", ref_nproc, *reference, *args)
+    ref = reference_run.dir(ref_nproc, *MOE, *reference, *args, steps=STEPS)  # shared by two layouts
     moe_run(tmp_path / "ep", 4, *layout, *args)
-    assert_weights_match(final_weights(tmp_path / "ref"), final_weights(tmp_path / "ep"), rtol=1e-6)
+    assert_weights_match(final_weights(ref), final_weights(tmp_path / "ep"), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ time (error feedback), and book exactly the packed bytes in the ledger — ~1/30
 all-reduce. ``OneBitAdam`` must be AdamW during warm-up, keep ranks identical and still optimise
 once compressing, survive a state_dict round trip bitwise, and not blow up on dead coordinates.
 
-The multi-process work runs once per world size (2 and 4 ranks, see ``_spawn``); each test then
+The multi-process work runs once per world size (2 and 4 ranks, see ``meshweave.launch.harness.spawn``); each test then
 checks one behaviour of the recorded results.
 """
 
@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from _spawn import spawn
+from meshweave.launch.harness import spawn
 from meshweave.lowcomm.onebit import chunk_numel, compressed_wire_bytes
 
 pytestmark = pytest.mark.dist

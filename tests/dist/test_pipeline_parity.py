@@ -12,7 +12,7 @@ The model has 4 layers so that pp=4 and 2 virtual stages per rank each get a lay
 
 import pytest
 
-from parity import assert_losses_match, losses, train_run
+from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS, STOP = 10, 5

@@ -7,7 +7,7 @@ only (observed ~1e-7); a wrong plan or a mis-sharded init is off by >1e-2 from t
 
 import pytest
 
-from parity import assert_losses_match, assert_weights_match, final_weights, losses, train_run
+from tests.parity import assert_losses_match, assert_weights_match, final_weights, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS = 10
@@ -15,13 +15,13 @@ GQA = ["--model.n_heads=8", "--model.n_kv_heads=4"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return losses(train_run(tmp_path_factory.mktemp("single"), 1, steps=STEPS))
+def reference(reference_run):
+    return losses(reference_run(1, steps=STEPS))
 
 
 @pytest.fixture(scope="module")
-def reference_gqa(tmp_path_factory):
-    return losses(train_run(tmp_path_factory.mktemp("single-gqa"), 1, *GQA, steps=STEPS))
+def reference_gqa(reference_run):
+    return losses(reference_run(1, *GQA, steps=STEPS))
 
 
 @pytest.mark.parametrize("nproc,layout", [
@@ -41,9 +41,9 @@ def test_tp4_with_grouped_query_attention_matches_one_process(tmp_path, referenc
     assert_losses_match(reference_gqa, tp4, rtol=1e-4)
 
 
-def test_tp2_with_tied_embeddings_matches_one_process(tmp_path_factory):
+def test_tp2_with_tied_embeddings_matches_one_process(tmp_path_factory, reference_run):
     tied = ["--model.tie_embeddings=true"]
-    one = losses(train_run(tmp_path_factory.mktemp("tied1"), 1, *tied, steps=STEPS))
+    one = losses(reference_run(1, *tied, steps=STEPS))
     tp2 = losses(train_run(tmp_path_factory.mktemp("tied-tp2"), 2, *tied, "--parallel.tp=2", steps=STEPS))
     assert_losses_match(one, tp2, rtol=1e-4)
 

@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from parity import losses, read_metrics, train_run
+from meshweave.launch.harness import read_metrics
+from tests.parity import losses, train_run
 from meshweave.checkpoint.hf import read_checkpoint
 from meshweave.checkpoint.manager import verify
 

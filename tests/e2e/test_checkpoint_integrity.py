@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from parity import MESHWEAVE, losses, read_metrics, train_run
+from meshweave.launch.harness import read_metrics
+from tests.parity import MESHWEAVE, losses, train_run
 from meshweave.checkpoint.manager import CheckpointError, verify
 from meshweave.checkpoint.safe_load import UnsafeCheckpointError, safe_load_metadata
 

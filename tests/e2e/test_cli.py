@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-from parity import MESHWEAVE, read_metrics, train_run
+from meshweave.launch.harness import read_metrics
+from tests.parity import MESHWEAVE, train_run
 from meshweave.config import load_toml
 
 REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",

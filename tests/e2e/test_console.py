@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from parity import TINY
+from tests.parity import TINY
 
 pytestmark = pytest.mark.dist
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from parity import TINY, losses, kill_workers, read_metrics, train_run, worker_pids
-from meshweave.launch.local import free_port
+from meshweave.launch.harness import read_metrics
+from tests.parity import TINY, losses, kill_workers, train_run, worker_pids
+from meshweave.launch.harness import free_port
 
 STEPS = 40
 

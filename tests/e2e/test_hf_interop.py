@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from parity import MESHWEAVE, losses, train_run
+from tests.parity import MESHWEAVE, losses, train_run
 from meshweave.models.llama import build_model
 from meshweave.checkpoint.hf import export_hf, import_hf, read_hf_config, read_model_weights
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from parity import TINY, losses, read_metrics, train_run, worker_pids
-from meshweave.launch.local import free_port
+from meshweave.launch.harness import read_metrics
+from tests.parity import TINY, losses, train_run, worker_pids
+from meshweave.launch.harness import free_port
 
 STEPS = 10
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from parity import MESHWEAVE, TINY, losses, kill_workers, read_metrics, train_run, worker_pids
+from meshweave.launch.harness import read_metrics
+from tests.parity import MESHWEAVE, TINY, losses, kill_workers, train_run, worker_pids
 
 STEPS = 30
 

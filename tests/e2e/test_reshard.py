@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from parity import assert_losses_match, losses, read_metrics, train_run
+from meshweave.launch.harness import read_metrics
+from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
 STEPS, STOP = 10, 5

@@ -7,7 +7,8 @@ means some state was lost.
 
 import pytest
 
-from parity import losses, read_metrics, train_run
+from meshweave.launch.harness import read_metrics
+from tests.parity import losses, train_run
 
 STEPS, STOP = 10, 4
 

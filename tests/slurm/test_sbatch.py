@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import job_state, wait_for_state
+from tests.slurm.conftest import job_state, wait_for_state
 
-from parity import TINY, losses, read_metrics, train_run
-from meshweave.launch.local import free_port
+from meshweave.launch.harness import read_metrics
+from tests.parity import TINY, losses, train_run
+from meshweave.launch.harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]

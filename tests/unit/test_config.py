@@ -325,6 +325,7 @@ INVALID = [
 ]
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("command,options,key", INVALID)
 def test_invalid_config_is_one_error_line_exit_2_and_starts_nothing(tmp_path, command, options, key):
     write(tmp_path / "broken.toml", "[model\ndim = 64\n")
@@ -345,6 +346,7 @@ def test_invalid_config_is_one_error_line_exit_2_and_starts_nothing(tmp_path, co
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.procs
 def test_run_checks_the_layout_against_nproc(tmp_path):
     # 4 processes, dp_replicate=2: dp_shard fills to 2, so global_batch 6 (per-dp 6/4) is invalid
     result = cli([*RUN4, "--parallel.dp_replicate=2", "--train.global_batch=6", "--out", str(tmp_path / "r")],
@@ -373,11 +375,13 @@ def train_help() -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.procs
 def test_train_help_exits_zero(train_help):
     assert train_help.returncode == 0, train_help.stderr
     assert "Traceback" not in train_help.stderr
 
 
+@pytest.mark.procs
 def test_train_help_lists_every_option_with_its_default(train_help):
     listed = help_options(train_help.stdout)
     default = Config()
@@ -396,12 +400,14 @@ def test_every_config_section_is_in_sections():
     assert set(SECTIONS) == {f.name for f in dataclasses.fields(Config)} - {"out"}
 
 
+@pytest.mark.procs
 def test_train_help_lists_out_and_config_with_default(train_help):
     assert re.search(r"^\s+--out DIR\s.*default: runs/default", train_help.stdout, re.M)
     assert Config().out == "runs/default"
     assert re.search(r"^\s+--config FILE\s", train_help.stdout, re.M)
 
 
+@pytest.mark.procs
 def test_train_help_lists_the_allowed_choices(train_help):
     assert "one of adamw|sgd" in train_help.stdout
     assert "one of none|bf16" in train_help.stdout
@@ -424,6 +430,7 @@ def test_every_option_has_help_text_beside_its_field():
             assert meta.get("help"), f"{key} has no help text"
 
 
+@pytest.mark.procs
 def test_validation_imports_no_torch():
     # A bad layout must fail in the launching process in milliseconds: no torch on that path.
     code = "import sys, meshweave.validation; assert 'torch' not in sys.modules, sorted(sys.modules)"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from parity import MESHWEAVE, TINY
+from tests.parity import MESHWEAVE, TINY
 from meshweave.launch.env import LaunchError, RankInfo, rank_info
 
 # Every variable rank_info reads (or a launcher sets next to them): scrubbed from subprocess envs so
@@ -196,6 +196,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("extra, names", [
     ({"WORLD_SIZE": "2"}, ["$WORLD_SIZE is set but $RANK is not"]),
     ({"RANK": "2", "WORLD_SIZE": "2"}, ["rank 2 is outside a world of 2"]),

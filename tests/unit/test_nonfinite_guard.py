@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from parity import TINY
+from tests.parity import TINY
 from meshweave.validation import resolve
 from meshweave.launch.env import destroy_process_group
 from meshweave.trainer.loop import NonFiniteLossError, Trainer

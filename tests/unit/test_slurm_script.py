@@ -1,6 +1,8 @@
 """The sbatch script: one source (render_sbatch), valid bash, options rendered as asked."""
 
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ def test_repository_script_is_the_rendered_default():
     assert (REPO / "slurm" / "train.sbatch").read_text() == render_sbatch()
 
 
+@pytest.mark.procs
 def test_rendered_script_is_valid_bash(tmp_path):
     script = tmp_path / "x.sbatch"
     script.write_text(render_sbatch(SbatchOptions(nodes=4, partition="gpu", account="proj")))
@@ -27,6 +30,7 @@ def test_options_become_sbatch_directives():
     assert "NPROC_PER_NODE:-8" in text and "--account" not in text
 
 
+@pytest.mark.procs
 def test_submit_dry_run_validates_the_layout_for_the_node_count(tmp_path):
     meshweave = [sys.executable, "-m", "meshweave", "slurm", "submit", "--dry-run", "--nodes", "2"]
     ok = subprocess.run([*meshweave, "--config", str(REPO / "configs" / "tiny.toml")], capture_output=True, text=True)
