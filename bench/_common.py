@@ -5,24 +5,22 @@ Nothing here times anything by itself; each bench decides what it measures and p
 
 from __future__ import annotations
 
-import datetime
-import json
-import multiprocessing as mp
 import os
-import pickle
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/x.py` from anywhere imports this checkout's meshweave
     sys.path.insert(0, str(ROOT))
+
+# Spawning gloo workers, ports and run directories: the one harness tests and launch/ use too.
+from meshweave.launch.harness import WorkerError, free_port, read_metrics, spawn  # noqa: E402
+
+__all__ = ["ROOT", "QUIET_RUN", "Report", "WorkerError", "free_port", "fmt_int", "fmt_ratio", "md_table",
+           "package_version", "deepspeed_env", "read_metrics", "spawn", "start_cli", "steady_comm_bytes"]
 
 # Flags that make a CLI run a pure training run: no progress bar, no checkpoint, no eval.
 QUIET_RUN = ["--log.progress=false", "--checkpoint.save_final=false", "--checkpoint.resume=none",
@@ -48,19 +46,6 @@ def _pythonpath() -> str:
     return str(ROOT) if not old else f"{ROOT}{os.pathsep}{old}"
 
 
-def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl records in step order (a step logged twice keeps the last)."""
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def steady_comm_bytes(records: list[dict], skip: int = 1) -> dict[str, float]:
     """Per ``dim/op`` key, the median over steps after the first ``skip`` of bytes that step.
 
@@ -72,83 +57,27 @@ def steady_comm_bytes(records: list[dict], skip: int = 1) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# gloo workers in fresh interpreters
+# the peers and the machine
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def package_version(name: str) -> str:
+    """The installed version of ``name``, or "(not installed)" (DeepSpeed is an optional peer)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def _worker_main(fn: Callable, rank: int, world: int, port: int, results: str, timeout: float,
-                 env: dict[str, str], log_dir: str | None, args: tuple) -> None:
-    if log_dir:  # keep the bench's stdout for its tables: workers' chatter goes to a file per rank
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    where = Path(results)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
-        value = fn(rank, world, *args)
-        dist.barrier()
-        dist.destroy_process_group()
-        (where / f"{rank}.tmp").write_bytes(pickle.dumps(value))
-        (where / f"{rank}.tmp").rename(where / f"{rank}.pkl")
-    except BaseException:
-        (where / f"{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
+        return version(name)
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
-class WorkerError(RuntimeError):
-    """A worker failed or the job timed out; the message holds the first traceback."""
-
-
-def spawn(fn: Callable, world: int, *args: Any, timeout: float = 900, env: dict[str, str] | None = None,
-          log_dir: Path | None = None) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned interpreters); rank-ordered results.
-
-    ``fn`` must live at module level of an importable module (or the main script). With ``log_dir``
-    each rank's stdout/stderr go to ``log_dir/rank<r>.log``.
-    """
-    if log_dir is not None:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="meshweave-bench-") as results:
-        port = free_port()
-        procs = [ctx.Process(target=_worker_main, args=(fn, r, world, port, results, timeout, env or {},
-                                                             str(log_dir) if log_dir else None, args),
-                             daemon=True, name=f"bench-rank{r}") for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        where = Path(results)
-        try:
-            while any(p.is_alive() for p in procs):
-                if time.monotonic() > deadline or any(where.glob("*.err")):
-                    break
-                time.sleep(0.1)
-            for p in procs:
-                p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        errors = sorted(where.glob("*.err"))
-        if errors:
-            raise WorkerError(f"rank {errors[0].stem} failed:\n{errors[0].read_text()}")
-        missing = [r for r in range(world) if not (where / f"{r}.pkl").exists()]
-        if missing:
-            raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s")
-        return [pickle.loads((where / f"{r}.pkl").read_bytes()) for r in range(world)]
+def deepspeed_env(cache: Path | None = None) -> dict[str, str]:
+    """Worker environment for the DeepSpeed peer: its CPU accelerator and a JIT-extension cache
+    (``$TORCH_EXTENSIONS_DIR``, else ``cache``, else runs/torch_extensions) kept out of git."""
+    where = Path(os.environ.get("TORCH_EXTENSIONS_DIR", str(cache or ROOT / "runs" / "torch_extensions")))
+    where.mkdir(parents=True, exist_ok=True)
+    if where.parent.name == ".cache" and not (where.parent / ".gitignore").exists():
+        (where.parent / ".gitignore").write_text("*\n")
+    return {"TORCH_EXTENSIONS_DIR": str(where), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ This is ../shared/RECIPES.md's "slow link between two nodes" with a bridge for m
 from __future__ import annotations
 
 import contextlib
-import datetime
 import importlib.util
 import os
 import pickle
@@ -39,12 +38,13 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, WorkerError, _pythonpath  # noqa: E402
+from _common import ROOT, _pythonpath  # noqa: E402
+
+from meshweave.launch.harness import collect_results, run_rank  # noqa: E402
 
 SUBNET = "10.78.0"
 PORT = 29500  # any port is free in a fresh namespace
@@ -151,7 +151,7 @@ def _raise_exit(signum, frame):  # noqa: ARG001
 def spawn_in_namespaces(fn: Callable, world: int, *args: Any, rate_mbit: float = 1000, timeout: float = 900,
                         env: dict[str, str] | None = None, log_dir: Path | None = None) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks, one per shaped namespace; rank-ordered
-    results. Raises :class:`_common.WorkerError` with the first traceback if a rank fails or the
+    results. Raises :class:`meshweave.launch.harness.WorkerError` with the first traceback if a rank fails or the
     run exceeds ``timeout`` seconds. Worker output goes to ``log_dir/rank<r>.log`` when given."""
     target = (str(Path(sys.modules[fn.__module__].__file__).resolve()), fn.__qualname__)
     with tempfile.TemporaryDirectory(prefix="meshweave-netns-") as tmp, ShapedNetwork(world, rate_mbit) as net:
@@ -180,16 +180,10 @@ def spawn_in_namespaces(fn: Callable, world: int, *args: Any, rate_mbit: float =
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        errors = sorted(Path(tmp).glob("*.err"))
-        if errors:
-            raise WorkerError(f"rank {errors[0].stem} failed:\n{errors[0].read_text()}")
-        missing = [r for r in range(world) if not (Path(tmp) / f"{r}.pkl").exists()]
-        if missing:
-            logs = f" (logs: {where})" if log_dir else ""
-            raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s{logs}; if they never "
-                              "connected, check that bridged traffic is not filtered "
-                              "(/proc/sys/net/bridge/bridge-nf-call-iptables with a FORWARD DROP policy)")
-        return [pickle.loads((Path(tmp) / f"{r}.pkl").read_bytes()) for r in range(world)]
+        logs = f" (logs: {where})" if log_dir else ""
+        return collect_results(tmp, world, timeout,
+                               hint=f"{logs}; if they never connected, check that bridged traffic is not filtered "
+                                    "(/proc/sys/net/bridge/bridge-nf-call-iptables with a FORWARD DROP policy)")
 
 
 def _worker(job_path: str) -> None:
@@ -198,25 +192,11 @@ def _worker(job_path: str) -> None:
     rank, world, results = job["rank"], job["world"], Path(job["results"])
     os.environ.update(MASTER_ADDR=job["master"], MASTER_PORT=str(PORT), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        path, name = job["target"]
-        spec = importlib.util.spec_from_file_location(f"_netns_target_{Path(path).stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=job["timeout"]))
-        value = getattr(module, name)(rank, world, *job["args"])
-        dist.barrier()
-        dist.destroy_process_group()
-        (results / f"{rank}.tmp").write_bytes(pickle.dumps(value))
-        (results / f"{rank}.tmp").rename(results / f"{rank}.pkl")
-    except BaseException:
-        (results / f"{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
+    path, name = job["target"]
+    spec = importlib.util.spec_from_file_location(f"_netns_target_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_rank(getattr(module, name), rank, world, job["args"], results, job["timeout"])
 
 
 if __name__ == "__main__":

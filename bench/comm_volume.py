@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Report, WorkerError, fmt_int, fmt_ratio, md_table, read_metrics, spawn, start_cli, steady_comm_bytes  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT, Report, WorkerError, deepspeed_env, fmt_int, fmt_ratio, md_table, package_version, read_metrics, spawn,
+    start_cli, steady_comm_bytes,
+)
 
 FP32 = 4
 TOLERANCE = 0.05  # the acceptance bound on ledger vs analytical bytes
@@ -640,8 +643,7 @@ def table3(args: argparse.Namespace, report: Report) -> None:
     skip = ""
     if importlib.util.find_spec("deepspeed") is None:
         skip = "deepspeed is not installed (pip install -e '.[peers]')"
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "runs" / "torch_extensions")),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = deepspeed_env()
     if skip:
         spec["zero_configs"] = []
     started = time.perf_counter()
@@ -667,7 +669,7 @@ def table3(args: argparse.Namespace, report: Report) -> None:
             f"Same model, data, init, optimizer (torch.optim.AdamW from build_optimizer), clip 1.0 and 4 gloo "
             f"processes as Table 2; fp32, no offload. meshweave: `apply_fsdp` (per-layer fully_shard, "
             f"reshard_after_forward except the last layer) on the meta model, then `materialize`. DeepSpeed "
-            f"{_ds_version()}: `deepspeed.initialize` stage 3 on the materialised model; 'persistence 0' sets "
+            f"{package_version('deepspeed')}: `deepspeed.initialize` stage 3 on the materialised model; 'persistence 0' sets "
             f"stage3_param_persistence_threshold=0 so every parameter is partitioned as under FSDP, 'defaults' "
             f"keeps 1e5 elements (here that leaves all but the FFN weights unpartitioned). Interleaved in the same "
             f"processes step by step as in Table 2 ({args.reps} repetitions x {args.steps} rounds, {args.warmup} "
@@ -680,13 +682,6 @@ def table3(args: argparse.Namespace, report: Report) -> None:
     report.add("\n".join(text))
 
 
-def _ds_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("deepspeed")
-    except Exception:  # noqa: BLE001
-        return "(not installed)"
 
 
 # ================================================================================================
@@ -714,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     report = Report(args.out, "comm_volume", "meshweave bench: comm volume")
-    report.add(f"torch {_torch_version()}, {os.cpu_count()} cores; "
+    report.add(f"torch {package_version('torch')}, {os.cpu_count()} cores; "
                f"{'--quick, ' if args.quick else ''}steps {args.steps}, reps {args.reps}, warm-up {args.warmup}")
     if 1 in tables:
         png = plot(table1(args, report), args.out / "comm_volume.png")
@@ -728,10 +723,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _torch_version() -> str:
-    from importlib.metadata import version
-
-    return version("torch")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Report, WorkerError, md_table, spawn  # noqa: E402
+from _common import ROOT, Report, WorkerError, deepspeed_env, md_table, spawn  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 DTYPES = {"bf16": 2, "fp32": 4}  # element sizes
@@ -549,8 +549,7 @@ def _run(where: str, P: int, configs: list[dict], args, log_root: Path) -> list[
     spec = {"configs": configs, "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
             "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
             "check": where == "plain", "link_check": True}
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / "runs" / "torch_extensions"))}
+    env = deepspeed_env()
     logs = log_root / f"{where}-P{P}"
     try:
         if where == "plain":

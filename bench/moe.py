@@ -51,9 +51,11 @@ from _common import (  # noqa: E402
     ROOT,
     Report,
     WorkerError,
+    deepspeed_env,
     fmt_int,
     fmt_ratio,
     md_table,
+    package_version,
     read_metrics,
     spawn,
     start_cli,
@@ -296,13 +298,6 @@ def ds_table(res: list[dict], spec: DSSpec) -> tuple[str, dict]:
 # ================================================================================================
 
 
-def _ds_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("deepspeed")
-    except Exception:  # noqa: BLE001
-        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,13 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     steps1 = 6 if args.quick else 12
     steps3 = 60 if args.quick else 200
     runs_dir = args.out / "logs" / "moe_runs"
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", str(args.out / ".cache" / "torch_extensions")))
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {"TORCH_EXTENSIONS_DIR": str(cache), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = deepspeed_env(args.out / ".cache" / "torch_extensions")
     started = time.perf_counter()
     report = Report(args.out, "moe", "meshweave bench: MoE expert parallelism")
     load0 = os.getloadavg()
-    report.add(f"torch {_version('torch')}, DeepSpeed {_ds_version()}, {os.cpu_count()} cores, load average "
+    report.add(f"torch {package_version('torch')}, DeepSpeed {package_version('deepspeed')}, {os.cpu_count()} cores, load average "
                f"{load0[0]:.2f} at start{', --quick' if args.quick else ''}. fp32, gloo, 1 intra-op thread "
                "per process.")
     raw: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -373,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{spec.layers} x (RMSNorm -> MoE ({E} SwiGLU experts of width {spec.expert_ffn}) -> residual), "
                        f"{spec.tokens} tokens per rank, 2 processes, torch AdamW; {spec.warmup} warm-up + "
                        f"{spec.steps} timed steps per variant, alternating; step = barrier to optimizer step done, "
-                       f"slowest rank. DeepSpeed {_ds_version()} `deepspeed.moe.layer.MoE` with drop_tokens=False "
+                       f"slowest rank. DeepSpeed {package_version('deepspeed')} `deepspeed.moe.layer.MoE` with drop_tokens=False "
                        f"(dispatch tensor [E, C, d], C = the largest expert load over the ep group); meshweave "
                        f"sends exactly the routed rows. Same router and expert weights (copied): the first "
                        f"step's losses agree; the aux losses differ in definition (DeepSpeed's balances top-1 "
@@ -414,10 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Report, WorkerError, fmt_ratio, md_table, spawn  # noqa: E402
+from _common import ROOT, Report, WorkerError, deepspeed_env, fmt_ratio, md_table, package_version, spawn  # noqa: E402
 
 # (schedule, virtual stages per rank)
 SCHEDULES: list[tuple[str, int]] = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2),
@@ -657,19 +657,8 @@ def _order_note(rows: list[dict]) -> str:
     return f"**Warning**: the executed call sequence differs from the replayed action list for {', '.join(bad)}."
 
 
-def _ds_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("deepspeed")
-    except Exception:  # noqa: BLE001
-        return "(not installed)"
 
 
-def _versions() -> str:
-    from importlib.metadata import version
-
-    return f"torch {version('torch')}, DeepSpeed {_ds_version()}"
 
 
 # ================================================================================================
@@ -694,16 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = 128 if args.quick else 256
     pps = [int(x) for x in args.pp.split(",") if x.strip()]
     have_ds = importlib.util.find_spec("deepspeed") is not None and not args.no_deepspeed
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", str(args.out / ".cache" / "torch_extensions")))
-    cache.mkdir(parents=True, exist_ok=True)
-    if not (cache.parent / ".gitignore").exists() and cache.parent.name == ".cache":
-        (cache.parent / ".gitignore").write_text("*\n")
-    env = {"TORCH_EXTENSIONS_DIR": str(cache), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = deepspeed_env(args.out / ".cache" / "torch_extensions")
 
     started = time.perf_counter()
     report = Report(args.out, "pipeline", "meshweave bench: pipeline bubble and DeepSpeed PipelineEngine")
     load0 = os.getloadavg()
-    report.add(f"{_versions()}, {os.cpu_count()} cores, load average {load0[0]:.2f} at start; "
+    report.add(f"torch {package_version('torch')}, DeepSpeed {package_version('deepspeed')}, {os.cpu_count()} cores, load average {load0[0]:.2f} at start; "
                f"{'--quick, ' if args.quick else ''}model {MODEL}, seq_len {seq_len}, {16} sequences per step, fp32, "
                f"{args.warmup} warm-up + {args.steps} timed steps per (schedule, m); Table 2: {args.warmup} warm-up + "
                f"{args.ds_steps} timed steps per variant, alternating. One gloo process per stage, 1 intra-op "
@@ -750,11 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         ds_init = res[0]["ds"].get("init_s")
         parts = res[0]["ds"].get("parts")
         report.add(f"## pp={pp}: DeepSpeed PipelineEngine vs meshweave 1F1B\n\n"
-                   f"Same model, init and data; DeepSpeed {_ds_version()} PipelineModule "
+                   f"Same model, init and data; DeepSpeed {package_version('deepspeed')} PipelineModule "
                    f"(layer boundaries {parts}: embedding, decoder layers, norm + head), train_batch with "
                    f"gradient_accumulation_steps = m, torch AdamW (meshweave's build_optimizer), clip 1.0. "
                    f"Median over {args.ds_steps} alternating steps (slowest rank, barrier to optimizer step done)"
-                   + (f"; DeepSpeed init {ds_init:.1f} s (incl. any JIT op build, cached in {cache})."
+                   + (f"; DeepSpeed init {ds_init:.1f} s (incl. any JIT op build, cached in {env['TORCH_EXTENSIONS_DIR']})."
                       if ds_init is not None else ".")
                    + " DeepSpeed's loss is the mean over microbatches of per-microbatch mean cross entropy; "
                    "meshweave's the token sum over the step's tokens (equal here: no ignored labels).\n\n" + dtab)

@@ -38,15 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, results: str, timeout: float,
-            env: dict[str, str], log_dir: str | None, args: tuple) -> None:
-    if log_dir:  # keep the caller's stdout for its own output: each rank's chatter goes to a file
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def run_rank(fn: Callable, rank: int, world_size: int, args: tuple, results: str | os.PathLike[str],
+             timeout: float) -> None:
+    """One rank of a spawned job, in its own process with ``MASTER_ADDR`` / ``MASTER_PORT`` set: join
+    the gloo group, run ``fn(rank, world_size, *args)``, and leave its pickled result (or its
+    traceback) in ``results`` for :func:`collect_results`. Exits with status 1 on failure."""
     import torch
     import torch.distributed as dist
 
@@ -65,6 +61,36 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results: str, t
     except BaseException:
         (out / f"error_{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1) from None
+
+
+def failed(results: str | os.PathLike[str]) -> bool:
+    """Whether a rank of the job writing to ``results`` has failed (its peers may now hang)."""
+    return any(Path(results).glob("error_*.txt"))
+
+
+def collect_results(results: str | os.PathLike[str], world_size: int, timeout: float, hint: str = "") -> list[Any]:
+    """The ranks' results in rank order, or :class:`WorkerError` with every failed rank's traceback
+    (or the ranks that returned nothing within ``timeout``; ``hint`` says where to look)."""
+    out = Path(results)
+    errors = sorted(out.glob("error_*.txt"))
+    if errors:
+        raise WorkerError("\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors))
+    missing = [r for r in range(world_size) if not (out / f"result_{r}.pkl").exists()]
+    if missing:
+        raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s{hint}")
+    return [pickle.loads((out / f"result_{r}.pkl").read_bytes()) for r in range(world_size)]
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, results: str, timeout: float,
+            env: dict[str, str], log_dir: str | None, args: tuple) -> None:
+    if log_dir:  # keep the caller's stdout for its own output: each rank's chatter goes to a file
+        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    run_rank(fn, rank, world_size, args, results, timeout)
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, env: dict[str, str] | None = None,
@@ -86,12 +112,9 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, env: 
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        out = Path(results)
         try:
             # Stop early when a rank has failed: its peers may be blocked in a collective.
-            while any(p.is_alive() for p in procs):
-                if time.monotonic() > deadline or any(out.glob("error_*.txt")):
-                    break
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not failed(results):
                 time.sleep(0.05)
             for p in procs:
                 p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
@@ -100,14 +123,8 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, env: 
                 if p.is_alive():
                     p.kill()
                     p.join()
-        errors = sorted(out.glob("error_*.txt"))
-        if errors:
-            raise WorkerError("\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors))
-        missing = [r for r in range(world_size) if not (out / f"result_{r}.pkl").exists()]
-        if missing:
-            codes = {p.name: p.exitcode for p in procs}
-            raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s (exit codes {codes})")
-        return [pickle.loads((out / f"result_{r}.pkl").read_bytes()) for r in range(world_size)]
+        codes = {p.name: p.exitcode for p in procs}
+        return collect_results(results, world_size, timeout, hint=f" (exit codes {codes})")
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
