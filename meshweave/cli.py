@@ -101,9 +101,12 @@ def cmd_train(args: list[str]) -> int:
         from meshweave.comm.ops import LAST_LAUNCHED
 
         first = str(e).strip().splitlines()[0][:300]
-        print(f"meshweave: rank {info.rank}: {LAST_LAUNCHED['op']} on mesh dim {LAST_LAUNCHED['dim']} did not "
-              f"complete within comm.timeout_s={cfg.comm.timeout_s:g}s: another rank is hung or gone "
-              f"(backend: {first})", file=sys.stderr)
+        print(
+            f"meshweave: rank {info.rank}: {LAST_LAUNCHED['op']} on mesh dim {LAST_LAUNCHED['dim']} did not "
+            f"complete within comm.timeout_s={cfg.comm.timeout_s:g}s: another rank is hung or gone "
+            f"(backend: {first})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -145,8 +148,10 @@ def cmd_data(args: list[str]) -> int:
         index = prepare(ns.input, ns.tokenizer, ns.out)
     except (OSError, ValueError) as e:
         return _fail(str(e))
-    print(f"wrote {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
-          f"(vocab {index['vocab_size']:,}, {index['dtype']}) to {ns.out}")
+    print(
+        f"wrote {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
+        f"(vocab {index['vocab_size']:,}, {index['dtype']}) to {ns.out}"
+    )
     return 0
 
 
@@ -186,8 +191,10 @@ def cmd_ckpt(args: list[str]) -> int:
             print(describe(ns.path))
         elif ns.action == "import-hf":
             ckpt = hf.import_hf(ns.hf_dir, ns.out)
-            print(f"wrote {ckpt} and {Path(ns.out) / 'config.toml'}; train from it with "
-                  f"--config {Path(ns.out) / 'config.toml'} --checkpoint.init_from={ckpt}")
+            print(
+                f"wrote {ckpt} and {Path(ns.out) / 'config.toml'}; train from it with "
+                f"--config {Path(ns.out) / 'config.toml'} --checkpoint.init_from={ckpt}"
+            )
         else:
             print(f"wrote {hf.export_hf(ns.ckpt, ns.out)} (config.json + model.safetensors)")
     except (ConfigError, CheckpointError, OSError, ValueError) as e:
@@ -212,8 +219,15 @@ def cmd_slurm(args: list[str]) -> int:
     ns, train_args = parser.parse_known_args(args)
     from meshweave.launch.slurm import SbatchOptions, render_sbatch, submit
 
-    opts = SbatchOptions(nodes=ns.nodes, nproc_per_node=ns.nproc_per_node, time=ns.time, job_name=ns.job_name,
-                         warning_s=ns.warning_s, partition=ns.partition, account=ns.account)
+    opts = SbatchOptions(
+        nodes=ns.nodes,
+        nproc_per_node=ns.nproc_per_node,
+        time=ns.time,
+        job_name=ns.job_name,
+        warning_s=ns.warning_s,
+        partition=ns.partition,
+        account=ns.account,
+    )
     if ns.action == "render":
         print(render_sbatch(opts), end="")
         return 0
@@ -228,20 +242,28 @@ def cmd_slurm(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "data": cmd_data, "plot": cmd_plot, "ckpt": cmd_ckpt,
-            "slurm": cmd_slurm}
+COMMANDS = {
+    "train": cmd_train,
+    "run": cmd_run,
+    "data": cmd_data,
+    "plot": cmd_plot,
+    "ckpt": cmd_ckpt,
+    "slurm": cmd_slurm,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: meshweave {train,run,data,plot,ckpt,slurm} ...\n"
-              "  train   train in this process (or per torchrun worker)\n"
-              "  run     train with N local processes (starts torchrun)\n"
-              "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
-              "  plot    write PNGs of a run's loss, throughput and comm bytes\n"
-              "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights\n"
-              "  slurm   render / submit the sbatch script (one torchrun per node, requeue on preemption)",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print(
+            "usage: meshweave {train,run,data,plot,ckpt,slurm} ...\n"
+            "  train   train in this process (or per torchrun worker)\n"
+            "  run     train with N local processes (starts torchrun)\n"
+            "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
+            "  plot    write PNGs of a run's loss, throughput and comm bytes\n"
+            "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights\n"
+            "  slurm   render / submit the sbatch script (one torchrun per node, requeue on preemption)",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

@@ -15,7 +15,6 @@ import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -97,12 +96,18 @@ class ParallelConfig:
     cp: int = opt(1, "context-parallel degree: each sequence is split over this many ranks")
     pp: int = opt(1, "pipeline-parallel degree: the layers are split into this many stages (x virtual stages)")
     ep: int = opt(1, "expert-parallel degree: experts split over ep ranks carved from dp_shard x cp")
-    cp_method: str = opt("ring", "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
-                         ("ulysses", "ring", "tokenring", "hybrid"))
+    cp_method: str = opt(
+        "ring",
+        "ulysses (all-to-all heads) | ring (K/V travel) | tokenring (Q travels) | hybrid",
+        ("ulysses", "ring", "tokenring", "hybrid"),
+    )
     ulysses: int = opt(0, "hybrid only: Ulysses degree inside each ring rank (0: largest power of 2 <= sqrt(cp))")
     cp_inner: str = opt("ring", "hybrid only: ring or tokenring across the Ulysses groups", ("ring", "tokenring"))
-    pp_schedule: str = opt("1f1b", "gpipe | 1f1b | interleaved_1f1b | interleaved_zb (zero bubble) | zbv (zero bubble, V)",
-                           ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"))
+    pp_schedule: str = opt(
+        "1f1b",
+        "gpipe | 1f1b | interleaved_1f1b | interleaved_zb (zero bubble) | zbv (zero bubble, V)",
+        ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"),
+    )
     pp_microbatches: int = opt(0, "microbatches per step per pipeline (0: the number of stages)")
     pp_virtual_stages: int = opt(0, "stages per rank for interleaved schedules (0: 2 for them, 1 otherwise)")
     pp_layers: str = opt("", "explicit split, e.g. '0-3,4-7' (one range per stage); empty: balance by cost")
@@ -114,8 +119,9 @@ class ParallelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = opt("adamw", "optimizer (onebit_adam: 1-bit Adam across dp_replicate replicas)",
-                    ("adamw", "sgd", "onebit_adam"))
+    name: str = opt(
+        "adamw", "optimizer (onebit_adam: 1-bit Adam across dp_replicate replicas)", ("adamw", "sgd", "onebit_adam")
+    )
     lr: float = opt(3e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final LR as a fraction of optim.lr")
     weight_decay: float = opt(0.1, "decoupled weight decay (matrices only)")
@@ -148,22 +154,43 @@ class DiLoCoConfig:
         h, p = self.inner_steps, self.fragments
         require(h >= 1, "comm.diloco.inner_steps", f"diloco.inner_steps={h} must be >= 1 (e.g. 100)")
         require(p >= 1, "comm.diloco.fragments", f"diloco.fragments={p} must be >= 1 (1 is vanilla DiLoCo)")
-        require(h % p == 0, "comm.diloco.inner_steps",
-                f"diloco.inner_steps={h} is not divisible by diloco.fragments={p}: syncs are staggered every "
-                f"inner_steps / fragments steps (choose fragments in {[d for d in range(1, h + 1) if h % d == 0][:8]})")
-        require(n_layers is None or p <= n_layers, "comm.diloco.fragments",
-                f"diloco.fragments={p} exceeds the model's {n_layers} layers (choose fragments <= {n_layers})")
-        require(0 <= self.delay < h // p, "comm.diloco.delay",
-                f"diloco.delay={self.delay} must satisfy 0 <= delay < inner_steps / fragments = {h // p} so one "
-                "fragment is in flight at a time (lower delay or fragments)")
-        require(0.0 <= self.alpha <= 1.0, "comm.diloco.alpha",
-                f"diloco.alpha={self.alpha} must be in [0, 1] (0: adopt the global weights)")
+        require(
+            h % p == 0,
+            "comm.diloco.inner_steps",
+            f"diloco.inner_steps={h} is not divisible by diloco.fragments={p}: syncs are staggered every "
+            f"inner_steps / fragments steps (choose fragments in {[d for d in range(1, h + 1) if h % d == 0][:8]})",
+        )
+        require(
+            n_layers is None or p <= n_layers,
+            "comm.diloco.fragments",
+            f"diloco.fragments={p} exceeds the model's {n_layers} layers (choose fragments <= {n_layers})",
+        )
+        require(
+            0 <= self.delay < h // p,
+            "comm.diloco.delay",
+            f"diloco.delay={self.delay} must satisfy 0 <= delay < inner_steps / fragments = {h // p} so one "
+            "fragment is in flight at a time (lower delay or fragments)",
+        )
+        require(
+            0.0 <= self.alpha <= 1.0,
+            "comm.diloco.alpha",
+            f"diloco.alpha={self.alpha} must be in [0, 1] (0: adopt the global weights)",
+        )
         kinds = _choices(DiLoCoConfig, "quantize")
-        require(self.quantize in kinds, "comm.diloco.quantize", f"diloco.quantize={self.quantize!r} must be one of {kinds}")
+        require(
+            self.quantize in kinds, "comm.diloco.quantize", f"diloco.quantize={self.quantize!r} must be one of {kinds}"
+        )
         require(self.outer_lr > 0, "comm.diloco.outer_lr", f"diloco.outer_lr={self.outer_lr} must be > 0 (e.g. 0.7)")
-        require(0.0 <= self.outer_momentum < 1.0, "comm.diloco.outer_momentum",
-                f"diloco.outer_momentum={self.outer_momentum} must be in [0, 1) (e.g. 0.9)")
-        require(self.chunk_size >= 1, "comm.diloco.chunk_size", f"diloco.chunk_size={self.chunk_size} must be >= 1 (e.g. 1024)")
+        require(
+            0.0 <= self.outer_momentum < 1.0,
+            "comm.diloco.outer_momentum",
+            f"diloco.outer_momentum={self.outer_momentum} must be in [0, 1) (e.g. 0.9)",
+        )
+        require(
+            self.chunk_size >= 1,
+            "comm.diloco.chunk_size",
+            f"diloco.chunk_size={self.chunk_size} must be >= 1 (e.g. 1024)",
+        )
 
 
 @dataclass
@@ -213,7 +240,9 @@ class TrainConfig:
     eval_interval: int = opt(0, "eval every N steps (0: never)")
     eval_batches: int = opt(4, "global batches per eval")
     max_bad_steps: int = opt(5, "abort after this many non-finite steps in a row")
-    stop_at_step: int = opt(0, "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps")
+    stop_at_step: int = opt(
+        0, "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps"
+    )
     device: str = opt("auto", "auto picks CUDA when present", ("auto", "cpu", "cuda"))
 
 
@@ -313,8 +342,10 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         return
     section, *path = key.split(".")
     if section not in SECTIONS or not path:
-        raise ConfigError(f"unknown option {key!r}: options are <section>.<key> with section in "
-                          f"{', '.join(SECTIONS)} (see `meshweave train --help`)")
+        raise ConfigError(
+            f"unknown option {key!r}: options are <section>.<key> with section in "
+            f"{', '.join(SECTIONS)} (see `meshweave train --help`)"
+        )
     obj, where = getattr(cfg, section), section
     for i, part in enumerate(path):
         name = _field_name(part)
@@ -324,7 +355,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         if dataclasses.is_dataclass(types[name]):
             if i == len(path) - 1:
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{key} is a section: set its keys, e.g. --{key}.{_known(getattr(obj, name)).split(',')[0]}=...")
+                    raise ConfigError(
+                        f"{key} is a section: set its keys, e.g. --{key}.{_known(getattr(obj, name)).split(',')[0]}=..."
+                    )
                 for sub, v in value.items():
                     set_value(cfg, f"{key}.{sub}", v)
                 return
@@ -409,12 +442,19 @@ def check_sections(cfg: Config) -> None:
                 raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
-    require(m.dim % m.n_heads == 0, "model.dim",
-            f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)")
-    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-            f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})")
-    require((m.dim // m.n_heads) % 2 == 0, "model.dim",
-            f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings")
+    require(
+        m.dim % m.n_heads == 0,
+        "model.dim",
+        f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)",
+    )
+    require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})",
+    )
+    require(
+        (m.dim // m.n_heads) % 2 == 0, "model.dim", f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings"
+    )
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require(cfg.moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {cfg.moe.num_experts}")
@@ -437,8 +477,11 @@ def check_sections(cfg: Config) -> None:
     require(o.eps > 0, "optim.eps", "must be > 0")
     require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    require(o.freeze_step >= 1, "optim.freeze_step",
-            "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)")
+    require(
+        o.freeze_step >= 1,
+        "optim.freeze_step",
+        "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)",
+    )
 
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
     require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
@@ -451,6 +494,7 @@ def check_sections(cfg: Config) -> None:
 
 def check_moe(moe: MoEConfig, dim: int) -> None:
     """ConfigError naming the ``[moe]`` key and a valid choice; ``dim``: the model's hidden size."""
+
     def check(ok: bool, name: str, msg: str) -> None:
         require(ok, f"moe.{name}", f"{name}={getattr(moe, name)!r} {msg}")
 

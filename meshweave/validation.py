@@ -27,18 +27,27 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
         check_moe(cfg.moe, m.dim)
     require(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if cfg.comm.diloco.enabled:
-        require(cfg.optim.name != "onebit_adam", "comm.diloco.enabled",
-                "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one")
+        require(
+            cfg.optim.name != "onebit_adam",
+            "comm.diloco.enabled",
+            "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one",
+        )
         cfg.comm.diloco.validate(m.n_layers)
     if cfg.data.source != "embedded":
-        require(Path(cfg.data.source, "index.json").is_file(), "data.source",
-                f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
-                "'embedded' or run `meshweave data prepare`")
+        require(
+            Path(cfg.data.source, "index.json").is_file(),
+            "data.source",
+            f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
+            "'embedded' or run `meshweave data prepare`",
+        )
     if cfg.checkpoint.init_from:
         source = Path(cfg.checkpoint.init_from)
-        require((source / "config.json").is_file() or (source / "manifest.json").is_file(),
-                "checkpoint.init_from", f"{source} is neither a Hugging Face model directory (config.json) "
-                "nor a meshweave checkpoint (manifest.json)")
+        require(
+            (source / "config.json").is_file() or (source / "manifest.json").is_file(),
+            "checkpoint.init_from",
+            f"{source} is neither a Hugging Face model directory (config.json) "
+            "nor a meshweave checkpoint (manifest.json)",
+        )
     return resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
 
 

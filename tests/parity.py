@@ -19,15 +19,25 @@ MESHWEAVE = [sys.executable, "-m", "meshweave"]
 # A model small enough that a 20-step 4-process run takes seconds on 2 cores, with every feature
 # of the real one (GQA, SwiGLU, RoPE, untied head). Same data and seed for every layout.
 TINY = [
-    "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
-    "--model.ffn_dim=160", "--model.vocab_size=260", "--train.seq_len=64", "--train.global_batch=8",
-    "--optim.warmup_steps=2", "--log.progress=false", "--train.eval_interval=0",
-    "--checkpoint.save_final=false", "--checkpoint.resume=none",
+    "--model.dim=64",
+    "--model.n_layers=2",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.ffn_dim=160",
+    "--model.vocab_size=260",
+    "--train.seq_len=64",
+    "--train.global_batch=8",
+    "--optim.warmup_steps=2",
+    "--log.progress=false",
+    "--train.eval_interval=0",
+    "--checkpoint.save_final=false",
+    "--checkpoint.resume=none",
 ]
 
 
-def train_run(out: Path, nproc: int, *overrides: str, steps: int = 20, check: bool = True,
-              timeout: float = 600) -> list[dict]:
+def train_run(
+    out: Path, nproc: int, *overrides: str, steps: int = 20, check: bool = True, timeout: float = 600
+) -> list[dict]:
     """Train ``steps`` steps of the tiny model under ``nproc`` processes; returns metrics records."""
     args = [*TINY, f"--train.steps={steps}", f"--out={out}", *overrides]
     cmd = [*MESHWEAVE, "run", f"--nproc={nproc}", *args] if nproc > 1 else [*MESHWEAVE, "train", *args]

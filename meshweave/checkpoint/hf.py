@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -25,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from meshweave.config import Config, ConfigError, ModelConfig, to_toml
-from meshweave.models.llama import Transformer, build_model
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
+from meshweave.config import Config, ConfigError, ModelConfig, to_toml
+from meshweave.models.llama import Transformer, build_model
 
 _SUPPORTED = ("LlamaForCausalLM",)
 
@@ -45,8 +46,10 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """meshweave's model section for a HF ``config.json`` dict (Llama family)."""
     arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
     if arch not in _SUPPORTED or hf.get("model_type", "llama") != "llama":
-        raise ConfigError(f"config.json: architecture {arch} / model_type {hf.get('model_type')} is not "
-                          f"supported (supported: {', '.join(_SUPPORTED)})")
+        raise ConfigError(
+            f"config.json: architecture {arch} / model_type {hf.get('model_type')} is not "
+            f"supported (supported: {', '.join(_SUPPORTED)})"
+        )
     if hf.get("rope_scaling"):
         raise ConfigError("config.json: rope_scaling is not supported yet (plain RoPE only)")
     dim, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -55,25 +58,41 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("config.json: attention/MLP biases are not supported (Llama has none)")
     return ModelConfig(
-        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)))
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """A HF ``LlamaForCausalLM`` ``config.json`` dict for meshweave's model section."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.ffn_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "torch_dtype": "float32", "head_dim": cfg.dim // cfg.n_heads,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.ffn_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+        "head_dim": cfg.dim // cfg.n_heads,
     }
 
 
@@ -91,8 +110,9 @@ def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     hf_state: dict[str, torch.Tensor] = {}
     for name in files:
         if not (hf_dir / name).is_file():
@@ -103,11 +123,13 @@ def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     missing = sorted(set(wanted) - set(hf_state))
     if cfg.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
-    unexpected = sorted(set(hf_state) - set(wanted) - {"lm_head.weight"} if cfg.tie_embeddings
-                        else set(hf_state) - set(wanted))
+    unexpected = sorted(
+        set(hf_state) - set(wanted) - {"lm_head.weight"} if cfg.tie_embeddings else set(hf_state) - set(wanted)
+    )
     if missing or unexpected:
-        raise ValueError(f"{hf_dir}: weights do not match the config (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{hf_dir}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     state = {wanted[k]: v for k, v in hf_state.items() if k in wanted}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -164,8 +186,11 @@ def read_model_weights(ckpt: str | Path) -> tuple[ModelConfig, dict[str, torch.T
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's model as a HF directory (``config.json`` + ``model.safetensors``)."""
     cfg, state = read_model_weights(ckpt)
-    hf_state = {Transformer.family.hf_name(k): v.contiguous() for k, v in state.items()
-                if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    hf_state = {
+        Transformer.family.hf_name(k): v.contiguous()
+        for k, v in state.items()
+        if not (cfg.tie_embeddings and k == "lm_head.weight")
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, out / "model.safetensors", metadata={"format": "pt"})
@@ -191,9 +216,11 @@ def check_init_from(cfg: Config) -> None:
     source = initial_weights_config(cfg.checkpoint.init_from)
     for key in _SHAPE_KEYS:
         if getattr(source, key) != getattr(cfg.model, key):
-            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} but checkpoint.init_from "
-                              f"{cfg.checkpoint.init_from} has {key}={getattr(source, key)}; set "
-                              f"--model.{key}={getattr(source, key)} (or use its config.toml)")
+            raise ConfigError(
+                f"model.{key}={getattr(cfg.model, key)} but checkpoint.init_from "
+                f"{cfg.checkpoint.init_from} has {key}={getattr(source, key)}; set "
+                f"--model.{key}={getattr(source, key)} (or use its config.toml)"
+            )
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:

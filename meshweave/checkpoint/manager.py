@@ -32,10 +32,11 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,9 +50,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from meshweave.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 from meshweave.comm.ops import CommGroup, barrier, broadcast
 from meshweave.config import Config
-from meshweave.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 # Optimizer state and hyperparameters keyed per parameter name ("param_groups.<fqn>.lr"), not as
 # a list of groups saved by one rank: a pipeline rank holds only its stages' parameters, so only
@@ -153,8 +154,15 @@ class CheckpointManager:
     """Saves, verifies and finds checkpoints under ``root``. ``save``/``load``/``resolve`` are
     collective over ``group``; ``info`` (layout, model shape) goes into every manifest."""
 
-    def __init__(self, root: str | Path, keep: int, group: CommGroup, info: dict[str, Any],
-                 async_save: bool = False, replica: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int,
+        group: CommGroup,
+        info: dict[str, Any],
+        async_save: bool = False,
+        replica: int | None = None,
+    ) -> None:
         self.root, self.keep, self.group, self.info = Path(root), keep, group, info
         # Replicas that train apart (DiLoCo) hold different weights: each saves its own copy.
         self.replica_key = f"replica{replica}" if replica is not None else None
@@ -171,8 +179,7 @@ class CheckpointManager:
         """Committed checkpoints (they have a manifest), oldest first. Not verified."""
         if not self.root.is_dir():
             return []
-        found = [(step_of(p), p) for p in self.root.iterdir()
-                 if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+        found = [(step_of(p), p) for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
         return [p for _, p in sorted(found)]
 
     def newest_valid(self, warn: Callable[[str], None]) -> Path | None:
@@ -208,18 +215,31 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- saving
 
-    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, int | float],
-               extra: dict[str, Any] | None) -> dict[str, Any]:
+    def _state(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, int | float],
+        extra: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         """What DCP saves and loads: model, optimizer (per replica when replicas differ), trainer
         scalars as tensors, and ``extra`` state (e.g. ``{"diloco": ...}``) at the top level."""
-        weights = {"model": get_model_state_dict(model),
-                   "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE)}
+        weights = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer, options=LAYOUT_FREE),
+        }
         state = {self.replica_key: weights} if self.replica_key else weights
         return {**state, "trainer": _to_tensors(trainer_state), **(extra or {})}
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, int | float], extra: dict[str, Any] | None = None,
-             rank_local: dict[str, torch.Tensor] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, int | float],
+        extra: dict[str, Any] | None = None,
+        rank_local: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Start writing ``step-N``; blocking unless async. Returns the final directory name.
 
         ``rank_local`` tensors differ per rank and are saved per rank (like RNG states), e.g.
@@ -244,8 +264,9 @@ class CheckpointManager:
             future.set_result(None)
         self._pending = (step, tmp, future)
         if self.group.rank == 0:
-            self._committer = threading.Thread(target=self._commit, args=(step, tmp, future, started),
-                                               name=f"meshweave-commit-{step}", daemon=True)
+            self._committer = threading.Thread(
+                target=self._commit, args=(step, tmp, future, started), name=f"meshweave-commit-{step}", daemon=True
+            )
             self._committer.start()
         if not self.async_save:
             self.wait()
@@ -261,7 +282,7 @@ class CheckpointManager:
         pointer = self.root / (LATEST + ".tmp")
         pointer.write_text(final.name + "\n")
         pointer.rename(self.root / LATEST)
-        for old in self.complete()[:-self.keep]:
+        for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step-*.tmp"):
             if stale != tmp:
@@ -287,9 +308,14 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- loading
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, int | float], extra: dict[str, Any] | None = None
-             ) -> tuple[dict[str, int | float], dict[str, Any], dict[str, torch.Tensor] | None]:
+    def load(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, int | float],
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, int | float], dict[str, Any], dict[str, torch.Tensor] | None]:
         """Restore model and optimizer from ``path`` onto the current layout (collective).
 
         ``extra`` is filled in place with the saved values of the same keys. Returns the saved
@@ -299,8 +325,12 @@ class CheckpointManager:
         """
         manifest = read_manifest(path)
         state = self._state(model, optimizer, trainer_state, extra)
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
-                 process_group=self.group.pg)
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(path)),
+            planner=SafeLoadPlanner(),
+            process_group=self.group.pg,
+        )
         weights = state[self.replica_key] if self.replica_key else state
         set_model_state_dict(model, weights["model"])
         set_optimizer_state_dict(model, optimizer, weights["optim"], options=LAYOUT_FREE)
@@ -315,13 +345,14 @@ class CheckpointManager:
 
 
 def _to_tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64)
-            for k, v in values.items()}
+    return {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64) for k, v in values.items()}
 
 
 def checkpoint_info(cfg: Config, world_size: int, **extra: Any) -> dict[str, Any]:
     """What every manifest records besides files: model shape, layout, world size."""
-    layout = {k: v for k, v in asdict(cfg.parallel).items() if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp", "ep")}
+    layout = {
+        k: v for k, v in asdict(cfg.parallel).items() if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp", "ep")
+    }
     if world_size == 1:
         layout = {k: 1 for k in layout}
     return {"format": 1, "model": asdict(cfg.model), "layout": layout, "world_size": world_size, **extra}
@@ -343,8 +374,12 @@ def describe(ckpt: str | Path) -> str:
     layout = ", ".join(f"{k}={v}" for k, v in manifest.get("layout", {}).items())
     lines.append(f"step: {manifest.get('step')}   world size: {manifest.get('world_size')}   layout: {layout}")
     m = manifest.get("model", {})
-    lines.append("model: " + ", ".join(f"{k}={m[k]}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
-                                                                 "ffn_dim", "vocab_size") if k in m))
+    lines.append(
+        "model: "
+        + ", ".join(
+            f"{k}={m[k]}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size") if k in m
+        )
+    )
     total = sum(f["size"] for f in manifest.get("files", {}).values())
     lines.append(f"files: {len(manifest.get('files', {}))}, {total / 2**20:.2f} MiB")
     metadata = SafeFileSystemReader(str(path)).read_metadata()

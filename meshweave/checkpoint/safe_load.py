@@ -23,12 +23,28 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
 _ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch", "float32"), ("torch", "float64"), ("torch", "float16"),
-    ("torch", "bfloat16"), ("torch", "int64"), ("torch", "int32"), ("torch", "int16"), ("torch", "int8"),
-    ("torch", "uint8"), ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"),
-    ("torch", "preserve_format"), ("torch", "channels_last"), ("torch", "float8_e4m3fn"),
-    ("torch", "float8_e5m2"), ("collections", "OrderedDict"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("torch", "Size"),
+    ("torch", "float32"),
+    ("torch", "float64"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("torch", "int64"),
+    ("torch", "int32"),
+    ("torch", "int16"),
+    ("torch", "int8"),
+    ("torch", "uint8"),
+    ("torch", "bool"),
+    ("torch", "strided"),
+    ("torch", "contiguous_format"),
+    ("torch", "preserve_format"),
+    ("torch", "channels_last"),
+    ("torch", "float8_e4m3fn"),
+    ("torch", "float8_e5m2"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
 }
 
@@ -41,8 +57,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith(_ALLOWED_MODULE_PREFIXES) or (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not "
-                                    "checkpoint metadata; refusing to load it")
+        raise UnsafeCheckpointError(
+            f"checkpoint metadata refers to {module}.{name}, which is not checkpoint metadata; refusing to load it"
+        )
 
 
 def safe_load_metadata(data: bytes) -> Metadata:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,8 +75,9 @@ _FUNCOL_RULES = {
 }
 
 
-def _wrap(fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at: tuple[int, str],
-          synchronous: bool) -> Callable:
+def _wrap(
+    fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at: tuple[int, str], synchronous: bool
+) -> Callable:
     @functools.wraps(fn)
     def recorded(*args: Any, **kwargs: Any) -> Any:
         if ops.recording_suspended():

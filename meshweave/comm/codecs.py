@@ -96,8 +96,7 @@ def _expand(scales: Tensor, length: int, chunk_size: int) -> Tensor:
     return scales.unsqueeze(-1).expand(rows, scales.shape[1], chunk_size).reshape(rows, -1)[:, :length]
 
 
-def compress_rows(x: Tensor, error: Tensor, chunk_size: int,
-                  valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def compress_rows(x: Tensor, error: Tensor, chunk_size: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row-wise :func:`onebit_compress` of ``x [rows, L]`` (``L % 8 == 0`` when rows > 1, so each
     row packs into whole bytes): chunks restart at every row. ``error`` (fp32, ``[rows, L]``) is
     added first and updated in place. Elements where ``valid`` is False are padding: they count
@@ -119,8 +118,9 @@ def compress_rows(x: Tensor, error: Tensor, chunk_size: int,
     return packed, scales
 
 
-def decompress_rows(packed: Tensor, scales: Tensor, rows: int, length: int, chunk_size: int,
-                    valid: Tensor | None = None) -> Tensor:
+def decompress_rows(
+    packed: Tensor, scales: Tensor, rows: int, length: int, chunk_size: int, valid: Tensor | None = None
+) -> Tensor:
     """Inverse of :func:`compress_rows`: fp32 ``[rows, length]``, zero where not ``valid``."""
     signs = unpack_signs(packed, rows * length).view(rows, length)
     decoded = signs * _expand(scales.to(torch.float32), length, chunk_size)
@@ -188,7 +188,7 @@ def dequantize_4bit(codes: Tensor, scales: Tensor, numel: int, kind: str, chunk_
     nibbles = torch.stack([codes & 0xF, codes >> 4], dim=1).view(-1)[:numel]
     if kind == "int4":
         q = nibbles.to(torch.int16)
-        levels = (torch.where(q >= 8, q - 16, q).to(torch.float32) / INT4_LEVELS)
+        levels = torch.where(q >= 8, q - 16, q).to(torch.float32) / INT4_LEVELS
     else:
         mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=codes.device)
         levels = mags[(nibbles & 7).long()]

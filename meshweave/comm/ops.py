@@ -27,8 +27,8 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,12 +90,12 @@ class CommGroup:
         return dist.get_rank(self.pg)
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh, dim: str) -> "CommGroup":
+    def from_mesh(cls, mesh: DeviceMesh, dim: str) -> CommGroup:
         """The group of ``mesh[dim]`` (a named, possibly flattened, dimension)."""
         return cls(mesh.get_group(dim), dim)
 
     @classmethod
-    def world(cls) -> "CommGroup":
+    def world(cls) -> CommGroup:
         return cls(dist.group.WORLD, "world")
 
 
@@ -190,8 +190,7 @@ def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handl
 _DONE = Handle(None, "", "", 0.0)
 
 
-def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM,
-               async_op: bool = False) -> Handle:
+def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
     """In-place all-reduce of ``t`` over ``group`` (collective: every member calls it).
 
     Use SUM and divide yourself rather than AVG: gloo's AVG has produced wrong results.
@@ -199,8 +198,13 @@ def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SU
     n = group.size
     if n == 1:
         return _DONE
-    return _launch(group, "all_reduce", wire_bytes("all_reduce", _nbytes(t), n),
-                   lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True), async_op)
+    return _launch(
+        group,
+        "all_reduce",
+        wire_bytes("all_reduce", _nbytes(t), n),
+        lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True),
+        async_op,
+    )
 
 
 def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = False) -> Handle:
@@ -209,19 +213,30 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
     if n == 1:
         out.copy_(t)
         return _DONE
-    return _launch(group, "all_gather", wire_bytes("gather", _nbytes(t), n),
-                   lambda: dist.all_gather_single(out, t, group=group.pg, async_op=True), async_op)
+    return _launch(
+        group,
+        "all_gather",
+        wire_bytes("gather", _nbytes(t), n),
+        lambda: dist.all_gather_single(out, t, group=group.pg, async_op=True),
+        async_op,
+    )
 
 
-def reduce_scatter_into(out: Tensor, t: Tensor, group: CommGroup,
-                        op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
+def reduce_scatter_into(
+    out: Tensor, t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False
+) -> Handle:
     """Reduce ``t`` (``[n * out.shape[0], ...]``) over ``group``; this rank keeps its chunk."""
     n = group.size
     if n == 1:
         out.copy_(t)
         return _DONE
-    return _launch(group, "reduce_scatter", wire_bytes("scatter", _nbytes(t), n),
-                   lambda: dist.reduce_scatter_single(out, t, op=op, group=group.pg, async_op=True), async_op)
+    return _launch(
+        group,
+        "reduce_scatter",
+        wire_bytes("scatter", _nbytes(t), n),
+        lambda: dist.reduce_scatter_single(out, t, op=op, group=group.pg, async_op=True),
+        async_op,
+    )
 
 
 def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bool = False) -> Handle:
@@ -230,13 +245,23 @@ def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bo
     if n == 1:
         return _DONE
     src = dist.get_global_rank(group.pg, src_group_rank)
-    return _launch(group, "broadcast", wire_bytes("bcast", _nbytes(t), n),
-                   lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True), async_op)
+    return _launch(
+        group,
+        "broadcast",
+        wire_bytes("bcast", _nbytes(t), n),
+        lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True),
+        async_op,
+    )
 
 
-def all_to_all_single(out: Tensor, t: Tensor, group: CommGroup,
-                      out_splits: Sequence[int] | None = None, in_splits: Sequence[int] | None = None,
-                      async_op: bool = False) -> Handle:
+def all_to_all_single(
+    out: Tensor,
+    t: Tensor,
+    group: CommGroup,
+    out_splits: Sequence[int] | None = None,
+    in_splits: Sequence[int] | None = None,
+    async_op: bool = False,
+) -> Handle:
     """Exchange dim-0 chunks of ``t``: chunk i goes to group rank i (uneven with split sizes)."""
     n = group.size
     if n == 1:
@@ -245,9 +270,13 @@ def all_to_all_single(out: Tensor, t: Tensor, group: CommGroup,
     row = _nbytes(t) // max(t.shape[0], 1)
     rows = list(in_splits) if in_splits is not None else [t.shape[0] // n] * n
     sent = (sum(rows) - rows[group.rank]) * row
-    return _launch(group, "all_to_all", sent,
-                   lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group.pg, async_op=True),
-                   async_op)
+    return _launch(
+        group,
+        "all_to_all",
+        sent,
+        lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group.pg, async_op=True),
+        async_op,
+    )
 
 
 def send(t: Tensor, group: CommGroup, dst_group_rank: int) -> Handle:
@@ -262,8 +291,7 @@ def recv(t: Tensor, group: CommGroup, src_group_rank: int) -> Handle:
     return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True)
 
 
-def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, int]],
-             group: CommGroup) -> Handle:
+def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, int]], group: CommGroup) -> Handle:
     """Post a batch of point-to-point sends and receives at once (async; wait before touching them).
 
     ``sends`` / ``recvs`` are ``(tensor, peer group rank)`` pairs. Every rank must post its batch
@@ -274,10 +302,12 @@ def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, 
     if not sends and not recvs:
         return _DONE
     to_global = lambda peer: dist.get_global_rank(group.pg, peer)  # noqa: E731
+
     def launch():
         ops = [dist.P2POp(dist.isend, t, to_global(peer), group.pg) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, to_global(peer), group.pg) for t, peer in recvs]
         return dist.batch_isend_irecv(ops)
+
     return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True)
 
 
@@ -287,8 +317,9 @@ def barrier(group: CommGroup) -> None:
         _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False)
 
 
-def all_reduce_scalars(values: Sequence[float], group: CommGroup, device: torch.device,
-                       dtype: torch.dtype = torch.float64) -> list[float]:
+def all_reduce_scalars(
+    values: Sequence[float], group: CommGroup, device: torch.device, dtype: torch.dtype = torch.float64
+) -> list[float]:
     """SUM-reduce a few Python numbers in one collective; returns the sums as floats."""
     t = torch.tensor(list(values), dtype=dtype, device=device)
     all_reduce(t, group)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -53,9 +53,9 @@ class _Bucket:
                 # sharded embedding's grad replicated): bring it to the parameter's layout.
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
             if p.grad is None:
-                self.flat[offset:offset + n].zero_()
+                self.flat[offset : offset + n].zero_()
             else:
-                self.flat[offset:offset + n].copy_(_local(p.grad).reshape(-1))
+                self.flat[offset : offset + n].copy_(_local(p.grad).reshape(-1))
             offset += n
         return self.flat
 
@@ -64,7 +64,7 @@ class _Bucket:
         for p in self.params:
             local = _local(p)
             n = local.numel()
-            chunk = self.flat[offset:offset + n].view_as(local)
+            chunk = self.flat[offset : offset + n].view_as(local)
             if scale != 1.0:
                 chunk.mul_(scale)
             if p.grad is None:
@@ -82,8 +82,14 @@ class GradientReducer:
     optimizer step (collective). Gradient-accumulation micro-steps run under :meth:`no_sync`.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], group: CommGroup, bucket_bytes: int,
-                 overlap: bool = True, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        group: CommGroup,
+        bucket_bytes: int,
+        overlap: bool = True,
+        scale: float = 1.0,
+    ) -> None:
         unique: dict[int, nn.Parameter] = {}
         for p in params:
             if p.is_meta:

@@ -34,8 +34,6 @@ def embedded_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-
-
 class TokenCorpus:
     """A flat token array and where each document (with its trailing eos) starts and ends.
 
@@ -44,10 +42,16 @@ class TokenCorpus:
 
     def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, vocab_size: int, eos_id: int) -> None:
         offsets = np.asarray(doc_offsets, dtype=np.int64)
-        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(tokens) \
-                or np.any(np.diff(offsets) < 0):
-            raise ValueError(f"doc_offsets must rise from 0 to the token count {len(tokens)} "
-                             "with at least one document")
+        if (
+            offsets.ndim != 1
+            or len(offsets) < 2
+            or offsets[0] != 0
+            or offsets[-1] != len(tokens)
+            or np.any(np.diff(offsets) < 0)
+        ):
+            raise ValueError(
+                f"doc_offsets must rise from 0 to the token count {len(tokens)} with at least one document"
+            )
         self.tokens = tokens
         self.doc_offsets = offsets
         self.vocab_size = int(vocab_size)
@@ -59,7 +63,7 @@ class TokenCorpus:
 
     def document(self, d: int) -> np.ndarray:
         """Tokens of document ``d``, ending in eos."""
-        return self.tokens[self.doc_offsets[d]:self.doc_offsets[d + 1]]
+        return self.tokens[self.doc_offsets[d] : self.doc_offsets[d + 1]]
 
     @classmethod
     def embedded(cls) -> TokenCorpus:
@@ -69,7 +73,7 @@ class TokenCorpus:
         offsets = np.cumsum([0] + [len(d) + 1 for d in docs])
         tokens = np.empty(offsets[-1], dtype=np.uint16)
         for d, ids in enumerate(docs):
-            tokens[offsets[d]:offsets[d + 1] - 1] = ids
+            tokens[offsets[d] : offsets[d + 1] - 1] = ids
             tokens[offsets[d + 1] - 1] = tok.eos_id
         return cls(tokens, offsets, tok.vocab_size, tok.eos_id)
 
@@ -79,8 +83,9 @@ class TokenCorpus:
         root = Path(directory)
         index = json.loads((root / "index.json").read_text(encoding="utf-8"))
         if index.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{root / 'index.json'}: format {index.get('format')!r}, "
-                             f"this version reads format {INDEX_FORMAT}")
+            raise ValueError(
+                f"{root / 'index.json'}: format {index.get('format')!r}, this version reads format {INDEX_FORMAT}"
+            )
         num_tokens = int(index["num_tokens"])
         tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(index["dtype"]), mode="r", shape=(num_tokens,))
         return cls(tokens, np.asarray(index["doc_offsets"]), index["vocab_size"], index["eos_id"])
@@ -115,8 +120,7 @@ def split_documents(num_documents: int, eval_fraction: float) -> tuple[np.ndarra
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_fraction > 0 and num_documents < 2:
-        raise ValueError(f"eval_fraction={eval_fraction} needs at least 2 documents, "
-                         f"the corpus has {num_documents}")
+        raise ValueError(f"eval_fraction={eval_fraction} needs at least 2 documents, the corpus has {num_documents}")
     ids = np.arange(num_documents, dtype=np.int64)
     h = _unit_hash(ids)
     held = h < eval_fraction
@@ -183,7 +187,7 @@ class PackedSequences:
         while pos < stop:
             begin = int(self._span_starts[k] + pos - self._cum[k])
             take = min(stop, int(self._cum[k + 1])) - pos
-            pieces.append(self.corpus.tokens[begin:begin + take])
+            pieces.append(self.corpus.tokens[begin : begin + take])
             pos += take
             k += 1
         return np.concatenate(pieces).astype(np.int64)
@@ -196,8 +200,7 @@ class PackedSequences:
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
-def build_datasets(data_cfg: Any, seq_len: int,
-                   seed: int) -> tuple[PackedSequences, PackedSequences, TokenCorpus]:
+def build_datasets(data_cfg: Any, seq_len: int, seed: int) -> tuple[PackedSequences, PackedSequences, TokenCorpus]:
     """``(train, eval, corpus)`` for ``data_cfg.source`` split by ``data_cfg.eval_fraction``.
 
     ``seed`` does not enter the split: held-out documents are a property of the corpus, so runs
@@ -211,10 +214,14 @@ def build_datasets(data_cfg: Any, seq_len: int,
     evals = PackedSequences(corpus, eval_ids, seq_len)
     need = seq_len + 1
     if len(train) == 0:
-        raise ValueError(f"data.source={data_cfg.source!r}: the train split has {train.num_tokens} "
-                         f"tokens, fewer than train.seq_len+1={need}; use more data or a shorter seq_len")
+        raise ValueError(
+            f"data.source={data_cfg.source!r}: the train split has {train.num_tokens} "
+            f"tokens, fewer than train.seq_len+1={need}; use more data or a shorter seq_len"
+        )
     if data_cfg.eval_fraction > 0 and len(evals) == 0:
-        raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction}: the {len(eval_ids)} held-out "
-                         f"documents hold {evals.num_tokens} tokens, fewer than train.seq_len+1={need}; "
-                         "raise data.eval_fraction or shorten train.seq_len")
+        raise ValueError(
+            f"data.eval_fraction={data_cfg.eval_fraction}: the {len(eval_ids)} held-out "
+            f"documents hold {evals.num_tokens} tokens, fewer than train.seq_len+1={need}; "
+            "raise data.eval_fraction or shorten train.seq_len"
+        )
     return train, evals, corpus

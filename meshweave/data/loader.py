@@ -21,8 +21,16 @@ class ShardedLoader:
     ``consumed_samples`` resumes exactly under any data-parallel degree that divides the batch.
     """
 
-    def __init__(self, dataset: PackedSequences, global_batch: int, micro_batch: int, dp_rank: int,
-                 dp_size: int, seed: int, consumed_samples: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: PackedSequences,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        consumed_samples: int = 0,
+    ) -> None:
         if len(dataset) == 0:
             raise ValueError("ShardedLoader: the dataset has no sequences")
         if global_batch < 1 or dp_size < 1:
@@ -33,8 +41,10 @@ class ShardedLoader:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         per_rank = global_batch // dp_size
         if micro_batch < 0 or (micro_batch and per_rank % micro_batch):
-            raise ValueError(f"micro_batch={micro_batch} does not divide the per-rank batch "
-                             f"{per_rank} (global_batch={global_batch} / dp_size={dp_size})")
+            raise ValueError(
+                f"micro_batch={micro_batch} does not divide the per-rank batch "
+                f"{per_rank} (global_batch={global_batch} / dp_size={dp_size})"
+            )
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         self.dataset = dataset
@@ -71,7 +81,7 @@ class ShardedLoader:
             pos = start + len(out)
             epoch, offset = divmod(pos, n)
             take = min(count - len(out), n - offset)
-            out.extend(self._permutation(epoch)[offset:offset + take].tolist())
+            out.extend(self._permutation(epoch)[offset : offset + take].tolist())
         return out
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,7 +91,7 @@ class ShardedLoader:
         rows = self._stream(self._consumed + self.dp_rank * per_rank, per_rank)
         batches = []
         for m in range(0, per_rank, self.micro_batch):
-            pairs = [self.dataset[i] for i in rows[m:m + self.micro_batch]]
+            pairs = [self.dataset[i] for i in rows[m : m + self.micro_batch]]
             batches.append((torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])))
         self._consumed += self.global_batch
         return batches

@@ -77,9 +77,14 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str) -> dict[str, Any]:
         if len(offsets) == 1:
             raise ValueError(f"prepare: {len(inputs)} input file(s) hold no documents")
         index = {
-            "format": INDEX_FORMAT, "dtype": dtype.name, "num_tokens": offsets[-1],
-            "num_documents": len(offsets) - 1, "doc_offsets": offsets,
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "tokenizer": tokenizer,
+            "format": INDEX_FORMAT,
+            "dtype": dtype.name,
+            "num_tokens": offsets[-1],
+            "num_documents": len(offsets) - 1,
+            "doc_offsets": offsets,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": tokenizer,
         }
         with open(tmp_index, "w", encoding="utf-8") as f:
             json.dump(index, f)

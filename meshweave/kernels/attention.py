@@ -38,8 +38,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Ten
     if q.device.type == "cpu" and aligned:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, is_causal=causal)
     elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and aligned and _flash_ok(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, _expand_kv(kh, qh), _expand_kv(vh, qh),
-                                                                      is_causal=causal)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            qh, _expand_kv(kh, qh), _expand_kv(vh, qh), is_causal=causal
+        )[:2]
     else:
         out, lse = _reference(qh, kh, vh, causal)
     return out.transpose(1, 2), lse.to(accumulation_dtype(q.dtype))
@@ -52,8 +53,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention expects q [b, s, h, d] and k/v [b, s, h_kv, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"attention expects q [b, s, h, d] and k/v [b, s, h_kv, d]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
 
@@ -94,9 +97,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
     return out.transpose(1, 2), lse
 
 
-
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of one attention block, in the layout and dtype of q/k/v.
 
     ``out`` ``[b, s_q, h, d]`` and ``lse`` ``[b, h, s_q]`` are the final values of these query
@@ -108,15 +111,23 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     aligned = not causal or q.shape[1] == k.shape[1]
     if q.device.type == "cpu" and aligned:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            doh.to(q.dtype), qh, kh, vh, oh.to(q.dtype), lse.to(torch.promote_types(q.dtype, torch.float32)),
-            0.0, causal)
+            doh.to(q.dtype),
+            qh,
+            kh,
+            vh,
+            oh.to(q.dtype),
+            lse.to(torch.promote_types(q.dtype, torch.float32)),
+            0.0,
+            causal,
+        )
     else:
         dq, dk, dv = _reference_backward(doh, qh, kh, vh, oh, lse, causal)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _reference_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Plain-torch block backward in ``[b, h, s, d]`` (fp32 math), GQA gradients summed per group."""
     groups = q.shape[1] // k.shape[1]
     acc = accumulation_dtype(q.dtype)
@@ -142,8 +153,9 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor,
-                  block_lse: Tensor) -> tuple[Tensor, Tensor]:
+def merge_partial(
+    out: Tensor | None, lse: Tensor | None, block_out: Tensor, block_lse: Tensor
+) -> tuple[Tensor, Tensor]:
     """Fold one block's ``(block_out [b, s, h, d], block_lse [b, h, s])`` into fp32 accumulators.
 
     Returns the new ``(out, lse)`` in :func:`accumulation_dtype`; ``out=None`` starts from the block. Implements
@@ -162,6 +174,7 @@ def merge_partial(out: Tensor | None, lse: Tensor | None, block_out: Tensor,
     weight = torch.sigmoid(safe_blse - safe_lse)
     weight = torch.where(block_empty, 0.0, torch.where(acc_empty, 1.0, weight))
     new_out = out - weight.transpose(1, 2).unsqueeze(-1) * (out - block_out)
-    new_lse = torch.where(block_empty, lse,
-                          torch.where(acc_empty, block_lse, safe_lse - F.logsigmoid(safe_lse - safe_blse)))
+    new_lse = torch.where(
+        block_empty, lse, torch.where(acc_empty, block_lse, safe_lse - F.logsigmoid(safe_lse - safe_blse))
+    )
     return new_out, new_lse

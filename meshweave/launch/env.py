@@ -50,15 +50,22 @@ def rank_info(env: dict[str, str] | None = None) -> RankInfo:
     if "RANK" in env or "WORLD_SIZE" in env:
         if ("RANK" in env) != ("WORLD_SIZE" in env):
             present, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
-            raise LaunchError(f"${present} is set but ${missing} is not: launch with torchrun (which sets "
-                              "both), `meshweave run`, or unset it for a single process")
+            raise LaunchError(
+                f"${present} is set but ${missing} is not: launch with torchrun (which sets "
+                "both), `meshweave run`, or unset it for a single process"
+            )
         world = _int_var(env, "WORLD_SIZE")
-        info = RankInfo(_int_var(env, "RANK"), world, _int_var(env, "LOCAL_RANK", 0),
-                        _int_var(env, "LOCAL_WORLD_SIZE", world))
+        info = RankInfo(
+            _int_var(env, "RANK"), world, _int_var(env, "LOCAL_RANK", 0), _int_var(env, "LOCAL_WORLD_SIZE", world)
+        )
         names = ("RANK / WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     elif "SLURM_PROCID" in env and _int_var(env, "SLURM_NTASKS", 1) > 1:
-        info = RankInfo(_int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS"),
-                        _int_var(env, "SLURM_LOCALID", 0), _slurm_tasks_on_this_node(env))
+        info = RankInfo(
+            _int_var(env, "SLURM_PROCID"),
+            _int_var(env, "SLURM_NTASKS"),
+            _int_var(env, "SLURM_LOCALID", 0),
+            _slurm_tasks_on_this_node(env),
+        )
         names = ("SLURM_PROCID / SLURM_NTASKS", "SLURM_LOCALID", "tasks on this node")
     else:
         return RankInfo(0, 1, 0, 1)
@@ -109,11 +116,18 @@ def init_process_group(device: torch.device, info: RankInfo, timeout_s: float = 
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise RuntimeError("multi-process run without MASTER_ADDR/MASTER_PORT: launch with torchrun, "
-                           "`meshweave run --nproc N`, or slurm/train.sbatch")
-    dist.init_process_group(backend, store=_attempt_store(info, timeout), rank=info.rank,
-                            world_size=info.world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+        raise RuntimeError(
+            "multi-process run without MASTER_ADDR/MASTER_PORT: launch with torchrun, "
+            "`meshweave run --nproc N`, or slurm/train.sbatch"
+        )
+    dist.init_process_group(
+        backend,
+        store=_attempt_store(info, timeout),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
 
 
 def _attempt_store(info: RankInfo, timeout: datetime.timedelta) -> dist.Store:
@@ -124,9 +138,14 @@ def _attempt_store(info: RankInfo, timeout: datetime.timedelta) -> dist.Store:
     overwrites it connects to nothing and hangs. A prefix per attempt keeps attempts apart.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                          is_master=not agent_store and info.rank == 0, timeout=timeout,
-                          multi_tenant=not agent_store)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        info.world_size,
+        is_master=not agent_store and info.rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
     return dist.PrefixStore(f"meshweave/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -11,8 +11,19 @@ from meshweave.launch.harness import free_port
 
 def torchrun_command(nproc: int, train_args: list[str], port: int) -> list[str]:
     """The torchrun command line that runs ``meshweave train <train_args>`` in ``nproc`` workers."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "meshweave", "train", *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        "meshweave",
+        "train",
+        *train_args,
+    ]
 
 
 def run_local(nproc: int, train_args: list[str]) -> int:

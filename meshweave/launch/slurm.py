@@ -41,7 +41,8 @@ HEAD_ADDR=${{HEAD_ADDR:-$(getent hosts "$HEAD_NODE" | awk '{{print $1; exit}}')}
 PORT=${{MESHWEAVE_PORT:-$((20000 + SLURM_JOB_ID % 20000))}}
 export MESHWEAVE_STOP_FILE=${{MESHWEAVE_STOP_FILE:-$SLURM_SUBMIT_DIR/.meshweave-stop-$SLURM_JOB_ID}}
 rm -f "$MESHWEAVE_STOP_FILE"
-echo "[meshweave] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: $SLURM_JOB_NUM_NODES nodes x $NPROC, rendezvous $HEAD_ADDR:$PORT"
+echo "[meshweave] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}:" \
+     "$SLURM_JOB_NUM_NODES nodes x $NPROC, rendezvous $HEAD_ADDR:$PORT"
 
 STOPPING=0
 on_warning() {{
@@ -86,10 +87,20 @@ class SbatchOptions:
 
 def render_sbatch(opts: SbatchOptions = SbatchOptions()) -> str:
     """The sbatch script for ``opts`` (training arguments are given to sbatch after the script)."""
-    extra = "".join(f"\n#SBATCH --{key}={value}" for key, value in
-                    (("partition", opts.partition), ("account", opts.account)) if value)
-    return _TEMPLATE.format(nodes=opts.nodes, nproc_per_node=opts.nproc_per_node, time=opts.time,
-                            job_name=opts.job_name, warning_s=opts.warning_s, output=opts.output, extra=extra)
+    extra = "".join(
+        f"\n#SBATCH --{key}={value}"
+        for key, value in (("partition", opts.partition), ("account", opts.account))
+        if value
+    )
+    return _TEMPLATE.format(
+        nodes=opts.nodes,
+        nproc_per_node=opts.nproc_per_node,
+        time=opts.time,
+        job_name=opts.job_name,
+        warning_s=opts.warning_s,
+        output=opts.output,
+        extra=extra,
+    )
 
 
 def submit(opts: SbatchOptions, train_args: list[str], dry_run: bool = False) -> str:
@@ -104,8 +115,9 @@ def submit(opts: SbatchOptions, train_args: list[str], dry_run: bool = False) ->
     with tempfile.NamedTemporaryFile("w", suffix=".sbatch", prefix="meshweave-") as f:
         f.write(script)
         f.flush()
-        done = subprocess.run(["sbatch", "--parsable", f.name, *train_args], capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(
+            ["sbatch", "--parsable", f.name, *train_args], capture_output=True, text=True, check=False
+        )
     if done.returncode != 0:
         raise RuntimeError(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout.strip()

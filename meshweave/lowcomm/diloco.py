@@ -69,8 +69,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,7 @@ from meshweave.models.family import family_of
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
+
 
 def applying_fragment(cfg: DiLoCoConfig, step: int) -> int | None:
     """The fragment whose outer step is applied after global step ``step`` (1-based), if any."""
@@ -131,8 +132,9 @@ class StreamingDiLoCo:
     outcome) and ``fragment_of`` (parameter name -> fragment).
     """
 
-    def __init__(self, model: nn.Module, group: CommGroup, settings: DiLoCoConfig,
-                 agree: CommGroup | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, group: CommGroup, settings: DiLoCoConfig, agree: CommGroup | None = None
+    ) -> None:
         settings.validate()
         self.model, self.group, self.settings, self.agree = model, group, settings, agree
         self.failed_syncs = 0
@@ -177,8 +179,11 @@ class StreamingDiLoCo:
         self._inflight = flight
         members = self._members[fragment]
         with torch.no_grad():
-            delta = torch.cat([(self._global[i] - _local(self._params[i]).float()).reshape(-1) for i in members]) \
-                if members else torch.zeros(0, device=self._device)
+            delta = (
+                torch.cat([(self._global[i] - _local(self._params[i]).float()).reshape(-1) for i in members])
+                if members
+                else torch.zeros(0, device=self._device)
+            )
         flight.numel = delta.numel()
         if delta.numel() == 0:
             flight.buffers = (delta,)
@@ -200,8 +205,10 @@ class StreamingDiLoCo:
         side = torch.cat([scales.reshape(-1).to(torch.float32), finite])
         all_codes = torch.empty(n * codes.numel(), dtype=codes.dtype, device=codes.device)
         all_side = torch.empty(n * side.numel(), dtype=side.dtype, device=side.device)
-        handles = [ops.all_gather_into(all_codes, codes, self.group, async_op=True),
-                   ops.all_gather_into(all_side, side, self.group, async_op=True)]
+        handles = [
+            ops.all_gather_into(all_codes, codes, self.group, async_op=True),
+            ops.all_gather_into(all_side, side, self.group, async_op=True),
+        ]
         return (all_codes, all_side), handles
 
     def _resolve(self, flight: _InFlight) -> None:
@@ -299,16 +306,16 @@ class StreamingDiLoCo:
                 synced[fragment] = self._apply(step, adopt=True)
         ok = sorted(f for f, done in synced.items() if done)
         failed = sorted(f for f, done in synced.items() if not done)
-        return (f"final sync: fragments {ok} hold the global weights on every replica"
-                + (f"; fragments {failed} failed and keep each replica's weights" if failed else ""))
+        return f"final sync: fragments {ok} hold the global weights on every replica" + (
+            f"; fragments {failed} failed and keep each replica's weights" if failed else ""
+        )
 
-    def _outer_step(self, members: list[int], average: Tensor, global_: list[Tensor],
-                    momentum: list[Tensor]) -> None:
+    def _outer_step(self, members: list[int], average: Tensor, global_: list[Tensor], momentum: list[Tensor]) -> None:
         lr, mu = self.settings.outer_lr, self.settings.outer_momentum
         offset = 0
         for i in members:
             g = global_[i]
-            delta = average[offset:offset + g.numel()].view_as(g)
+            delta = average[offset : offset + g.numel()].view_as(g)
             offset += g.numel()
             momentum[i].mul_(mu).add_(delta)
             g.add_(delta.add(momentum[i], alpha=mu), alpha=-lr)
@@ -355,9 +362,13 @@ class StreamingDiLoCo:
         for name, p, g, m in zip(self._names, self._params, global_, momentum):
             out[f"global/{name}"] = _like_param(p, g)
             out[f"momentum/{name}"] = _like_param(p, m)
-        for key, value in (("failed_syncs", self.failed_syncs), ("applied_syncs", self.applied_syncs),
-                           ("pending_step", pending_step), ("pending_fragment", pending_fragment),
-                           ("pending_ok", pending_ok)):
+        for key, value in (
+            ("failed_syncs", self.failed_syncs),
+            ("applied_syncs", self.applied_syncs),
+            ("pending_step", pending_step),
+            ("pending_fragment", pending_fragment),
+            ("pending_ok", pending_ok),
+        ):
             out[key] = torch.tensor(value, dtype=torch.int64)
         return out
 
@@ -372,9 +383,13 @@ class StreamingDiLoCo:
         self._inflight = None
         if int(state["pending_step"]) >= 0:
             ok = bool(int(state["pending_ok"]))
-            self._inflight = _InFlight(int(state["pending_fragment"]), int(state["pending_step"]), resolved=True,
-                                       merge_only=True,
-                                       error="" if ok else "the outer gradient failed before the checkpoint")
+            self._inflight = _InFlight(
+                int(state["pending_fragment"]),
+                int(state["pending_step"]),
+                resolved=True,
+                merge_only=True,
+                error="" if ok else "the outer gradient failed before the checkpoint",
+            )
 
 
 # -------------------------------------------------------------------- helpers

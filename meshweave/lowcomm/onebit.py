@@ -47,8 +47,8 @@ Compressed all-reduce (:func:`compressed_all_reduce`) over a group of ``n`` rank
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
@@ -73,11 +73,10 @@ class ErrorFeedback:
     server: Tensor  # [chunk_numel]: residual of re-compressing the average of the row it serves
 
     @classmethod
-    def zeros(cls, numel: int, group_size: int, device: torch.device | str = "cpu") -> "ErrorFeedback":
+    def zeros(cls, numel: int, group_size: int, device: torch.device | str = "cpu") -> ErrorFeedback:
         """Zero buffers sized for a ``numel``-element tensor averaged over ``group_size`` ranks."""
         length = chunk_numel(numel, group_size)
-        return cls(torch.zeros(group_size * length, device=device),
-                   torch.zeros(length, device=device))
+        return cls(torch.zeros(group_size * length, device=device), torch.zeros(length, device=device))
 
 
 def compressed_wire_bytes(numel: int, group_size: int, chunk_size: int) -> int:
@@ -89,8 +88,9 @@ def compressed_wire_bytes(numel: int, group_size: int, chunk_size: int) -> int:
     return 2 * (n - 1) * (length // 8 + 4 * math.ceil(length / chunk_size))
 
 
-def compressed_all_reduce(x: Tensor, group: CommGroup, worker_error: Tensor, server_error: Tensor,
-                          chunk_size: int) -> Tensor:
+def compressed_all_reduce(
+    x: Tensor, group: CommGroup, worker_error: Tensor, server_error: Tensor, chunk_size: int
+) -> Tensor:
     """Average of ``x`` over ``group`` through 1-bit compression with error feedback (collective).
 
     Returns an fp32 tensor shaped like ``x``, bitwise identical on every rank. ``worker_error``
@@ -105,16 +105,20 @@ def compressed_all_reduce(x: Tensor, group: CommGroup, worker_error: Tensor, ser
     length = chunk_numel(numel, n)
     for name, buf, want in (("worker_error", worker_error, n * length), ("server_error", server_error, length)):
         if buf.numel() != want or buf.dtype != torch.float32:
-            raise ValueError(f"{name} must be fp32 with {want} elements for numel={numel}, n={n}; "
-                             f"got {buf.dtype} x {buf.numel()} (see ErrorFeedback.zeros)")
+            raise ValueError(
+                f"{name} must be fp32 with {want} elements for numel={numel}, n={n}; "
+                f"got {buf.dtype} x {buf.numel()} (see ErrorFeedback.zeros)"
+            )
     valid = (torch.arange(n * length, device=flat.device) < numel).view(n, length)
     rows = torch.nn.functional.pad(flat, (0, n * length - numel)).view(n, length)
 
     signs, scales = compress_rows(rows, worker_error.view(n, length), chunk_size, valid)
     signs = signs.view(n, length // 8)
     recv_signs, recv_scales = torch.empty_like(signs), torch.empty_like(scales)
-    pending = [ops.all_to_all_single(recv_signs, signs, group, async_op=True),
-               ops.all_to_all_single(recv_scales, scales, group, async_op=True)]
+    pending = [
+        ops.all_to_all_single(recv_signs, signs, group, async_op=True),
+        ops.all_to_all_single(recv_scales, scales, group, async_op=True),
+    ]
     for handle in pending:
         handle.wait()
 
@@ -126,8 +130,10 @@ def compressed_all_reduce(x: Tensor, group: CommGroup, worker_error: Tensor, ser
 
     all_signs = torch.empty(n * (length // 8), dtype=torch.uint8, device=flat.device)
     all_scales = torch.empty(n * my_scales.numel(), dtype=torch.float32, device=flat.device)
-    pending = [ops.all_gather_into(all_signs, my_signs, group, async_op=True),
-               ops.all_gather_into(all_scales, my_scales.view(-1), group, async_op=True)]
+    pending = [
+        ops.all_gather_into(all_signs, my_signs, group, async_op=True),
+        ops.all_gather_into(all_scales, my_scales.view(-1), group, async_op=True),
+    ]
     for handle in pending:
         handle.wait()
     out = decompress_rows(all_signs, all_scales.view(n, -1), n, length, chunk_size, valid)
@@ -153,12 +159,12 @@ class _Layout:
     """Where one parameter's local elements sit in the canonical (unsharded) exchange over ``n``
     replicas: rows of ``L`` global flat indices, chunks of ``chunk_size`` inside each row."""
 
-    order: Tensor          # local flat positions, grouped by row (ascending), stable inside a row
-    counts: list[int]      # local elements per row
-    chunk: Tensor          # chunk of each element of ``order`` within its row: [0, k)
-    row: Tensor            # row of each element of ``order``
-    chunk_counts: Tensor   # global elements per chunk, fp64 [n, k]
-    k: int                 # chunks per row
+    order: Tensor  # local flat positions, grouped by row (ascending), stable inside a row
+    counts: list[int]  # local elements per row
+    chunk: Tensor  # chunk of each element of ``order`` within its row: [0, k)
+    row: Tensor  # row of each element of ``order``
+    chunk_counts: Tensor  # global elements per chunk, fp64 [n, k]
+    k: int  # chunks per row
 
     @property
     def slot(self) -> Tensor:
@@ -168,7 +174,7 @@ class _Layout:
     def row_part(self, t: Tensor, r: int) -> Tensor:
         """The part of ``t`` (ordered like ``order``) that lies in row ``r``."""
         start = sum(self.counts[:r])
-        return t[start:start + self.counts[r]]
+        return t[start : start + self.counts[r]]
 
 
 def _global_indices(p: Tensor) -> Tensor:
@@ -187,9 +193,13 @@ def _layout(p: Tensor, n: int, chunk_size: int) -> _Layout:
     row, within = index // length, index % length
     order = torch.argsort(row, stable=True)
     counts = torch.bincount(row, minlength=n).tolist()
-    starts = torch.arange(n, dtype=torch.float64).view(n, 1) * length + torch.arange(k, dtype=torch.float64) * chunk_size
-    ends = torch.minimum(torch.minimum(starts + chunk_size, (torch.arange(n, dtype=torch.float64).view(n, 1) + 1) * length),
-                         torch.tensor(float(numel), dtype=torch.float64))
+    starts = (
+        torch.arange(n, dtype=torch.float64).view(n, 1) * length + torch.arange(k, dtype=torch.float64) * chunk_size
+    )
+    ends = torch.minimum(
+        torch.minimum(starts + chunk_size, (torch.arange(n, dtype=torch.float64).view(n, 1) + 1) * length),
+        torch.tensor(float(numel), dtype=torch.float64),
+    )
     chunk_counts = (ends - starts).clamp_min(0)
     return _Layout(order, counts, (within // chunk_size)[order], row[order], chunk_counts, k)
 
@@ -269,9 +279,19 @@ class OneBitAdam(torch.optim.Optimizer):
     saves :meth:`rank_local_state` per rank.
     """
 
-    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, freeze_step: int, group: CommGroup,
-                 chunk_size: int = 2048, denom_floor_ratio: float = 0.1) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        freeze_step: int,
+        group: CommGroup,
+        chunk_size: int = 2048,
+        denom_floor_ratio: float = 0.1,
+    ) -> None:
         if freeze_step < 1:
             raise ValueError(f"freeze_step must be >= 1 (the variance needs warm-up), got {freeze_step}")
         if lr < 0 or eps < 0 or weight_decay < 0 or denom_floor_ratio < 0 or chunk_size < 1:
@@ -334,8 +354,9 @@ class OneBitAdam(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's state dict without the rank-local error buffers (see :meth:`rank_local_state`)."""
         full = super().state_dict()
-        full["state"] = {i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL}
-                         for i, st in full["state"].items()}
+        full["state"] = {
+            i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL} for i, st in full["state"].items()
+        }
         return full
 
     def rank_local_state(self) -> dict[str, Tensor]:
@@ -390,9 +411,9 @@ class OneBitAdam(torch.optim.Optimizer):
             m.lerp_(grad, 1 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             step = state["step"].item()
-            bias_correction2_sqrt = (1 - b2 ** step) ** 0.5
+            bias_correction2_sqrt = (1 - b2**step) ** 0.5
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-            param.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+            param.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
     def _freeze_variance(self) -> None:
         for group in self.param_groups:
@@ -401,10 +422,12 @@ class OneBitAdam(torch.optim.Optimizer):
             for p in trainable:
                 step = self.state[p]["step"].item()
                 # A parameter that never had a gradient has v = 0: no correction (and no 0 / 0).
-                self.state[p]["v_correction"].fill_((1 - b2 ** step) ** 0.5 if step > 0 else 1.0)
+                self.state[p]["v_correction"].fill_((1 - b2**step) ** 0.5 if step > 0 else 1.0)
             # Means over each whole parameter, whatever shards this rank holds of it.
-            local_sums = [(_local(self.state[p]["exp_avg_sq"]).sqrt() / self.state[p]["v_correction"]).double().sum()
-                          .reshape(1) for p in trainable]
+            local_sums = [
+                (_local(self.state[p]["exp_avg_sq"]).sqrt() / self.state[p]["v_correction"]).double().sum().reshape(1)
+                for p in trainable
+            ]
             sums = [float(t) for t in _sum_over_holders(list(zip(local_sums, trainable)))]
             group_mean = sum(sums) / max(sum(p.numel() for p in trainable), 1)
             for p, total in zip(trainable, sums):
@@ -451,9 +474,17 @@ class OneBitAdam(torch.optim.Optimizer):
         mine = row_bits[me].numel()
         recv_bits = torch.empty(n * mine, dtype=torch.uint8, device=xs[0].device if xs else None)
         recv_scales = torch.empty(n * row_scales[0].numel(), dtype=torch.float32, device=recv_bits.device)
-        pending = [ops.all_to_all_single(recv_bits, torch.cat(row_bits), self.group, out_splits=[mine] * n,
-                                         in_splits=[b.numel() for b in row_bits], async_op=True),
-                   ops.all_to_all_single(recv_scales, torch.cat(row_scales), self.group, async_op=True)]
+        pending = [
+            ops.all_to_all_single(
+                recv_bits,
+                torch.cat(row_bits),
+                self.group,
+                out_splits=[mine] * n,
+                in_splits=[b.numel() for b in row_bits],
+                async_op=True,
+            ),
+            ops.all_to_all_single(recv_scales, torch.cat(row_scales), self.group, async_op=True),
+        ]
         for handle in pending:
             handle.wait()
 
@@ -464,7 +495,7 @@ class OneBitAdam(torch.optim.Optimizer):
         widths = [lay.k for lay in layouts]
         total = [torch.zeros(c, device=recv_bits.device) for c in served]
         for j in range(n):
-            signs = torch.split(unpack_signs(recv_bits[j * mine:(j + 1) * mine], sum(served)), served)
+            signs = torch.split(unpack_signs(recv_bits[j * mine : (j + 1) * mine], sum(served)), served)
             theirs = torch.split(recv_scales.view(n, -1)[j], widths)
             for t, sign, sc, w in zip(total, signs, theirs, within):
                 t += sign * sc[w]
@@ -477,8 +508,10 @@ class OneBitAdam(torch.optim.Optimizer):
         my_bits = torch.nn.functional.pad(pack_signs(torch.cat(ys)), (0, widest - mine))
         all_bits = torch.empty(n * widest, dtype=torch.uint8, device=recv_bits.device)
         all_scales = torch.empty(n * recv_scales.numel() // n, dtype=torch.float32, device=recv_bits.device)
-        pending = [ops.all_gather_into(all_bits, my_bits, self.group, async_op=True),
-                   ops.all_gather_into(all_scales, torch.cat(served_scales), self.group, async_op=True)]
+        pending = [
+            ops.all_gather_into(all_bits, my_bits, self.group, async_op=True),
+            ops.all_gather_into(all_scales, torch.cat(served_scales), self.group, async_op=True),
+        ]
         for handle in pending:
             handle.wait()
 
@@ -486,7 +519,7 @@ class OneBitAdam(torch.optim.Optimizer):
         decoded: list[list[Tensor]] = [[] for _ in params]
         for r in range(n):
             counts = [lay.counts[r] for lay in layouts]
-            signs = torch.split(unpack_signs(all_bits[r * widest:(r + 1) * widest], sum(counts)), counts)
+            signs = torch.split(unpack_signs(all_bits[r * widest : (r + 1) * widest], sum(counts)), counts)
             theirs = torch.split(all_scales.view(n, -1)[r], widths)
             for out, sign, sc, lay in zip(decoded, signs, theirs, layouts):
                 out.append(sign * sc[lay.row_part(lay.chunk, r)])
@@ -500,16 +533,25 @@ class OneBitAdam(torch.optim.Optimizer):
         may hand placeholders for them): they restart at zero unless
         :meth:`load_rank_local_state` follows.
         """
-        state_dict = {**state_dict, "state": {
-            i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL and isinstance(v, Tensor)}
-            for i, st in state_dict["state"].items()}}
+        state_dict = {
+            **state_dict,
+            "state": {
+                i: {k: v for k, v in st.items() if k not in self.RANK_LOCAL and isinstance(v, Tensor)}
+                for i, st in state_dict["state"].items()
+            },
+        }
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        keep = {i: {k: v.detach().clone() for k, v in state_dict["state"].get(i, {}).items() if k in _FP32_KEYS}
-                for i in saved_ids}
+        keep = {
+            i: {k: v.detach().clone() for k, v in state_dict["state"].get(i, {}).items() if k in _FP32_KEYS}
+            for i in saved_ids
+        }
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
             for key, value in keep[i].items():
-                self.state[p][key] = value.to(device=_local(p).device, dtype=torch.float32) \
-                    if not isinstance(value, DTensor) else value.to(dtype=torch.float32)
+                self.state[p][key] = (
+                    value.to(device=_local(p).device, dtype=torch.float32)
+                    if not isinstance(value, DTensor)
+                    else value.to(dtype=torch.float32)
+                )
         self._init_state()

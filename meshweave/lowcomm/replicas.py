@@ -47,8 +47,15 @@ class ReplicaExchange:
     mode. 1-bit Adam's phase is read from the optimizer, bound with :meth:`bind_optimizer`.
     """
 
-    def __init__(self, mode: ReplicaMode, replicas: CommGroup, replica_index: int, everyone: CommGroup,
-                 inside: CommGroup, diloco: StreamingDiLoCo | None = None) -> None:
+    def __init__(
+        self,
+        mode: ReplicaMode,
+        replicas: CommGroup,
+        replica_index: int,
+        everyone: CommGroup,
+        inside: CommGroup,
+        diloco: StreamingDiLoCo | None = None,
+    ) -> None:
         self.mode = mode
         self.replicas = replicas.size
         self.replica_index = replica_index
@@ -108,8 +115,10 @@ class ReplicaExchange:
             self.diloco.load_state_dict(extra["diloco"])
         if self.mode == "onebit":
             if rank_local is None:
-                return ("warning: 1-bit Adam error-feedback buffers were saved on another world size; "
-                        "they restart from zero")
+                return (
+                    "warning: 1-bit Adam error-feedback buffers were saved on another world size; "
+                    "they restart from zero"
+                )
             self.optimizer.load_rank_local_state(rank_local)
         return None
 

@@ -26,8 +26,20 @@ from meshweave.metrics.telemetry import GpuTelemetry
 
 # Every line of metrics.jsonl carries these keys (None when not measured), in this order.
 METRIC_KEYS: tuple[str, ...] = (
-    "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",
-    "mem_peak_bytes", "comm_bytes", "comm_bytes_total", "gpu_util", "gpu_mem_bytes", "gpu_power_w",
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "step_time_s",
+    "mfu",
+    "mem_peak_bytes",
+    "comm_bytes",
+    "comm_bytes_total",
+    "gpu_util",
+    "gpu_mem_bytes",
+    "gpu_power_w",
 )
 
 
@@ -57,8 +69,12 @@ def to_json_value(value: Any) -> Any:
 
 
 _CONSOLE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("loss", "loss {:.4f}"), ("eval_loss", "eval {:.4f}"), ("lr", "lr {:.1e}"),
-    ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1f}%"),
+    ("loss", "loss {:.4f}"),
+    ("eval_loss", "eval {:.4f}"),
+    ("lr", "lr {:.1e}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("tokens_per_s", "{:,.0f} tok/s"),
+    ("mfu", "mfu {:.1f}%"),
 )
 
 
@@ -112,8 +128,15 @@ class MetricsLogger:
     it must).
     """
 
-    def __init__(self, run_dir: str, log_cfg: Any, total_steps: int, is_rank0: bool,
-                 config_dict: dict[str, Any] | None = None, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        log_cfg: Any,
+        total_steps: int,
+        is_rank0: bool,
+        config_dict: dict[str, Any] | None = None,
+        start_step: int = 0,
+    ) -> None:
         self.enabled = is_rank0
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -130,8 +153,9 @@ class MetricsLogger:
         self._telemetry = GpuTelemetry()
         # A bar in a log file is a wall of carriage returns: only draw it on a terminal.
         if log_cfg.progress and sys.stderr.isatty():
-            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step",
-                             dynamic_ncols=True, desc="train")
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, file=sys.stderr, unit="step", dynamic_ncols=True, desc="train"
+            )
         if log_cfg.wandb:
             try:
                 self._wandb_run = self._init_wandb(log_cfg, config_dict, start_step)
@@ -158,14 +182,14 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError("log.wandb=true but wandb is not installed: "
-                               "pip install 'meshweave[wandb]' (or set log.wandb=false)") from None
+            raise RuntimeError(
+                "log.wandb=true but wandb is not installed: pip install 'meshweave[wandb]' (or set log.wandb=false)"
+            ) from None
         # An explicit WANDB_MODE is the user's choice; otherwise never block on a login prompt.
         mode = None
         if not os.environ.get("WANDB_MODE") and not _wandb_credentials_present():
             mode = "offline"
-            self.event("wandb: no API key or login found, logging offline "
-                       "(sync later with `wandb sync`)")
+            self.event("wandb: no API key or login found, logging offline (sync later with `wandb sync`)")
         # Keep the run id in the run directory so a resumed run continues the same wandb run.
         id_file = self.run_dir / "wandb" / "run_id"
         run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else ""
@@ -173,9 +197,15 @@ class MetricsLogger:
             run_id = uuid.uuid4().hex[:12]
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
-        return wandb.init(project=log_cfg.wandb_project, name=log_cfg.wandb_run_name or None,
-                          config=config_dict, dir=str(self.run_dir), mode=mode, id=run_id,
-                          resume="allow")
+        return wandb.init(
+            project=log_cfg.wandb_project,
+            name=log_cfg.wandb_run_name or None,
+            config=config_dict,
+            dir=str(self.run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one step record (must have ``step``) to every sink.
@@ -204,8 +234,9 @@ class MetricsLogger:
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
             shown = (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.1e}"), ("tok/s", "tokens_per_s", "{:,.0f}"))
-            self._bar.set_postfix({name: fmt.format(clean[key]) for name, key, fmt in shown
-                                   if clean[key] is not None}, refresh=False)
+            self._bar.set_postfix(
+                {name: fmt.format(clean[key]) for name, key, fmt in shown if clean[key] is not None}, refresh=False
+            )
         self._say(line)
         if self._wandb_run is not None:
             self._wandb_run.log(_wandb_record(clean), step=int(clean["step"]))
@@ -243,7 +274,7 @@ class MetricsLogger:
                 f.close()
         self._metrics = self._events = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:

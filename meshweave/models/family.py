@@ -21,8 +21,8 @@ family means writing its model and its declaration; parallel/ and lowcomm/ do no
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -38,8 +38,15 @@ from meshweave.config import ModelConfig
 #                      sequence shard; its weights are replicated (MoE blocks: experts split over ep)
 #   vocab_embedding    embedding sharded over the vocabulary, output onto sequence shards
 #   vocab_head         head sharded over the vocabulary, logits left sharded for a loss-parallel loss
-TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "gather_sequence", "replicated_block",
-             "vocab_embedding", "vocab_head")
+TP_STYLES = (
+    "colwise",
+    "rowwise",
+    "sequence_parallel",
+    "gather_sequence",
+    "replicated_block",
+    "vocab_embedding",
+    "vocab_head",
+)
 
 InitValue = Callable[[str, torch.Size, ModelConfig, int], torch.Tensor]
 
@@ -66,7 +73,9 @@ class ModelFamily:
         fragment ``i % n``; last-stage modules (norm, head) go with the highest-indexed block held
         (the one that feeds them); everything else (the embedding, a head weight tied to it) with 0.
         A function of global names only, so every pipeline stage agrees."""
-        blocks: Mapping[str, nn.Module] = self.block_dict(model) if getattr(model, self.blocks, None) is not None else {}
+        blocks: Mapping[str, nn.Module] = (
+            self.block_dict(model) if getattr(model, self.blocks, None) is not None else {}
+        )
         fragment_of_param = {id(p): int(key) % n for key, block in blocks.items() for p in block.parameters()}
         last = max((int(key) for key in blocks), default=n - 1) % n
 
@@ -75,8 +84,11 @@ class ModelFamily:
             return {id(p) for m in modules if m is not None for p in m.parameters()}
 
         tail = params_of(self.last_stage) - params_of(self.first_stage)
-        return {name: fragment_of_param.get(id(p), last if id(p) in tail else 0)
-                for name, p in model.named_parameters() if p.requires_grad}
+        return {
+            name: fragment_of_param.get(id(p), last if id(p) in tail else 0)
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
 
 
 def family_of(model: nn.Module) -> ModelFamily:

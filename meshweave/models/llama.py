@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -207,8 +208,7 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else f"model.{name}"
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "meta",
-                moe: MoEConfig | None = None) -> Transformer:
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta", moe: MoEConfig | None = None) -> Transformer:
     """The model on ``device`` without initial values (``meta`` by default); see :func:`init_value`.
     With an ``moe`` section of ``num_experts > 0`` the MoE layers' feed-forwards are mixtures of
     experts; ``None`` or ``num_experts = 0`` is the dense model."""
@@ -231,8 +231,13 @@ def block_tp_plan(block: nn.Module) -> dict[str, str]:
     }
     if isinstance(block.mlp, MoEFeedForward):
         return {**plan, "mlp": "replicated_block"}
-    return {**plan, "mlp": "gather_sequence", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-            "mlp.down_proj": "rowwise"}
+    return {
+        **plan,
+        "mlp": "gather_sequence",
+        "mlp.gate_proj": "colwise",
+        "mlp.up_proj": "colwise",
+        "mlp.down_proj": "rowwise",
+    }
 
 
 Transformer.family = ModelFamily(

@@ -43,7 +43,7 @@ residual branch like the dense model's.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +178,7 @@ class Experts(nn.Module):
             if w.is_meta:
                 new = torch.empty((count, *w.shape[1:]), dtype=w.dtype, device=w.device)
             else:
-                new = w.detach()[offset:offset + count].clone()
+                new = w.detach()[offset : offset + count].clone()
             sub.weight = nn.Parameter(new, requires_grad=w.requires_grad)
         self.num_local, self.offset = count, offset
 
@@ -191,8 +191,7 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else rows.new_zeros(0, self.in_dim)
 
 
-DispatchOp = Callable[[Tensor, Tensor, Tensor, Experts, "Callable[[], Tensor] | None"],
-                      "tuple[Tensor, Tensor | None]"]
+DispatchOp = Callable[[Tensor, Tensor, Tensor, Experts, "Callable[[], Tensor] | None"], "tuple[Tensor, Tensor | None]"]
 
 
 class SwiGLU(nn.Module):
@@ -229,8 +228,9 @@ def combine(rows: Tensor, order: Tensor, weights: Tensor, num_tokens: int) -> Te
     return out.index_add(0, order // k, rows * w[:, None])
 
 
-def local_dispatch(tokens: Tensor, expert_idx: Tensor, weights: Tensor, experts: Experts,
-                   overlap: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+def local_dispatch(
+    tokens: Tensor, expert_idx: Tensor, weights: Tensor, experts: Experts, overlap: Callable[[], Tensor] | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The single-process :data:`DispatchOp`: permute by expert, run all experts, combine."""
     if experts.num_local != experts.num_experts:
         raise ValueError("local_dispatch needs the full expert set; bind an expert-parallel dispatch op")
@@ -250,8 +250,9 @@ class MoEFeedForward(nn.Module):
         width = settings.low_dim or dim
         self.gate = Router(dim, settings)
         self.experts = Experts(settings.num_experts, width, settings.expert_ffn_dim)
-        self.shared_experts = (SwiGLU(dim, settings.shared_experts * settings.expert_ffn_dim)
-                               if settings.shared_experts else None)
+        self.shared_experts = (
+            SwiGLU(dim, settings.shared_experts * settings.expert_ffn_dim) if settings.shared_experts else None
+        )
         self.descend = nn.Linear(dim, width, bias=False) if settings.low_dim else None
         self.ascend = nn.Linear(width, dim, bias=False) if settings.low_dim else None
         self.dispatch_op: DispatchOp = local_dispatch
@@ -263,8 +264,9 @@ class MoEFeedForward(nn.Module):
         expert_idx, weights = self.gate(flat)
         tokens = self.descend(flat) if self.descend is not None else flat
         shared = self.shared_experts
-        routed, side = self.dispatch_op(tokens, expert_idx, weights, self.experts,
-                                        (lambda: shared(flat)) if shared is not None else None)
+        routed, side = self.dispatch_op(
+            tokens, expert_idx, weights, self.experts, (lambda: shared(flat)) if shared is not None else None
+        )
         if self.ascend is not None:
             routed = self.ascend(routed)
         if side is not None:
@@ -326,8 +328,12 @@ def moe_metrics(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         if isinstance(m, MoEFeedForward) and m.gate.last_load is not None:
             r = m.gate
-            out[name] = {"tokens_per_expert": r.last_load.tolist(), "dropped_fraction": r.last_dropped,
-                         "aux": r.last_aux.item(), "z": r.last_z.item()}
+            out[name] = {
+                "tokens_per_expert": r.last_load.tolist(),
+                "dropped_fraction": r.last_dropped,
+                "aux": r.last_aux.item(),
+                "z": r.last_z.item(),
+            }
     return out
 
 
@@ -344,8 +350,12 @@ def update_balance_bias(model: nn.Module, reduce_load: Callable[[Tensor], Tensor
     routers = [m.gate for m in moe_layers(model) if m.settings.bias_balancing]
     if not routers:
         return
-    loads = [r.load_since_update if r.load_since_update is not None
-             else torch.zeros(r.settings.num_experts, dtype=torch.int64, device=r.weight.device) for r in routers]
+    loads = [
+        r.load_since_update
+        if r.load_since_update is not None
+        else torch.zeros(r.settings.num_experts, dtype=torch.int64, device=r.weight.device)
+        for r in routers
+    ]
     total = torch.cat(loads).to(torch.float64)
     if reduce_load is not None:
         total = reduce_load(total)

@@ -21,8 +21,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
-from meshweave.models.family import family_of
 from meshweave.lowcomm.replicas import replica_mode
+from meshweave.models.family import family_of
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 
 MIXED_PRECISION = {
@@ -31,9 +31,15 @@ MIXED_PRECISION = {
 }
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, mixed_precision: str,
-               roots: list[nn.Module] | None = None, across_replicas: bool = True,
-               ignored: list[nn.Parameter] | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh: ParallelMesh,
+    mixed_precision: str,
+    roots: list[nn.Module] | None = None,
+    across_replicas: bool = True,
+    ignored: list[nn.Parameter] | None = None,
+) -> None:
     """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across.
 
     Each decoder layer is one FSDP unit; ``roots`` (default: ``model``) take the rest — a
@@ -72,8 +78,9 @@ def fsdp_inside_replicas(dims: ParallelDims, cfg: Config) -> bool:
     return dims.dp_shard > 1 or (replica_mode(cfg) != "dp" and dims.cp > 1)
 
 
-def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
-                       overlap: bool) -> GradientReducer | None:
+def replicated_reducer(
+    model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config, overlap: bool
+) -> GradientReducer | None:
     """The bucketed all-reduce for replicated data parallelism, or ``None`` when FSDP or a
     single replica owns the reduction. With 1-bit Adam it reduces across replicas only (the
     optimizer's warm-up; the trainer stops calling it once the momentum goes compressed); with
@@ -84,10 +91,13 @@ def replicated_reducer(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh,
         if mode == "diloco" or dims.dp_replicate == 1:
             return None
         fsdp = fsdp_inside_replicas(dims, cfg)  # FSDP writes its grads outside autograd's hooks
-        return GradientReducer(model.parameters(), mesh.group("dp_replicate"),
-                               bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap and not fsdp)
+        return GradientReducer(
+            model.parameters(),
+            mesh.group("dp_replicate"),
+            bucket_bytes=int(cfg.comm.bucket_mb * 2**20),
+            overlap=overlap and not fsdp,
+        )
     if dims.dp_shard > 1 or dims.dp_replicate * dims.cp == 1:
         return None
     group = mesh.group("dp_cp" if dims.cp > 1 else "dp_replicate")
-    return GradientReducer(model.parameters(), group,
-                           bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap)
+    return GradientReducer(model.parameters(), group, bucket_bytes=int(cfg.comm.bucket_mb * 2**20), overlap=overlap)

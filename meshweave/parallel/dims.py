@@ -65,7 +65,7 @@ class ParallelDims:
         """Ranks of the FSDP dim holding the same experts (``dp_shard * cp / ep``)."""
         return self.dp_shard * self.cp // self.ep
 
-    def build_mesh(self, device_type: str) -> "ParallelMesh":
+    def build_mesh(self, device_type: str) -> ParallelMesh:
         """The job's DeviceMesh with every named dim plus the flattened ``dp`` (and ``dp_cp``,
         ``dp_shard_cp`` with cp > 1; ``ep``, ``edp`` with ep > 1). Collective."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -101,15 +101,15 @@ class ParallelDims:
 class ParallelMesh:
     """The root mesh plus flattened dims, addressed by name: ``mesh["tp"]``, ``mesh["dp"]``."""
 
-    root: "DeviceMesh"
-    flattened: dict[str, "DeviceMesh"]
+    root: DeviceMesh
+    flattened: dict[str, DeviceMesh]
 
-    def __getitem__(self, name: str | tuple[str, ...]) -> "DeviceMesh":
+    def __getitem__(self, name: str | tuple[str, ...]) -> DeviceMesh:
         if isinstance(name, str) and name in self.flattened:
             return self.flattened[name]
         return self.root[name]  # torch resolves flattened names inside tuples too
 
-    def group(self, name: str) -> "CommGroup":
+    def group(self, name: str) -> CommGroup:
         """The comm-layer group of one named (or flattened) dim."""
         from meshweave.comm.ops import CommGroup
 
@@ -135,29 +135,47 @@ def _check_context_parallel(cfg: Config) -> None:
     """The sequence and head counts split as the chosen CP method needs (layout.py, ulysses.py)."""
     p, m, seq = cfg.parallel, cfg.model, cfg.train.seq_len
     require(p.ulysses >= 0, "parallel.ulysses", f"must be >= 0 (0: automatic), got {p.ulysses}")
-    require(not p.ulysses or p.cp_method == "hybrid", "parallel.ulysses",
-            f"{p.ulysses} only applies to parallel.cp_method=hybrid (cp_method={p.cp_method} uses all "
-            f"{p.cp} CP ranks one way); drop it or use hybrid")
+    require(
+        not p.ulysses or p.cp_method == "hybrid",
+        "parallel.ulysses",
+        f"{p.ulysses} only applies to parallel.cp_method=hybrid (cp_method={p.cp_method} uses all "
+        f"{p.cp} CP ranks one way); drop it or use hybrid",
+    )
     if p.cp == 1:
         return
     ulysses = {"ulysses": p.cp, "ring": 1, "tokenring": 1}.get(p.cp_method) or p.ulysses or default_ulysses_degree(p.cp)
-    require(p.cp % ulysses == 0, "parallel.ulysses",
-            f"{ulysses} does not divide parallel.cp={p.cp} (choose one of {divisors(p.cp)})")
+    require(
+        p.cp % ulysses == 0,
+        "parallel.ulysses",
+        f"{ulysses} does not divide parallel.cp={p.cp} (choose one of {divisors(p.cp)})",
+    )
     chunks = p.cp if p.cp_method == "ulysses" else 2 * p.cp
     how = "pieces" if p.cp_method == "ulysses" else "zigzag chunks (2 x cp, for causal load balance)"
-    require(seq % chunks == 0, "train.seq_len",
-            f"{seq} does not split for cp={p.cp} with cp_method={p.cp_method}: it is cut into {chunks} "
-            f"{how}, so use a multiple of {chunks}")
-    require((seq // p.cp) % p.tp == 0, "train.seq_len",
-            f"each CP rank's {seq // p.cp} tokens are sharded again by tp={p.tp} (sequence parallelism): "
-            f"use a multiple of {p.cp * p.tp}")
+    require(
+        seq % chunks == 0,
+        "train.seq_len",
+        f"{seq} does not split for cp={p.cp} with cp_method={p.cp_method}: it is cut into {chunks} "
+        f"{how}, so use a multiple of {chunks}",
+    )
+    require(
+        (seq // p.cp) % p.tp == 0,
+        "train.seq_len",
+        f"each CP rank's {seq // p.cp} tokens are sharded again by tp={p.tp} (sequence parallelism): "
+        f"use a multiple of {p.cp * p.tp}",
+    )
     if ulysses > 1 and m.n_heads % p.tp == 0 and m.n_kv_heads % p.tp == 0:
         heads, kv = m.n_heads // p.tp, m.n_kv_heads // p.tp
-        require(heads % ulysses == 0, "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
-                f"Ulysses degree {ulysses} does not divide the {heads} attention heads per tp rank "
-                f"(choose a degree in {divisors(heads)}, or cp_method=ring)")
-        require(kv % ulysses == 0 or ulysses % kv == 0, "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
-                f"Ulysses degree {ulysses} neither divides nor is a multiple of the {kv} KV heads per tp rank")
+        require(
+            heads % ulysses == 0,
+            "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
+            f"Ulysses degree {ulysses} does not divide the {heads} attention heads per tp rank "
+            f"(choose a degree in {divisors(heads)}, or cp_method=ring)",
+        )
+        require(
+            kv % ulysses == 0 or ulysses % kv == 0,
+            "parallel.cp" if p.cp_method == "ulysses" else "parallel.ulysses",
+            f"Ulysses degree {ulysses} neither divides nor is a multiple of the {kv} KV heads per tp rank",
+        )
 
 
 def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
@@ -173,37 +191,60 @@ def resolve_degrees(cfg: Config, world_size: int) -> ParallelDims:
 
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         size = getattr(m, key)
-        require(size % p.tp == 0, "parallel.tp",
-                f"tp={p.tp} does not divide model.{key}={size} (choose tp in {_tp_choices(m, t.seq_len)})")
-    require(t.seq_len % p.tp == 0, "parallel.tp",
-            f"tp={p.tp} does not divide train.seq_len={t.seq_len}: sequence parallelism shards the "
-            f"sequence (use a seq_len that is a multiple of {p.tp})")
+        require(
+            size % p.tp == 0,
+            "parallel.tp",
+            f"tp={p.tp} does not divide model.{key}={size} (choose tp in {_tp_choices(m, t.seq_len)})",
+        )
+    require(
+        t.seq_len % p.tp == 0,
+        "parallel.tp",
+        f"tp={p.tp} does not divide train.seq_len={t.seq_len}: sequence parallelism shards the "
+        f"sequence (use a seq_len that is a multiple of {p.tp})",
+    )
 
     others = p.dp_replicate * p.tp * p.cp * p.pp
     if p.dp_shard == -1:
-        require(world_size % others == 0, "parallel",
-                f"dp_replicate*tp*cp*pp={others} does not divide the world size {world_size} "
-                f"(choose degrees whose product divides {world_size})")
+        require(
+            world_size % others == 0,
+            "parallel",
+            f"dp_replicate*tp*cp*pp={others} does not divide the world size {world_size} "
+            f"(choose degrees whose product divides {world_size})",
+        )
         p.dp_shard = world_size // others
     total = others * p.dp_shard
-    require(total == world_size, "parallel",
-            f"dp_replicate*dp_shard*tp*cp*pp={total} but the world size is {world_size} "
-            "(make the product equal the number of processes, or set parallel.dp_shard=-1)")
+    require(
+        total == world_size,
+        "parallel",
+        f"dp_replicate*dp_shard*tp*cp*pp={total} but the world size is {world_size} "
+        "(make the product equal the number of processes, or set parallel.dp_shard=-1)",
+    )
 
     dp = p.dp_replicate * p.dp_shard
-    require(t.global_batch % dp == 0, "train.global_batch",
-            f"{t.global_batch} is not divisible by the data-parallel degree {dp} (use a multiple of {dp})")
+    require(
+        t.global_batch % dp == 0,
+        "train.global_batch",
+        f"{t.global_batch} is not divisible by the data-parallel degree {dp} (use a multiple of {dp})",
+    )
     if t.micro_batch:
         per_rank = t.global_batch // dp
-        require(per_rank % t.micro_batch == 0, "train.micro_batch",
-                f"{t.micro_batch} does not divide the per-rank batch {per_rank} "
-                f"(choose one of {divisors(per_rank)})")
-    require(p.pp_virtual_stages >= 0 and p.pp_microbatches >= 0, "parallel.pp_microbatches",
-            "pp_microbatches and pp_virtual_stages must be >= 0 (0: automatic)")
+        require(
+            per_rank % t.micro_batch == 0,
+            "train.micro_batch",
+            f"{t.micro_batch} does not divide the per-rank batch {per_rank} (choose one of {divisors(per_rank)})",
+        )
+    require(
+        p.pp_virtual_stages >= 0 and p.pp_microbatches >= 0,
+        "parallel.pp_microbatches",
+        "pp_microbatches and pp_virtual_stages must be >= 0 (0: automatic)",
+    )
     check_pipeline(cfg, t.global_batch // dp)
-    require(p.mixed_precision == "none" or p.dp_shard > 1, "parallel.mixed_precision",
-            f"{p.mixed_precision} parameters need FSDP (parallel.dp_shard > 1); "
-            "for autocast without FSDP use train.dtype=bf16")
+    require(
+        p.mixed_precision == "none" or p.dp_shard > 1,
+        "parallel.mixed_precision",
+        f"{p.mixed_precision} parameters need FSDP (parallel.dp_shard > 1); "
+        "for autocast without FSDP use train.dtype=bf16",
+    )
     _check_expert_parallel(cfg)
     return ParallelDims(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
 
@@ -213,23 +254,40 @@ def _check_expert_parallel(cfg: Config) -> None:
     p, experts = cfg.parallel, cfg.moe.num_experts
     if p.ep == 1:
         return
-    require(experts > 0, "parallel.ep",
-            f"{p.ep} asks for expert parallelism but the model has no MoE layers "
-            "(set moe.num_experts > 0, or parallel.ep=1)")
-    require(experts % p.ep == 0, "parallel.ep",
-            f"ep={p.ep} does not divide moe.num_experts={experts} (choose ep in {divisors(experts)})")
+    require(
+        experts > 0,
+        "parallel.ep",
+        f"{p.ep} asks for expert parallelism but the model has no MoE layers "
+        "(set moe.num_experts > 0, or parallel.ep=1)",
+    )
+    require(
+        experts % p.ep == 0,
+        "parallel.ep",
+        f"ep={p.ep} does not divide moe.num_experts={experts} (choose ep in {divisors(experts)})",
+    )
     shard = p.dp_shard * p.cp
-    require(shard % p.ep == 0, "parallel.ep",
-            f"ep={p.ep} does not divide dp_shard*cp={shard}: expert parallelism borrows its ranks from "
-            f"dp_shard x cp (choose ep in {divisors(shard)})")
-    require(p.dp_shard > 1, "parallel.ep",
-            f"ep={p.ep} needs FSDP (parallel.dp_shard > 1): expert weights are kept as FSDP shards "
-            "beside the dense ones")
-    require(p.pp == 1 or p.pp_schedule not in ("interleaved_zb", "zbv"), "parallel.pp_schedule",
-            f"{p.pp_schedule} with ep={p.ep} is not verified: zero-bubble schedules split backward into "
-            "input- and weight-gradient passes around the experts' all-to-alls (use gpipe, 1f1b or "
-            "interleaved_1f1b, or ep=1)")
-    require(experts % shard == 0, "parallel.ep",
-            f"ep={p.ep}: each rank stores 1/(dp_shard*cp) of every expert tensor (its ep block, "
-            f"FSDP-sharded over the {shard // p.ep} ranks holding the same experts), so dp_shard*cp={shard} "
-            f"must divide moe.num_experts={experts} (use fewer dp_shard x cp ranks, or more experts)")
+    require(
+        shard % p.ep == 0,
+        "parallel.ep",
+        f"ep={p.ep} does not divide dp_shard*cp={shard}: expert parallelism borrows its ranks from "
+        f"dp_shard x cp (choose ep in {divisors(shard)})",
+    )
+    require(
+        p.dp_shard > 1,
+        "parallel.ep",
+        f"ep={p.ep} needs FSDP (parallel.dp_shard > 1): expert weights are kept as FSDP shards beside the dense ones",
+    )
+    require(
+        p.pp == 1 or p.pp_schedule not in ("interleaved_zb", "zbv"),
+        "parallel.pp_schedule",
+        f"{p.pp_schedule} with ep={p.ep} is not verified: zero-bubble schedules split backward into "
+        "input- and weight-gradient passes around the experts' all-to-alls (use gpipe, 1f1b or "
+        "interleaved_1f1b, or ep=1)",
+    )
+    require(
+        experts % shard == 0,
+        "parallel.ep",
+        f"ep={p.ep}: each rank stores 1/(dp_shard*cp) of every expert tensor (its ep block, "
+        f"FSDP-sharded over the {shard // p.ep} ranks holding the same experts), so dp_shard*cp={shard} "
+        f"must divide moe.num_experts={experts} (use fewer dp_shard x cp ranks, or more experts)",
+    )

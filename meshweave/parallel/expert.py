@@ -64,7 +64,7 @@ duration of each forward, activation-checkpoint recomputation included.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -94,12 +94,14 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: CommGroup, out_splits: list[int], in_splits: list[int],
-                handles: list[Handle] | None) -> Tensor:
+    def forward(
+        ctx, x: Tensor, group: CommGroup, out_splits: list[int], in_splits: list[int], handles: list[Handle] | None
+    ) -> Tensor:
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        h = ops.all_to_all_single(out, x.contiguous(), group, out_splits=out_splits, in_splits=in_splits,
-                                  async_op=handles is not None)
+        h = ops.all_to_all_single(
+            out, x.contiguous(), group, out_splits=out_splits, in_splits=in_splits, async_op=handles is not None
+        )
         if handles is not None:
             handles.append(h)
         return out
@@ -107,8 +109,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         back = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        ops.all_to_all_single(back, grad.contiguous(), ctx.group, out_splits=ctx.in_splits,
-                              in_splits=ctx.out_splits)
+        ops.all_to_all_single(back, grad.contiguous(), ctx.group, out_splits=ctx.in_splits, in_splits=ctx.out_splits)
         return back, None, None, None, None
 
 
@@ -145,8 +146,14 @@ class ExpertParallel:
         per_rank = moe.experts.num_experts // self.group.size
         moe.experts.keep(self.group.rank * per_rank, per_rank)
 
-    def dispatch(self, tokens: Tensor, expert_idx: Tensor, weights: Tensor, experts: Experts,
-                 overlap: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+    def dispatch(
+        self,
+        tokens: Tensor,
+        expert_idx: Tensor,
+        weights: Tensor,
+        experts: Experts,
+        overlap: Callable[[], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """The expert-parallel :data:`~meshweave.models.moe.DispatchOp` (collective over the group).
 
         ``expert_idx`` holds global ids (-1 = dropped); ``experts`` must have been sharded by
@@ -257,8 +264,9 @@ class _GatherBlock(torch.autograd.Function):
     reduce-scatter over ``edp`` in the slice's dtype, then all-reduce over ``replicate``."""
 
     @staticmethod
-    def forward(ctx, piece: torch.Tensor, edp: CommGroup, replicate: CommGroup | None,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx, piece: torch.Tensor, edp: CommGroup, replicate: CommGroup | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         ctx.edp, ctx.replicate, ctx.dtype = edp, replicate, piece.dtype
         src = piece.to(dtype).contiguous()
         block = src.new_empty((edp.size * src.shape[0], *src.shape[1:]))
@@ -275,8 +283,14 @@ class _GatherBlock(torch.autograd.Function):
         return piece, None, None, None
 
 
-def shard_expert_weights(model: nn.Module, mesh: DeviceMesh, placements: Sequence[Placement], edp: CommGroup,
-                         replicate: CommGroup | None, compute_dtype: torch.dtype | None) -> list[nn.Parameter]:
+def shard_expert_weights(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    placements: Sequence[Placement],
+    edp: CommGroup,
+    replicate: CommGroup | None,
+    compute_dtype: torch.dtype | None,
+) -> list[nn.Parameter]:
     """Turn the expert blocks left by :func:`bind` into dim-0 shards of the full tensors on the
     FSDP ``mesh`` (``placements``: ``Shard(0)`` on the FSDP dim, ``Replicate`` elsewhere); call
     on the meta model. Returns the parameters, which FSDP must ignore.
@@ -293,9 +307,12 @@ def shard_expert_weights(model: nn.Module, mesh: DeviceMesh, placements: Sequenc
             w = sub.weight
             full = torch.Size((experts.num_experts, *w.shape[1:]))
             piece = torch.empty((slice_rows, *w.shape[1:]), dtype=w.dtype, device="meta")
-            sub.weight = nn.Parameter(DTensor.from_local(piece, mesh, placements, shape=full,
-                                                         stride=torch.empty(full, device="meta").stride()),
-                                      requires_grad=w.requires_grad)
+            sub.weight = nn.Parameter(
+                DTensor.from_local(
+                    piece, mesh, placements, shape=full, stride=torch.empty(full, device="meta").stride()
+                ),
+                requires_grad=w.requires_grad,
+            )
             dtype = compute_dtype or w.dtype
             gathers[id(sub)] = lambda p, dtype=dtype: _GatherBlock.apply(p.to_local(), edp, replicate, dtype)
             params.append(sub.weight)
@@ -318,6 +335,7 @@ def balance_experts(model: nn.Module, group: CommGroup) -> None:
     """Aux-loss-free balancing after an optimizer step: :func:`update_balance_bias` with the
     routers' loads summed over ``group`` (every rank routing different tokens: dp x cp), so all
     ranks move their biases alike. Collective over ``group`` when the model balances by bias."""
+
     def summed(load: torch.Tensor) -> torch.Tensor:
         ops.all_reduce(load, group)
         return load

@@ -38,8 +38,9 @@ def context_parallel(dims: ParallelDims, mesh: ParallelMesh, cfg: Config) -> Con
     return ContextParallel(mesh.group("cp"), p.cp_method, ulysses_degree=p.ulysses or None, inner=p.cp_inner)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config,
-                device: torch.device, loss_fn: LossFn) -> ParallelRuntime:
+def parallelize(
+    model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: Config, device: torch.device, loss_fn: LossFn
+) -> ParallelRuntime:
     """Split ``model`` (on meta) for this rank, materialise and initialise it on ``device``, and
     return the runtime the training loop drives.
 
@@ -58,8 +59,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cfg: C
         root.checkpoint_layers = cfg.parallel.activation_checkpointing
     apart = replica_mode(cfg) != "dp"
     if fsdp_inside_replicas(dims, cfg):
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart,
-                   ignored=experts)
+        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart, ignored=experts)
     materialize(model, device, cfg.train.seed)
     set_aux_loss_scale(model, aux_loss_scale(dims, cfg))
     _set_positions([model, *roots], cp, pipeline is not None, cfg.train.seq_len, device)
@@ -80,12 +80,19 @@ def replica_exchange(cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model:
     if mode == "diloco":
         # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
         diloco = StreamingDiLoCo(model, mesh.group("dp_replicate"), cfg.comm.diloco, agree=CommGroup.world())
-    return ReplicaExchange(mode, mesh.group("dp_replicate"), mesh["dp_replicate"].get_local_rank(),
-                           everyone=mesh.group(dims.loss_dim), inside=mesh.group(dims.shard_dim), diloco=diloco)
+    return ReplicaExchange(
+        mode,
+        mesh.group("dp_replicate"),
+        mesh["dp_replicate"].get_local_rank(),
+        everyone=mesh.group(dims.loss_dim),
+        inside=mesh.group(dims.shard_dim),
+        diloco=diloco,
+    )
 
 
-def _set_positions(modules: list[nn.Module], cp: ContextParallel | None, pipelined: bool, seq_len: int,
-                   device: torch.device) -> None:
+def _set_positions(
+    modules: list[nn.Module], cp: ContextParallel | None, pipelined: bool, seq_len: int, device: torch.device
+) -> None:
     """Give every model (or stage) the global RoPE positions of the tokens it sees: a CP shard,
     and for pipeline stages (whose input is hidden states) the whole sequence."""
     if cp is None and not pipelined:
@@ -111,9 +118,14 @@ def expert_parallel(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cf
         dp_mesh = DeviceMesh._concatenate([dp_mesh, mesh["tp"]])
         placements.append(Replicate())
     policy = MIXED_PRECISION[cfg.parallel.mixed_precision]
-    return shard_expert_weights(model, dp_mesh, placements, mesh.group("edp"),
-                                mesh.group("dp_replicate") if hsdp else None,
-                                policy.param_dtype if policy is not None else None)
+    return shard_expert_weights(
+        model,
+        dp_mesh,
+        placements,
+        mesh.group("edp"),
+        mesh.group("dp_replicate") if hsdp else None,
+        policy.param_dtype if policy is not None else None,
+    )
 
 
 def aux_loss_scale(dims: ParallelDims, cfg: Config) -> float:

@@ -21,8 +21,8 @@ stages' squares over the pipeline group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ from torch import nn
 from meshweave.config import Config
 from meshweave.models.family import ModelFamily, family_of
 from meshweave.parallel.stages import MULTI_STAGE, microbatches, parse_layers, split_layers, stage_ids, stages_per_rank
-
 
 # --------------------------------------------------------------------------------------------
 # building this rank's stages
@@ -59,8 +58,11 @@ def split_model(model: nn.Module, cfg: Config, pp_rank: int) -> PipelineParts:
     p = cfg.parallel
     per_rank = stages_per_rank(cfg)
     n_stages = p.pp * per_rank
-    layers = (parse_layers(p.pp_layers, cfg.model.n_layers, n_stages) if p.pp_layers
-              else split_layers(cfg.model, cfg.train.seq_len, n_stages))
+    layers = (
+        parse_layers(p.pp_layers, cfg.model.n_layers, n_stages)
+        if p.pp_layers
+        else split_layers(cfg.model, cfg.train.seq_len, n_stages)
+    )
     ids = stage_ids(pp_rank, p.pp, per_rank, p.pp_schedule)
     family = family_of(model)
     stages = [_stage_view(model, family, layers[i], first=i == 0, last=i == n_stages - 1) for i in ids]
@@ -89,14 +91,22 @@ def _stage_view(model: nn.Module, family: ModelFamily, block_ids: list[int], fir
     return stage
 
 
-def build_schedule(parts: PipelineParts, cfg: Config, pp_group: torch.distributed.ProcessGroup,
-                   device: torch.device, loss_fn: Callable) -> object:
+def build_schedule(
+    parts: PipelineParts, cfg: Config, pp_group: torch.distributed.ProcessGroup, device: torch.device, loss_fn: Callable
+) -> object:
     """torch's schedule for ``parallel.pp_schedule`` over this rank's (materialised) stages."""
     from torch.distributed import pipelining as pl
 
-    stages = [pl.PipelineStage(module, i, parts.n_stages, device, group=pp_group)
-              for module, i in zip(parts.stages, parts.stage_ids)]
-    kind = {"gpipe": pl.ScheduleGPipe, "1f1b": pl.Schedule1F1B, "interleaved_1f1b": pl.ScheduleInterleaved1F1B,
-            "interleaved_zb": pl.ScheduleInterleavedZeroBubble, "zbv": pl.ScheduleZBVZeroBubble}[cfg.parallel.pp_schedule]
+    stages = [
+        pl.PipelineStage(module, i, parts.n_stages, device, group=pp_group)
+        for module, i in zip(parts.stages, parts.stage_ids)
+    ]
+    kind = {
+        "gpipe": pl.ScheduleGPipe,
+        "1f1b": pl.Schedule1F1B,
+        "interleaved_1f1b": pl.ScheduleInterleaved1F1B,
+        "interleaved_zb": pl.ScheduleInterleavedZeroBubble,
+        "zbv": pl.ScheduleZBVZeroBubble,
+    }[cfg.parallel.pp_schedule]
     first = stages if cfg.parallel.pp_schedule in MULTI_STAGE else stages[0]
     return kind(first, n_microbatches=microbatches(cfg), loss_fn=loss_fn, scale_grads=False)

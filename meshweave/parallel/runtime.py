@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,10 +51,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels
 class ParallelRuntime:
     """One rank's layout at run time (built by ``parallelize``; see the module docstring)."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, mesh: ParallelMesh, device: torch.device,
-                 model: nn.Module, loss_fn: LossFn, cp: ContextParallel | None,
-                 pipeline: PipelineParts | None, schedule: Any, reducer: GradientReducer | None,
-                 replicas: ReplicaExchange) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        dims: ParallelDims,
+        mesh: ParallelMesh,
+        device: torch.device,
+        model: nn.Module,
+        loss_fn: LossFn,
+        cp: ContextParallel | None,
+        pipeline: PipelineParts | None,
+        schedule: Any,
+        reducer: GradientReducer | None,
+        replicas: ReplicaExchange,
+    ) -> None:
         self.cfg, self.dims, self.mesh, self.device = cfg, dims, mesh, device
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -92,7 +103,7 @@ class ParallelRuntime:
         returns the step's loss (the mean token loss; the replicas' mean while they are apart)."""
         apart = self._apart = self.replicas.apart  # 1-bit Adam's step may flip it: report what this step did
         if self.schedule is not None:
-            (inputs, labels), = batch
+            ((inputs, labels),) = batch
             loss_sum = self._pipeline_pass(inputs, labels, train=True, scale=1.0 / max(global_tokens, 1.0))
         else:
             loss_sum = 0.0
@@ -207,8 +218,11 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, pp_group: CommGr
     over the job.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = (torch.nn.utils.get_total_norm(grads, foreach=True) if grads
-            else torch.zeros((), device=params[0].device if params else None))  # a stage may hold no grads
+    norm = (
+        torch.nn.utils.get_total_norm(grads, foreach=True)
+        if grads
+        else torch.zeros((), device=params[0].device if params else None)
+    )  # a stage may hold no grads
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     if pp_group is not None:

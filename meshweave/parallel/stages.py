@@ -19,8 +19,6 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
 MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb", "zbv")
 
 
-
-
 def stages_per_rank(cfg: Config) -> int:
     """Virtual stages each rank holds: ``parallel.pp_virtual_stages`` or the schedule's need."""
     p = cfg.parallel
@@ -83,10 +81,16 @@ def parse_layers(spec: str, n_layers: int, n_stages: int) -> list[list[int]]:
             raise ConfigError(f"parallel.pp_layers: {part!r} is not a layer range like 0-3") from None
         stages.append(list(range(lo, hi + 1)))
     flat = [i for s in stages for i in s]
-    require(len(stages) == n_stages, "parallel.pp_layers",
-            f"lists {len(stages)} stages but pp x virtual stages = {n_stages}")
-    require(flat == list(range(n_layers)) and all(stages), "parallel.pp_layers",
-            f"{spec!r} must cover layers 0..{n_layers - 1} in order, each stage non-empty")
+    require(
+        len(stages) == n_stages,
+        "parallel.pp_layers",
+        f"lists {len(stages)} stages but pp x virtual stages = {n_stages}",
+    )
+    require(
+        flat == list(range(n_layers)) and all(stages),
+        "parallel.pp_layers",
+        f"{spec!r} must cover layers 0..{n_layers - 1} in order, each stage non-empty",
+    )
     return stages
 
 
@@ -97,38 +101,68 @@ def check_pipeline(cfg: Config, per_rank_batch: int) -> None:
     if p.pp == 1:
         return
     n_stages = p.pp * stages_per_rank(cfg)
-    require(p.pp_schedule != "zbv" or stages_per_rank(cfg) == 2, "parallel.pp_virtual_stages",
-            "zbv runs exactly 2 stages per rank (a V); set parallel.pp_virtual_stages=2")
-    require(p.pp_schedule in MULTI_STAGE or p.pp_virtual_stages in (0, 1), "parallel.pp_virtual_stages",
-            f"{p.pp_schedule} runs one stage per rank; use interleaved_1f1b, interleaved_zb or zbv for virtual stages")
-    require(m.n_layers >= n_stages, "model.n_layers",
-            f"{m.n_layers} layers do not split into {n_stages} pipeline stages (pp={p.pp} x "
-            f"{stages_per_rank(cfg)} per rank): every stage needs at least one layer")
+    require(
+        p.pp_schedule != "zbv" or stages_per_rank(cfg) == 2,
+        "parallel.pp_virtual_stages",
+        "zbv runs exactly 2 stages per rank (a V); set parallel.pp_virtual_stages=2",
+    )
+    require(
+        p.pp_schedule in MULTI_STAGE or p.pp_virtual_stages in (0, 1),
+        "parallel.pp_virtual_stages",
+        f"{p.pp_schedule} runs one stage per rank; use interleaved_1f1b, interleaved_zb or zbv for virtual stages",
+    )
+    require(
+        m.n_layers >= n_stages,
+        "model.n_layers",
+        f"{m.n_layers} layers do not split into {n_stages} pipeline stages (pp={p.pp} x "
+        f"{stages_per_rank(cfg)} per rank): every stage needs at least one layer",
+    )
     if p.pp_layers:
         parse_layers(p.pp_layers, m.n_layers, n_stages)
-    require(not m.tie_embeddings, "model.tie_embeddings",
-            "tied embeddings put one weight on the first and the last stage; untie them for pp > 1")
+    require(
+        not m.tie_embeddings,
+        "model.tie_embeddings",
+        "tied embeddings put one weight on the first and the last stage; untie them for pp > 1",
+    )
     mb = microbatches(cfg)
-    require(per_rank_batch % mb == 0, "parallel.pp_microbatches",
-            f"{mb} does not divide the per-rank batch of {per_rank_batch} sequences (choose a divisor)")
+    require(
+        per_rank_batch % mb == 0,
+        "parallel.pp_microbatches",
+        f"{mb} does not divide the per-rank batch of {per_rank_batch} sequences (choose a divisor)",
+    )
     if p.pp_schedule != "gpipe":
-        require(mb >= n_stages if p.pp_schedule == "zbv" else mb >= p.pp, "parallel.pp_microbatches",
-                f"{p.pp_schedule} needs at least {n_stages if p.pp_schedule == 'zbv' else p.pp} microbatches "
-                f"to fill the pipeline, got {mb}")
+        require(
+            mb >= n_stages if p.pp_schedule == "zbv" else mb >= p.pp,
+            "parallel.pp_microbatches",
+            f"{p.pp_schedule} needs at least {n_stages if p.pp_schedule == 'zbv' else p.pp} microbatches "
+            f"to fill the pipeline, got {mb}",
+        )
     if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
-        require(mb % p.pp == 0, "parallel.pp_microbatches",
-                f"{p.pp_schedule} runs microbatches in rounds of pp={p.pp}: use a multiple of {p.pp}, got {mb}")
-    require(not cfg.train.micro_batch or cfg.train.micro_batch * mb == per_rank_batch, "train.micro_batch",
-            f"with pp > 1 the pipeline cuts the per-rank batch of {per_rank_batch} into parallel.pp_microbatches="
-            f"{mb} microbatches of {per_rank_batch // mb}; set train.micro_batch to that or leave it 0")
-    require(p.pp_schedule not in ("interleaved_zb", "zbv") or p.dp_shard == 1, "parallel.pp_schedule",
-            f"the zero-bubble schedule {p.pp_schedule} splits backward into input and weight gradients, and "
-            f"FSDP (dp_shard={p.dp_shard}) "
-            "reduce-scatters before the weight half has run (losses drift by ~1e-3); use interleaved_1f1b "
-            "with dp_shard > 1, or dp_replicate for data parallelism")
-    require(p.pp_schedule != "zbv" or not cfg.train.eval_interval, "train.eval_interval",
-            "zbv cannot evaluate in torch 2.13 (its eval still runs the V's backward hand-offs); "
-            "use interleaved_zb, or train.eval_interval=0")
+        require(
+            mb % p.pp == 0,
+            "parallel.pp_microbatches",
+            f"{p.pp_schedule} runs microbatches in rounds of pp={p.pp}: use a multiple of {p.pp}, got {mb}",
+        )
+    require(
+        not cfg.train.micro_batch or cfg.train.micro_batch * mb == per_rank_batch,
+        "train.micro_batch",
+        f"with pp > 1 the pipeline cuts the per-rank batch of {per_rank_batch} into parallel.pp_microbatches="
+        f"{mb} microbatches of {per_rank_batch // mb}; set train.micro_batch to that or leave it 0",
+    )
+    require(
+        p.pp_schedule not in ("interleaved_zb", "zbv") or p.dp_shard == 1,
+        "parallel.pp_schedule",
+        f"the zero-bubble schedule {p.pp_schedule} splits backward into input and weight gradients, and "
+        f"FSDP (dp_shard={p.dp_shard}) "
+        "reduce-scatters before the weight half has run (losses drift by ~1e-3); use interleaved_1f1b "
+        "with dp_shard > 1, or dp_replicate for data parallelism",
+    )
+    require(
+        p.pp_schedule != "zbv" or not cfg.train.eval_interval,
+        "train.eval_interval",
+        "zbv cannot evaluate in torch 2.13 (its eval still runs the V's backward hand-offs); "
+        "use interleaved_zb, or train.eval_interval=0",
+    )
 
 
 def microbatches(cfg: Config) -> int:

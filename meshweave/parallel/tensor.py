@@ -25,15 +25,15 @@ length from the replicated input. Divisibility is checked by config validation.
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
     ParallelStyle,
+    PrepareModuleInput,
     PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -65,14 +65,20 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
             raise ValueError(f"replicated_block is for MoE blocks, not {type(module).__name__}")
         _replicate_parameters(module, tp_mesh)
         return PrepareModuleInputOutput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(1),),
+            use_local_output=True,
+        )
     raise ValueError(f"unknown tensor-parallel style {name!r}")
 
 
 def _apply_plan(root: nn.Module, plan: Mapping[str, str], tp_mesh: DeviceMesh) -> None:
-    styles = {path: _style(name, root.get_submodule(path), tp_mesh) for path, name in plan.items()
-              if _present(root, path)}
+    styles = {
+        path: _style(name, root.get_submodule(path), tp_mesh) for path, name in plan.items() if _present(root, path)
+    }
     parallelize_module(root, tp_mesh, styles)
 
 

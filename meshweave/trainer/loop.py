@@ -24,22 +24,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from meshweave.checkpoint.hf import check_init_from, load_initial_weights
+from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup
 from meshweave.config import Config, ConfigError, to_toml
+from meshweave.data.datasets import IGNORE_INDEX, build_datasets
+from meshweave.data.loader import ShardedLoader
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.launch.preemption import StopRequest
+from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
+from meshweave.metrics.sinks import MetricsLogger
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime
-from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
-from meshweave.data.datasets import IGNORE_INDEX, build_datasets
-from meshweave.data.loader import ShardedLoader
-from meshweave.checkpoint.hf import check_init_from, load_initial_weights
-from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
-from meshweave.metrics.sinks import MetricsLogger
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
@@ -62,8 +63,9 @@ class Trainer:
 
         model: Transformer = build_model(cfg.model, moe=cfg.moe)
         self.n_params = num_params(model)
-        self.flops_per_token = model_flops_per_token(num_params(model, exclude_embedding=True),
-                                                     cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len)
+        self.flops_per_token = model_flops_per_token(
+            num_params(model, exclude_embedding=True), cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len
+        )
         self.runtime: ParallelRuntime = parallelize(model, self.dims, self.mesh, cfg, self.device, _token_loss_sum)
         self.model = self.runtime.model
         self.replicas = self.runtime.replicas
@@ -72,8 +74,14 @@ class Trainer:
 
         self.train_set, self.eval_set, _ = build_datasets(cfg.data, cfg.train.seq_len, cfg.train.seed)
         self.dp_group: CommGroup = self.runtime.dp_group
-        self.loader = ShardedLoader(self.train_set, cfg.train.global_batch, self.runtime.micro_batch,
-                                    self.dp_group.rank, self.dp_group.size, cfg.train.seed)
+        self.loader = ShardedLoader(
+            self.train_set,
+            cfg.train.global_batch,
+            self.runtime.micro_batch,
+            self.dp_group.rank,
+            self.dp_group.size,
+            cfg.train.seed,
+        )
 
         self.step = 0
         self.tokens_seen = 0
@@ -81,15 +89,25 @@ class Trainer:
         self.skipped_steps = 0
         self._saved_step = -1
         self.stopped_early = False
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.world,
-                                             checkpoint_info(cfg, self.info.world_size),
-                                             async_save=cfg.checkpoint.async_,
-                                             replica=self.replicas.checkpoint_replica())
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            cfg.checkpoint.keep,
+            self.world,
+            checkpoint_info(cfg, self.info.world_size),
+            async_save=cfg.checkpoint.async_,
+            replica=self.replicas.checkpoint_replica(),
+        )
         self._prepare_run_dir()
         self.peak_tflops = device_peak_tflops(cfg.log.peak_tflops)
         messages = self._start()
-        self.logger = MetricsLogger(str(self.run_dir), cfg.log, cfg.train.steps, self.info.is_rank0,
-                                    dataclasses.asdict(cfg), start_step=self.step)
+        self.logger = MetricsLogger(
+            str(self.run_dir),
+            cfg.log,
+            cfg.train.steps,
+            self.info.is_rank0,
+            dataclasses.asdict(cfg),
+            start_step=self.step,
+        )
         for message in messages:
             self.logger.event(message)
 
@@ -102,9 +120,13 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
 
     def _trainer_state(self) -> dict[str, int | float]:
-        return {"step": self.step, "consumed_samples": self.loader.consumed_samples,
-                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "lr": lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.steps)}
+        return {
+            "step": self.step,
+            "consumed_samples": self.loader.consumed_samples,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "lr": lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.steps),
+        }
 
     def _start(self) -> list[str]:
         """Resume from a checkpoint, or initialise from ``checkpoint.init_from``; returns the
@@ -114,19 +136,24 @@ class Trainer:
         if path is None:
             messages.append(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
             if self.cfg.checkpoint.resume == "none" and self.checkpoints.complete():
-                messages.append(f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
-                                "checkpoints; they are replaced as this run saves")
+                messages.append(
+                    f"warning: checkpoint.resume=none but {self.checkpoints.root} holds "
+                    "checkpoints; they are replaced as this run saves"
+                )
             if self.cfg.checkpoint.init_from:
                 load_initial_weights(self.model, self.cfg)
                 messages.append(f"initialised weights from {self.cfg.checkpoint.init_from}")
             return messages
         saved_replicas = read_manifest(path).get("layout", {}).get("dp_replicate", 1)
         if self.replicas.checkpoint_replica() is not None and saved_replicas != self.dims.dp_replicate:
-            raise CheckpointError(f"{path} holds {saved_replicas} DiLoCo replicas but this run has "
-                                  f"dp_replicate={self.dims.dp_replicate}; resume with the same dp_replicate")
+            raise CheckpointError(
+                f"{path} holds {saved_replicas} DiLoCo replicas but this run has "
+                f"dp_replicate={self.dims.dp_replicate}; resume with the same dp_replicate"
+            )
         extra = self.replicas.checkpoint_extra()
-        state, manifest, rank_local = self.checkpoints.load(path, self.model, self.optimizer,
-                                                            self._trainer_state(), extra)
+        state, manifest, rank_local = self.checkpoints.load(
+            path, self.model, self.optimizer, self._trainer_state(), extra
+        )
         warning = self.replicas.restore(extra, rank_local)
         if warning:
             messages.append(warning)
@@ -139,9 +166,11 @@ class Trainer:
             # Per-rank RNG streams do not map across world sizes: derive fresh ones from the seed,
             # the step and the rank, so the new layout's run is deterministic too.
             torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.step + self.info.rank)
-            messages.append(f"layout changed ({manifest.get('layout')} on {manifest.get('world_size')} ranks "
-                            f"-> {self.dims} on {self.info.world_size}): model and optimizer resharded, "
-                            "RNG streams re-derived from the seed")
+            messages.append(
+                f"layout changed ({manifest.get('layout')} on {manifest.get('world_size')} ranks "
+                f"-> {self.dims} on {self.info.world_size}): model and optimizer resharded, "
+                "RNG streams re-derived from the seed"
+            )
         return messages
 
     # ---------------------------------------------------------------------------------------
@@ -166,13 +195,17 @@ class Trainer:
         else:
             self.bad_steps += 1
             self.skipped_steps += 1
-            self.logger.event(f"step {self.step + 1}: non-finite loss={loss_value} grad_norm={grad_norm}; "
-                              f"step skipped ({self.bad_steps} in a row)")
+            self.logger.event(
+                f"step {self.step + 1}: non-finite loss={loss_value} grad_norm={grad_norm}; "
+                f"step skipped ({self.bad_steps} in a row)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         if self.bad_steps >= self.cfg.train.max_bad_steps:
-            raise NonFiniteLossError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
-                                     f"(last loss={loss_value}); lower optim.lr, check the data, or raise "
-                                     "train.max_bad_steps")
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
+                f"(last loss={loss_value}); lower optim.lr, check the data, or raise "
+                "train.max_bad_steps"
+            )
 
         self.step += 1
         event = runtime.after_step(self.step, last=self.step == self.cfg.train.steps)
@@ -183,8 +216,14 @@ class Trainer:
         self.tokens_seen += step_tokens
         tokens_per_s = step_tokens / step_time
         return {
-            "step": self.step, "time": time.time(), "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-            "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+            "step": self.step,
+            "time": time.time(),
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
             "mfu": mfu(tokens_per_s / self.info.world_size, self.flops_per_token, self.peak_tflops),
             "mem_peak_bytes": peak_memory_bytes(self.device),
             "skipped_steps": self.skipped_steps,
@@ -199,23 +238,38 @@ class Trainer:
         (on DiLoCo's global weights when replicas train apart)."""
         if len(self.eval_set) == 0:
             return None
-        loader = ShardedLoader(self.eval_set, self.cfg.train.global_batch, self.runtime.micro_batch,
-                               self.dp_group.rank, self.dp_group.size, self.cfg.train.seed)
+        loader = ShardedLoader(
+            self.eval_set,
+            self.cfg.train.global_batch,
+            self.runtime.micro_batch,
+            self.dp_group.rank,
+            self.dp_group.size,
+            self.cfg.train.seed,
+        )
         return self.runtime.evaluate(loader.next_batch() for _ in range(self.cfg.train.eval_batches))
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, self._trainer_state(),
-                                     extra=self.replicas.checkpoint_extra(), rank_local=self.replicas.rank_local())
+        path = self.checkpoints.save(
+            self.step,
+            self.model,
+            self.optimizer,
+            self._trainer_state(),
+            extra=self.replicas.checkpoint_extra(),
+            rank_local=self.replicas.rank_local(),
+        )
         self._saved_step = self.step
-        self.logger.event(f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_
-                          else f"saved checkpoint {path}")
+        self.logger.event(
+            f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_ else f"saved checkpoint {path}"
+        )
 
     def _report_async_commit(self) -> None:
         commit = self.checkpoints.last_commit
         if self.cfg.checkpoint.async_ and commit and commit.get("reported") is None:
             commit["reported"] = True
-            self.logger.event(f"checkpoint step-{commit['step']} committed after "
-                              f"{commit['committed_unix'] - commit['started_unix']:.2f}s in the background")
+            self.logger.event(
+                f"checkpoint step-{commit['step']} committed after "
+                f"{commit['committed_unix'] - commit['started_unix']:.2f}s in the background"
+            )
 
     def fit(self) -> list[float]:
         """Train until ``train.steps`` (or ``train.stop_at_step``, or an agreed stop signal);
@@ -229,8 +283,10 @@ class Trainer:
                 losses.append(self._step_and_bookkeep(last))
                 signum = stop.agreed(self.world, self.device)
                 if signum and self.step < last:
-                    self.logger.event(f"stop requested ({signal.Signals(signum).name}) at step {self.step}: "
-                                      "checkpointing and exiting; resume with --checkpoint.resume=auto")
+                    self.logger.event(
+                        f"stop requested ({signal.Signals(signum).name}) at step {self.step}: "
+                        "checkpointing and exiting; resume with --checkpoint.resume=auto"
+                    )
                     self.stopped_early = True
                     break
             if (self.cfg.checkpoint.save_final or self.stopped_early) and self._saved_step != self.step:
@@ -249,8 +305,11 @@ class Trainer:
             # A logged row holds the ledger since the previous logged row (unlogged steps, evals and
             # checkpoints included), so the rows of a run sum to its comm_bytes_total.
             comm_bytes, comm_seconds = LEDGER.take_step()
-            record.update(comm_bytes=comm_bytes, comm_bytes_total=LEDGER.cumulative_bytes(),
-                          comm_seconds={k: round(v, 6) for k, v in comm_seconds.items()})
+            record.update(
+                comm_bytes=comm_bytes,
+                comm_bytes_total=LEDGER.cumulative_bytes(),
+                comm_seconds={k: round(v, 6) for k, v in comm_seconds.items()},
+            )
             self.logger.log(record)
         if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
             self.save_checkpoint()
@@ -288,8 +347,10 @@ def preflight(cfg: Config) -> None:
     else:
         vocab = json.loads((Path(cfg.data.source) / "index.json").read_text())["vocab_size"]
     if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}"
+        )
 
 
 def train(cfg: Config) -> list[float]:

@@ -11,13 +11,14 @@ import math
 import torch
 from torch import nn
 
-from meshweave.lowcomm.onebit import OneBitAdam
 from meshweave.comm.ops import CommGroup
 from meshweave.config import OptimConfig
+from meshweave.lowcomm.onebit import OneBitAdam
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
-                    replicas: CommGroup | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, replicas: CommGroup | None = None
+) -> torch.optim.Optimizer:
     """AdamW (fused where the device supports it), SGD, or 1-bit Adam over ``model``'s trainable
     parameters; 1-bit Adam compresses its momentum exchange over ``replicas`` (dp_replicate).
 
@@ -31,11 +32,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     if cfg.name == "onebit_adam":
-        return OneBitAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                          freeze_step=cfg.freeze_step, group=replicas)
+        return OneBitAdam(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, freeze_step=cfg.freeze_step, group=replicas
+        )
     fused = _use_fused(cfg.fused, device)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def _use_fused(setting: str, device: torch.device) -> bool:

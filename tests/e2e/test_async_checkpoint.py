@@ -1,13 +1,10 @@
 """Async save: training continues while the checkpoint is written; the result equals a sync save."""
 
-import json
-
 import torch
 
-from meshweave.launch.harness import read_metrics
-from tests.parity import losses, train_run
 from meshweave.checkpoint.hf import read_checkpoint
 from meshweave.checkpoint.manager import verify
+from tests.parity import losses, train_run
 
 STEPS, EVERY = 6, 3
 
@@ -15,10 +12,23 @@ STEPS, EVERY = 6, 3
 def test_training_steps_run_while_the_async_save_writes(tmp_path):
     # A ~3M-parameter model: its ~36 MB of weights and Adam moments take tens of ms to write,
     # while the next step starts within a millisecond of save() returning.
-    bigger = ["--model.dim=256", "--model.n_layers=4", "--model.ffn_dim=704", "--model.n_heads=8",
-              "--model.n_kv_heads=4"]
-    records = train_run(tmp_path, 2, *bigger, "--parallel.dp_shard=2", "--checkpoint.async=true",
-                        f"--checkpoint.interval={EVERY}", "--checkpoint.keep=5", steps=STEPS)
+    bigger = [
+        "--model.dim=256",
+        "--model.n_layers=4",
+        "--model.ffn_dim=704",
+        "--model.n_heads=8",
+        "--model.n_kv_heads=4",
+    ]
+    records = train_run(
+        tmp_path,
+        2,
+        *bigger,
+        "--parallel.dp_shard=2",
+        "--checkpoint.async=true",
+        f"--checkpoint.interval={EVERY}",
+        "--checkpoint.keep=5",
+        steps=STEPS,
+    )
     manifest = verify(tmp_path / "checkpoints" / f"step-{EVERY}")
     after = records[EVERY]  # the step right after the save was started
     step_started = after["time"] - after["step_time_s"]

@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from meshweave.launch.harness import read_metrics
-from tests.parity import MESHWEAVE, losses, train_run
 from meshweave.checkpoint.manager import CheckpointError, verify
 from meshweave.checkpoint.safe_load import UnsafeCheckpointError, safe_load_metadata
+from tests.parity import MESHWEAVE, losses, train_run
 
 STEPS = 6
 
@@ -28,8 +27,9 @@ def _largest_shard(ckpt):
 
 def _resume_auto(run_dir):
     """Resume the same schedule from whatever checkpoint auto picks."""
-    return train_run(run_dir, 1, "--checkpoint.resume=auto", "--checkpoint.interval=3", "--checkpoint.keep=3",
-                     steps=STEPS)
+    return train_run(
+        run_dir, 1, "--checkpoint.resume=auto", "--checkpoint.interval=3", "--checkpoint.keep=3", steps=STEPS
+    )
 
 
 def _fallback_event(run_dir):
@@ -87,8 +87,10 @@ def test_save_killed_midway_leaves_previous_checkpoint_loadable(two_checkpoints)
     (partial / "manifest.json").unlink()
     _largest_shard(partial).unlink()
     records = _resume_auto(run_dir)
-    assert "resumed from" in (run_dir / "events.log").read_text() and str(ckpts / "step-3") in \
-        (run_dir / "events.log").read_text()
+    assert (
+        "resumed from" in (run_dir / "events.log").read_text()
+        and str(ckpts / "step-3") in (run_dir / "events.log").read_text()
+    )
     assert losses(records)[3:] == uninterrupted[3:]
     assert not partial.exists()  # the next commit cleans it up
 
@@ -97,11 +99,24 @@ def test_real_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     # SIGKILL the trainer as soon as a save's .tmp directory appears; whatever the timing, the
     # newest loadable checkpoint is a complete one and resume reaches the end.
     args = ["--checkpoint.interval=2", "--checkpoint.keep=5", "--model.dim=128", "--model.ffn_dim=352"]
-    proc = subprocess.Popen([*MESHWEAVE, "train", *args, "--model.n_layers=2",
-                             "--model.n_heads=4", "--model.n_kv_heads=2", "--model.vocab_size=260",
-                             "--train.seq_len=64", "--train.global_batch=8", "--train.steps=40",
-                             "--log.progress=false", f"--out={tmp_path}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            *MESHWEAVE,
+            "train",
+            *args,
+            "--model.n_layers=2",
+            "--model.n_heads=4",
+            "--model.n_kv_heads=2",
+            "--model.vocab_size=260",
+            "--train.seq_len=64",
+            "--train.global_batch=8",
+            "--train.steps=40",
+            "--log.progress=false",
+            f"--out={tmp_path}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "checkpoints"
     try:
         while proc.poll() is None and not list(ckpts.glob("step-4.tmp")):
@@ -119,8 +134,11 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_a_one_line_error(two_checkpo
     run_dir, _ = two_checkpoints
     shard = _largest_shard(run_dir / "checkpoints" / "step-6")
     shard.unlink()
-    proc = subprocess.run([*MESHWEAVE, "train", f"--checkpoint.resume={shard.parent}", f"--out={tmp_path / 'x'}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*MESHWEAVE, "train", f"--checkpoint.resume={shard.parent}", f"--out={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and shard.name in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -3,12 +3,22 @@
 import subprocess
 import sys
 
-from meshweave.launch.harness import read_metrics
-from tests.parity import MESHWEAVE, train_run
 from meshweave.config import load_toml
+from tests.parity import MESHWEAVE, train_run
 
-REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",
-                 "mem_peak_bytes", "comm_bytes", "comm_bytes_total"}
+REQUIRED_KEYS = {
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "step_time_s",
+    "mfu",
+    "mem_peak_bytes",
+    "comm_bytes",
+    "comm_bytes_total",
+}
 
 
 def _meshweave(*args, check=True):
@@ -33,11 +43,18 @@ def test_run_directory_holds_config_metrics_events_and_checkpoint(tmp_path):
 def test_prepared_text_files_train_end_to_end(tmp_path):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * 200)
-    out = _meshweave("data", "prepare", "--input", *[str(tmp_path / f"doc{i}.txt") for i in range(3)],
-                     "--tokenizer", "bytes", "--out", str(tmp_path / "data"))
+    out = _meshweave(
+        "data",
+        "prepare",
+        "--input",
+        *[str(tmp_path / f"doc{i}.txt") for i in range(3)],
+        "--tokenizer",
+        "bytes",
+        "--out",
+        str(tmp_path / "data"),
+    )
     assert "3 documents" in out.stdout
-    records = train_run(tmp_path / "run", 1, f"--data.source={tmp_path / 'data'}", "--data.eval_fraction=0",
-                        steps=3)
+    records = train_run(tmp_path / "run", 1, f"--data.source={tmp_path / 'data'}", "--data.eval_fraction=0", steps=3)
     assert len(records) == 3 and all(r["loss"] > 0 for r in records)
 
 

@@ -24,9 +24,21 @@ pytestmark = pytest.mark.dist
 @pytest.fixture(scope="module")
 def demo_layout_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("console")
-    cmd = [sys.executable, "-m", "meshweave", "run", "--nproc=4", *TINY, f"--out={out}", "--train.steps=12",
-           "--parallel.tp=2", "--parallel.dp_shard=2", "--log.interval=5", "--train.eval_interval=3",
-           "--checkpoint.interval=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshweave",
+        "run",
+        "--nproc=4",
+        *TINY,
+        f"--out={out}",
+        "--train.steps=12",
+        "--parallel.tp=2",
+        "--parallel.dp_shard=2",
+        "--log.interval=5",
+        "--train.eval_interval=3",
+        "--checkpoint.interval=4",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,20 +8,31 @@ import sys
 import threading
 import time
 
-import pytest
-
-from meshweave.launch.harness import read_metrics
-from tests.parity import TINY, losses, kill_workers, train_run, worker_pids
-from meshweave.launch.harness import free_port
+from meshweave.launch.harness import free_port, read_metrics
+from tests.parity import TINY, kill_workers, losses, train_run, worker_pids
 
 STEPS = 40
 
 
 def _torchrun(out, *extra, steps=STEPS, max_restarts=1):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--max-restarts={max_restarts}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "meshweave", "train",
-            *TINY, f"--train.steps={steps}", f"--out={out}", "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m",
+        "meshweave",
+        "train",
+        *TINY,
+        f"--train.steps={steps}",
+        f"--out={out}",
+        "--parallel.dp_replicate=2",
+        "--parallel.dp_shard=1",
+        *extra,
+    ]
 
 
 def _wait_for_step(out, proc, step):
@@ -30,13 +41,15 @@ def _wait_for_step(out, proc, step):
 
 
 def test_kill_9_worker_restarts_and_finishes_with_the_uninterrupted_loss(tmp_path):
-    whole = losses(train_run(tmp_path / "whole", 2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
-                             steps=STEPS))
+    whole = losses(train_run(tmp_path / "whole", 2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1", steps=STEPS))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(out, "--checkpoint.interval=4", "--checkpoint.resume=auto",
-                                      "--checkpoint.keep=20"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        _torchrun(out, "--checkpoint.interval=4", "--checkpoint.resume=auto", "--checkpoint.keep=20"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         _wait_for_step(out, proc, 6)
         os.kill(worker_pids(out)[-1], signal.SIGKILL)
@@ -63,16 +76,20 @@ def _stderr_lines(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
 
 def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
     out = tmp_path / "hung"
-    proc = subprocess.Popen(_torchrun(out, "--comm.timeout_s=5", steps=100_000, max_restarts=0),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        _torchrun(out, "--comm.timeout_s=5", steps=100_000, max_restarts=0),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     stopped = None
     try:
         _wait_for_step(out, proc, 2)
         stopped = worker_pids(out)[-1]
         os.kill(stopped, signal.SIGSTOP)  # alive but silent: the worst kind of failure
         (lines, reader), deadline = _stderr_lines(proc), time.monotonic() + 180
-        while not any("did not complete within" in l for l in lines) and proc.poll() is None:
+        while not any("did not complete within" in text for text in lines) and proc.poll() is None:
             assert time.monotonic() < deadline, "no rank reported the hung collective"
             time.sleep(0.1)
         # The others failed; let the stopped worker take torchrun's SIGTERM now instead of
@@ -90,5 +107,5 @@ def test_hung_rank_fails_the_others_within_the_timeout_naming_the_op(tmp_path):
         kill_workers(out)
     err = "".join(lines)
     assert proc.returncode != 0
-    line = next(l for l in err.splitlines() if "did not complete within" in l)
+    line = next(text for text in err.splitlines() if "did not complete within" in text)
     assert "comm.timeout_s=5s" in line and "all_reduce on mesh dim" in line and line.startswith("meshweave: rank ")

@@ -11,18 +11,27 @@ import subprocess
 import pytest
 import torch
 
-from tests.parity import MESHWEAVE, losses, train_run
-from meshweave.models.llama import build_model
 from meshweave.checkpoint.hf import export_hf, import_hf, read_hf_config, read_model_weights
+from meshweave.models.llama import build_model
+from tests.parity import MESHWEAVE, losses, train_run
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_hf(path, tie=False):
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=260, rms_norm_eps=1e-5, rope_theta=10000.0,
-        max_position_embeddings=256, tie_word_embeddings=tie, initializer_range=0.1)
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=260,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(path, safe_serialization=True)
@@ -64,25 +73,40 @@ def test_export_then_import_is_exact_and_loads_in_transformers(tmp_path):
 
 def test_cli_import_export_and_finetune_from_hf_in_two_layouts(tmp_path):
     _tiny_hf(tmp_path / "hf")
-    shape = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
-             "--model.ffn_dim=160", "--model.vocab_size=260", "--model.norm_eps=1e-05"]
-    out = subprocess.run([*MESHWEAVE, "ckpt", "import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")],
-                         capture_output=True, text=True)
+    shape = [
+        "--model.dim=64",
+        "--model.n_layers=2",
+        "--model.n_heads=4",
+        "--model.n_kv_heads=2",
+        "--model.ffn_dim=160",
+        "--model.vocab_size=260",
+        "--model.norm_eps=1e-05",
+    ]
+    out = subprocess.run(
+        [*MESHWEAVE, "ckpt", "import-hf", str(tmp_path / "hf"), str(tmp_path / "imp")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "imp" / "config.toml").is_file()
     one = losses(train_run(tmp_path / "ft1", 1, *shape, f"--checkpoint.init_from={tmp_path / 'hf'}", steps=2))
-    tp2 = losses(train_run(tmp_path / "ft2", 2, *shape, "--parallel.tp=2",
-                           f"--checkpoint.init_from={tmp_path / 'hf'}", steps=2))
+    tp2 = losses(
+        train_run(tmp_path / "ft2", 2, *shape, "--parallel.tp=2", f"--checkpoint.init_from={tmp_path / 'hf'}", steps=2)
+    )
     scratch = losses(train_run(tmp_path / "scratch", 1, *shape, steps=2))
     assert abs(one[0] - tp2[0]) / one[0] <= 1e-5 and one[0] != scratch[0]
-    exported = subprocess.run([*MESHWEAVE, "ckpt", "export-hf", str(tmp_path / "imp" / "checkpoints" / "step-0"),
-                               str(tmp_path / "exp")], capture_output=True, text=True)
+    exported = subprocess.run(
+        [*MESHWEAVE, "ckpt", "export-hf", str(tmp_path / "imp" / "checkpoints" / "step-0"), str(tmp_path / "exp")],
+        capture_output=True,
+        text=True,
+    )
     assert exported.returncode == 0, exported.stderr
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["num_key_value_heads"] == 2
 
 
 def test_init_from_a_differently_shaped_model_is_a_one_line_error(tmp_path):
     _tiny_hf(tmp_path / "hf")
-    proc = subprocess.run([*MESHWEAVE, "train", f"--checkpoint.init_from={tmp_path / 'hf'}",
-                           f"--out={tmp_path / 'x'}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*MESHWEAVE, "train", f"--checkpoint.init_from={tmp_path / 'hf'}", f"--out={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "model.dim" in proc.stderr and "Traceback" not in proc.stderr

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from meshweave.launch.harness import read_metrics
+from meshweave.launch.harness import free_port, read_metrics
 from tests.parity import TINY, losses, train_run, worker_pids
-from meshweave.launch.harness import free_port
 
 STEPS = 10
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
@@ -42,9 +41,24 @@ def one_node_losses(tmp_path_factory):
 
 
 def _node_command(node_rank: int, master_addr: str, port: int, out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-            "--nproc-per-node=1", f"--master-addr={master_addr}", f"--master-port={port}", "--max-restarts=0",
-            "-m", "meshweave", "train", *TINY, *LAYOUT, f"--train.steps={STEPS}", f"--out={out}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        f"--node-rank={node_rank}",
+        "--nproc-per-node=1",
+        f"--master-addr={master_addr}",
+        f"--master-port={port}",
+        "--max-restarts=0",
+        "-m",
+        "meshweave",
+        "train",
+        *TINY,
+        *LAYOUT,
+        f"--train.steps={STEPS}",
+        f"--out={out}",
+    ]
 
 
 def _stop(procs: list[subprocess.Popen], out: Path) -> None:
@@ -75,8 +89,11 @@ def _run_two_nodes(commands: list[list[str]], out: Path, logs: Path, env: dict[s
         for node, cmd in enumerate(commands):
             log = open(logs / f"node{node}.log", "w")
             files.append(log)
-            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=env, text=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, text=True
+                )
+            )
         deadline = time.monotonic() + TIMEOUT_S
         for p in procs:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -156,8 +173,20 @@ def veth_link():
         _ip("netns", "add", link.ns[1])
         created.append(link.ns[1])
         # Both ends are created straight inside their namespaces: nothing appears in the host's.
-        _ip("link", "add", link.dev[0], "netns", link.ns[0], "type", "veth",
-            "peer", "name", link.dev[1], "netns", link.ns[1])
+        _ip(
+            "link",
+            "add",
+            link.dev[0],
+            "netns",
+            link.ns[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            link.dev[1],
+            "netns",
+            link.ns[1],
+        )
         for ns, dev, addr in zip(link.ns, link.dev, link.addr):
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
@@ -184,8 +213,18 @@ def test_two_nodes_in_network_namespaces_over_a_veth_link(tmp_path, one_node_los
     out = tmp_path / "two-namespaces"
     port = free_port()  # any port is free inside a fresh namespace; this one is as good as any
     master = veth_link.addr[0]
-    commands = [["ip", "netns", "exec", veth_link.ns[node], "env", f"GLOO_SOCKET_IFNAME={veth_link.dev[node]}",
-                 *_node_command(node, master, port, out)] for node in (0, 1)]
+    commands = [
+        [
+            "ip",
+            "netns",
+            "exec",
+            veth_link.ns[node],
+            "env",
+            f"GLOO_SOCKET_IFNAME={veth_link.dev[node]}",
+            *_node_command(node, master, port, out),
+        ]
+        for node in (0, 1)
+    ]
     records = _run_two_nodes(commands, out, tmp_path / "logs", {**os.environ, "OMP_NUM_THREADS": "1"})
     _assert_same_trajectory(one_node_losses, records)
     # The gradients really crossed the veth (node 1's namespace has no other way to node 0). Each
@@ -203,7 +242,7 @@ def _rx_bytes(ns: str, dev: str) -> int:
 def _param_bytes() -> int:
     """fp32 bytes of the TINY model's parameters: a lower bound on what one step's gradient
     all-reduce delivers to each of two ranks."""
-    from meshweave.validation import resolve
     from meshweave.models.llama import build_model, num_params
+    from meshweave.validation import resolve
 
     return 4 * num_params(build_model(resolve(None, TINY).model))

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from meshweave.launch.harness import read_metrics
-from tests.parity import MESHWEAVE, TINY, losses, kill_workers, train_run, worker_pids
+from tests.parity import MESHWEAVE, TINY, kill_workers, losses, train_run, worker_pids
 
 STEPS = 30
 
@@ -18,10 +18,17 @@ STEPS = 30
 def test_usr1_checkpoints_agreed_step_then_resume_matches(tmp_path, nproc):
     whole = losses(train_run(tmp_path / "whole", nproc, steps=STEPS))
     out = tmp_path / "preempted"
-    cmd = [*MESHWEAVE, *(["run", f"--nproc={nproc}"] if nproc > 1 else ["train"]), *TINY,
-           f"--train.steps={STEPS}", f"--out={out}", "--parallel.dp_shard=-1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        *MESHWEAVE,
+        *(["run", f"--nproc={nproc}"] if nproc > 1 else ["train"]),
+        *TINY,
+        f"--train.steps={STEPS}",
+        f"--out={out}",
+        "--parallel.dp_shard=-1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         while len(read_metrics(out)) < 3 and proc.poll() is None:
             time.sleep(0.05)

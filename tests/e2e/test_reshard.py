@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from meshweave.launch.harness import read_metrics
 from tests.parity import assert_losses_match, losses, train_run
 
 pytestmark = pytest.mark.dist
@@ -22,16 +21,20 @@ def saved_at_fsdp4(tmp_path_factory):
     """An uninterrupted dp_shard=4 run's losses, and a run directory holding its step-5 checkpoint."""
     whole = losses(train_run(tmp_path_factory.mktemp("whole"), 4, "--parallel.dp_shard=4", steps=STEPS))
     split = tmp_path_factory.mktemp("split")
-    train_run(split, 4, "--parallel.dp_shard=4", "--checkpoint.save_final=true", f"--train.stop_at_step={STOP}",
-              steps=STEPS)
+    train_run(
+        split, 4, "--parallel.dp_shard=4", "--checkpoint.save_final=true", f"--train.stop_at_step={STOP}", steps=STEPS
+    )
     return whole, split
 
 
-@pytest.mark.parametrize("nproc,layout", [
-    pytest.param(4, ["--parallel.tp=2", "--parallel.dp_shard=2"], id="tp2-fsdp2"),
-    pytest.param(1, [], id="single-process"),
-    pytest.param(4, ["--parallel.dp_replicate=4", "--parallel.dp_shard=1"], id="replicate4"),
-])
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        pytest.param(4, ["--parallel.tp=2", "--parallel.dp_shard=2"], id="tp2-fsdp2"),
+        pytest.param(1, [], id="single-process"),
+        pytest.param(4, ["--parallel.dp_replicate=4", "--parallel.dp_shard=1"], id="replicate4"),
+    ],
+)
 def test_resume_onto_another_layout_continues_the_trajectory(tmp_path, saved_at_fsdp4, nproc, layout):
     whole, split = saved_at_fsdp4
     run = tmp_path / "run"

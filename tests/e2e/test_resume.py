@@ -14,19 +14,21 @@ STEPS, STOP = 10, 4
 
 
 def _interrupted_then_resumed(out, nproc, *layout):
-    first = train_run(out, nproc, *layout, "--checkpoint.save_final=true", f"--train.stop_at_step={STOP}",
-                      steps=STEPS)
+    first = train_run(out, nproc, *layout, "--checkpoint.save_final=true", f"--train.stop_at_step={STOP}", steps=STEPS)
     assert [r["step"] for r in first] == list(range(1, STOP + 1))
     assert (out / "checkpoints" / f"step-{STOP}" / ".metadata").is_file()
     train_run(out, nproc, *layout, "--checkpoint.resume=auto", steps=STEPS)
     return read_metrics(out)
 
 
-@pytest.mark.parametrize("nproc,layout", [
-    pytest.param(1, [], id="single"),
-    pytest.param(2, ["--parallel.dp_shard=2"], id="fsdp2"),
-    pytest.param(2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], id="replicate2"),
-])
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        pytest.param(1, [], id="single"),
+        pytest.param(2, ["--parallel.dp_shard=2"], id="fsdp2"),
+        pytest.param(2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], id="replicate2"),
+    ],
+)
 def test_resumed_losses_equal_uninterrupted_bitwise(tmp_path, nproc, layout):
     uninterrupted = losses(train_run(tmp_path / "whole", nproc, *layout, steps=STEPS))
     resumed = _interrupted_then_resumed(tmp_path / "split", nproc, *layout)
@@ -49,7 +51,6 @@ def test_keep_prunes_old_checkpoints_and_leaves_no_tmp(tmp_path):
 def test_resume_from_explicit_path(tmp_path):
     train_run(tmp_path / "a", 1, "--checkpoint.interval=3", "--checkpoint.keep=5", steps=6)
     uninterrupted = losses(read_metrics(tmp_path / "a"))
-    records = train_run(tmp_path / "b", 1, f"--checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step-3'}",
-                        steps=6)
+    records = train_run(tmp_path / "b", 1, f"--checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step-3'}", steps=6)
     assert [r["step"] for r in records] == [4, 5, 6]
     assert losses(records) == uninterrupted[3:]

@@ -90,7 +90,9 @@ def _start_cluster(d: Path, conf: Path, env: dict) -> str | None:
         subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True)
     deadline = time.monotonic() + 90
     while True:
-        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+        states = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True
+        ).stdout.split()
         if len(states) == 2 and all(s.startswith("idle") for s in states):
             return None
         logs = _daemon_logs(d)
@@ -103,8 +105,10 @@ def _stop_daemons(d: Path) -> None:
     for pidfile in (d / "d-n1.pid", d / "d-n2.pid", d / "ctld.pid"):
         _kill_pidfile(pidfile)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and subprocess.run(
-            ["pgrep", "-f", "--", f"{d}/slurm.conf"], capture_output=True).returncode == 0:
+    while (
+        time.monotonic() < deadline
+        and subprocess.run(["pgrep", "-f", "--", f"{d}/slurm.conf"], capture_output=True).returncode == 0
+    ):
         time.sleep(0.2)
     for log in d.glob("*.log"):
         log.unlink()
@@ -115,8 +119,11 @@ def slurm(tmp_path_factory):
     """Environment (with SLURM_CONF) for talking to a running two-node cluster."""
     missing = [tool for tool in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(tool) is None]
     if missing or os.geteuid() != 0:
-        reason = (f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
-                  if missing else "a private SLURM cluster needs root")
+        reason = (
+            f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
+            if missing
+            else "a private SLURM cluster needs root"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason} — .ci/run must provide it in CI")
         pytest.skip(reason)
@@ -131,8 +138,9 @@ def slurm(tmp_path_factory):
     if not _munge_works():
         key = Path("/etc/munge/munge.key")
         if not key.exists():
-            subprocess.run(["dd", "if=/dev/urandom", f"of={key}", "bs=1", "count=1024"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["dd", "if=/dev/urandom", f"of={key}", "bs=1", "count=1024"], check=True, capture_output=True
+            )
         shutil.chown(key, "munge", "munge")
         key.chmod(0o400)
         Path("/run/munge").mkdir(exist_ok=True)

@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from tests.slurm.conftest import job_state, wait_for_state
-
-from meshweave.launch.harness import read_metrics
+from meshweave.launch.harness import free_port, read_metrics
 from tests.parity import TINY, losses, train_run
-from meshweave.launch.harness import free_port
+from tests.slurm.conftest import job_state, wait_for_state
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
@@ -23,10 +20,13 @@ LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
 
 def _sbatch(env, cwd, out, steps, *extra):
     args = [*TINY, f"--train.steps={steps}", f"--out={out}", *LAYOUT, *extra]
-    job = subprocess.run(["sbatch", "--parsable", "-N", "2", "--time=10", str(REPO / "slurm" / "train.sbatch"), *args],
-                         env={**env, "MESHWEAVE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-                              "MESHWEAVE_PORT": str(free_port())}, cwd=cwd,
-                         capture_output=True, text=True)
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-N", "2", "--time=10", str(REPO / "slurm" / "train.sbatch"), *args],
+        env={**env, "MESHWEAVE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MESHWEAVE_PORT": str(free_port())},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
     assert job.returncode == 0, job.stderr
     return job.stdout.strip().split(";")[0]
 
@@ -54,8 +54,9 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm, tmp_path):
     job_id = _sbatch(slurm, tmp_path, out, steps, "--checkpoint.interval=10", "--checkpoint.resume=auto")
     deadline = time.monotonic() + 300
     while len(read_metrics(out)) < 5:
-        assert time.monotonic() < deadline and job_state(slurm, job_id) in ("PENDING", "RUNNING"), \
-            _job_log(tmp_path, job_id)
+        assert time.monotonic() < deadline and job_state(slurm, job_id) in ("PENDING", "RUNNING"), _job_log(
+            tmp_path, job_id
+        )
         time.sleep(0.5)
     # What SLURM does at --signal=B:USR1@T: signal the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm, check=True)

@@ -64,7 +64,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -89,12 +89,34 @@ def _imports_under(module_prefix: str) -> dict[str, set[str]]:
 # (package, packages of meshweave it must not import): dependencies point one way.
 FORBIDDEN = [
     ("meshweave.config", {"meshweave."}),  # a leaf: imports nothing of meshweave
-    ("meshweave.comm", {"meshweave.parallel", "meshweave.lowcomm", "meshweave.models", "meshweave.trainer",
-                        "meshweave.launch", "meshweave.data", "meshweave.checkpoint", "meshweave.config"}),
-    ("meshweave.kernels", {"meshweave.parallel", "meshweave.lowcomm", "meshweave.models", "meshweave.trainer",
-                           "meshweave.launch", "meshweave.comm"}),
-    ("meshweave.models", {"meshweave.parallel", "meshweave.lowcomm", "meshweave.trainer", "meshweave.launch",
-                          "meshweave.comm"}),
+    (
+        "meshweave.comm",
+        {
+            "meshweave.parallel",
+            "meshweave.lowcomm",
+            "meshweave.models",
+            "meshweave.trainer",
+            "meshweave.launch",
+            "meshweave.data",
+            "meshweave.checkpoint",
+            "meshweave.config",
+        },
+    ),
+    (
+        "meshweave.kernels",
+        {
+            "meshweave.parallel",
+            "meshweave.lowcomm",
+            "meshweave.models",
+            "meshweave.trainer",
+            "meshweave.launch",
+            "meshweave.comm",
+        },
+    ),
+    (
+        "meshweave.models",
+        {"meshweave.parallel", "meshweave.lowcomm", "meshweave.trainer", "meshweave.launch", "meshweave.comm"},
+    ),
     ("meshweave.lowcomm", {"meshweave.parallel", "meshweave.trainer", "meshweave.launch"}),
     ("meshweave.parallel", {"meshweave.trainer", "meshweave.launch"}),
     ("meshweave.data", {"meshweave.parallel", "meshweave.trainer", "meshweave.lowcomm", "meshweave.models"}),
@@ -103,13 +125,21 @@ FORBIDDEN = [
 
 @pytest.mark.parametrize("package, forbidden", FORBIDDEN, ids=[p for p, _ in FORBIDDEN])
 def test_dependencies_point_one_way(package, forbidden):
-    bad = {f"{m} -> {d}" for m, deps in _imports_under(package).items() for d in deps
-           if any(d == f.rstrip(".") or d.startswith(f if f.endswith(".") else f + ".") for f in forbidden)}
+    bad = {
+        f"{m} -> {d}"
+        for m, deps in _imports_under(package).items()
+        for d in deps
+        if any(d == f.rstrip(".") or d.startswith(f if f.endswith(".") else f + ".") for f in forbidden)
+    }
     assert not bad, f"{package} must not import {sorted(forbidden)}: {sorted(bad)}"
 
 
 def test_the_training_loop_knows_only_the_runtime_seam_of_parallel():
-    seam = {"meshweave.parallel", "meshweave.parallel.dims", "meshweave.parallel.parallelize",
-            "meshweave.parallel.runtime"}
+    seam = {
+        "meshweave.parallel",
+        "meshweave.parallel.dims",
+        "meshweave.parallel.parallelize",
+        "meshweave.parallel.runtime",
+    }
     parallel = {d for d in GRAPH["meshweave.trainer.loop"] if d.startswith("meshweave.parallel")}
     assert parallel <= seam, f"trainer/loop.py imports {sorted(parallel - seam)} of parallel/"

@@ -22,8 +22,17 @@ TOL_OUT = 1e-10
 TOL_GRAD = 1e-8
 
 
-def qkv(heads: int, kv_heads: int, s_q: int = 7, s_k: int | None = None, *, batch: int = 2,
-        head_dim: int = 8, dtype: torch.dtype = torch.float64, seed: int = 0):
+def qkv(
+    heads: int,
+    kv_heads: int,
+    s_q: int = 7,
+    s_k: int | None = None,
+    *,
+    batch: int = 2,
+    head_dim: int = 8,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+):
     gen = torch.Generator().manual_seed(seed)
     s_k = s_q if s_k is None else s_k
     q = torch.randn(batch, s_q, heads, head_dim, generator=gen, dtype=torch.float64).to(dtype)
@@ -109,7 +118,7 @@ def test_attention_gradients_match_reference(heads, kv_heads, causal):
 
     for got, want, name in zip(grads(attention), grads(reference_attention), "qkv"):
         assert got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=TOL_GRAD, rtol=0, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got, want, atol=TOL_GRAD, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 # --------------------------------------------------------------------------------------------

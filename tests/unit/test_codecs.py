@@ -12,14 +12,22 @@ import math
 import pytest
 import torch
 
-from meshweave.comm.codecs import (FP4_MAGNITUDES, INT4_LEVELS, dequantize_4bit, onebit_compress,
-                                   onebit_decompress, pack_signs, quantize_4bit, unpack_signs)
+from meshweave.comm.codecs import (
+    FP4_MAGNITUDES,
+    INT4_LEVELS,
+    dequantize_4bit,
+    onebit_compress,
+    onebit_decompress,
+    pack_signs,
+    quantize_4bit,
+    unpack_signs,
+)
 
 # Lengths around byte, nibble and chunk boundaries (chunk sizes used below: 1, 5, 8, 64).
 LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4099]
 KINDS = ["fp4", "int4"]
 # One rounding of an fp32 operation is at most half an ulp: 2^-24 relative.
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 def randn(n: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -204,8 +212,26 @@ def test_fp4_decodes_only_to_the_code_table_times_scale():
 
 def test_fp4_code_table_is_sign_plus_three_exponent_bits():
     # one chunk of 16 with absmax 1: the exact levels, each sign, and their codes
-    x = torch.tensor([0.0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0,
-                      -0.0, -1 / 64, -1 / 32, -1 / 16, -1 / 8, -1 / 4, -1 / 2, -1.0])
+    x = torch.tensor(
+        [
+            0.0,
+            1 / 64,
+            1 / 32,
+            1 / 16,
+            1 / 8,
+            1 / 4,
+            1 / 2,
+            1.0,
+            -0.0,
+            -1 / 64,
+            -1 / 32,
+            -1 / 16,
+            -1 / 8,
+            -1 / 4,
+            -1 / 2,
+            -1.0,
+        ]
+    )
     codes, scales, y = roundtrip(x, "fp4", 16)
     nibbles = torch.stack([codes & 0xF, codes >> 4], dim=1).view(-1).tolist()
     assert nibbles == [0, 1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12, 13, 14, 15]  # -0.0 is code 0

@@ -35,7 +35,9 @@ def reload(cfg: Config, tmp_path: Path) -> Config:
 
 
 def test_toml_file_sets_values_and_leaves_the_rest_default(tmp_path):
-    path = write(tmp_path / "run.toml", """
+    path = write(
+        tmp_path / "run.toml",
+        """
 out = "runs/x"
 
 [model]
@@ -49,7 +51,8 @@ lr = 1          # an integer is accepted for a float option
 
 [train]
 steps = 7
-""")
+""",
+    )
     cfg = load_toml(path)
     assert cfg.out == "runs/x"
     assert cfg.model.dim == 64 and cfg.model.tie_embeddings is True and cfg.model.norm_eps == 1e-6
@@ -80,15 +83,25 @@ def test_unknown_section_in_toml_is_rejected_with_the_sections(tmp_path):
         assert section in str(err.value)
 
 
-@pytest.mark.parametrize("text,key", [
-    ('[model]\ndim = "abc"\n', "model.dim"),
-    ("[model]\ndim = 64.0\n", "model.dim"),
-    ("[model]\ndim = true\n", "model.dim"),
-    ("[comm]\noverlap = 1\n", "comm.overlap"),
-    ("[optim]\nlr = true\n", "optim.lr"),
-    ("[data]\nsource = 3\n", "data.source"),
-], ids=["int-given-abc", "int-given-float", "int-given-bool", "bool-given-int", "float-given-bool",
-        "string-given-int"])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ('[model]\ndim = "abc"\n', "model.dim"),
+        ("[model]\ndim = 64.0\n", "model.dim"),
+        ("[model]\ndim = true\n", "model.dim"),
+        ("[comm]\noverlap = 1\n", "comm.overlap"),
+        ("[optim]\nlr = true\n", "optim.lr"),
+        ("[data]\nsource = 3\n", "data.source"),
+    ],
+    ids=[
+        "int-given-abc",
+        "int-given-float",
+        "int-given-bool",
+        "bool-given-int",
+        "float-given-bool",
+        "string-given-int",
+    ],
+)
 def test_toml_values_are_type_checked(tmp_path, text, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_toml(write(tmp_path / "run.toml", text))
@@ -116,8 +129,19 @@ def test_later_override_of_the_same_key_wins():
     assert cfg.train.steps == 5
 
 
-@pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("yes", True), ("On", True),
-                                        ("false", False), ("0", False), ("no", False), ("OFF", False)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("true", True),
+        ("1", True),
+        ("yes", True),
+        ("On", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("OFF", False),
+    ],
+)
 def test_bool_overrides_accept_common_spellings(text, value):
     assert parse_overrides([f"--comm.overlap={text}"], Config()).comm.overlap is value
 
@@ -244,8 +268,7 @@ def clean_env() -> dict[str, str]:
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     # timeout only so a hung launcher fails the test instead of the session; not a speed check
-    return subprocess.run([MESHWEAVE, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([MESHWEAVE, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=180)
 
 
 TRAIN = ["train"]
@@ -262,66 +285,162 @@ INVALID = [
     pytest.param(TRAIN, ["--train.steps=0"], "train.steps", id="zero-steps"),
     pytest.param(TRAIN, ["--train.steps=-5"], "train.steps", id="negative-steps"),
     pytest.param(TRAIN, ["--model.n_kv_heads=3"], "model.n_kv_heads", id="kv-heads-not-dividing-heads"),
-    pytest.param(RUN4, ["--train.global_batch=6", "--parallel.dp_replicate=4"], "train.global_batch",
-                 id="global-batch-not-divisible-by-dp"),
-    pytest.param(RUN4, ["--parallel.dp_replicate=3", "--parallel.dp_shard=1"], "parallel",
-                 id="degrees-product-not-world-size"),
+    pytest.param(
+        RUN4,
+        ["--train.global_batch=6", "--parallel.dp_replicate=4"],
+        "train.global_batch",
+        id="global-batch-not-divisible-by-dp",
+    ),
+    pytest.param(
+        RUN4, ["--parallel.dp_replicate=3", "--parallel.dp_shard=1"], "parallel", id="degrees-product-not-world-size"
+    ),
     pytest.param(TRAIN, ["--train.seq_len=4096"], "train.seq_len", id="seq-len-over-max"),
     pytest.param(TRAIN, ["--data.source={tmp}"], "data.source", id="source-not-prepared"),
     pytest.param(TRAIN, ["--model.vocab_size=100"], "model.vocab_size", id="vocab-smaller-than-data"),
     pytest.param(TRAIN, ["--config", "{tmp}/missing.toml"], "--config", id="missing-config-file"),
     pytest.param(TRAIN, ["--config={tmp}/broken.toml"], "--config", id="config-not-toml"),
     pytest.param(RUN4, ["--parallel.tp=4"], "parallel.tp", id="tp-not-dividing-kv-heads"),
-    pytest.param(RUN4, ["--parallel.tp=4", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.dim=64"],
-                 "parallel.tp", id="tp-not-dividing-heads"),
+    pytest.param(
+        RUN4,
+        ["--parallel.tp=4", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.dim=64"],
+        "parallel.tp",
+        id="tp-not-dividing-heads",
+    ),
     pytest.param(RUN4, ["--parallel.tp=2", "--model.ffn_dim=351"], "parallel.tp", id="tp-not-dividing-ffn"),
     pytest.param(RUN4, ["--parallel.tp=2", "--model.vocab_size=321"], "parallel.tp", id="tp-not-dividing-vocab"),
-    pytest.param(RUN4, ["--parallel.tp=2", "--train.seq_len=127"], "parallel.tp",
-                 id="seq-len-not-divisible-for-sequence-parallel"),
+    pytest.param(
+        RUN4,
+        ["--parallel.tp=2", "--train.seq_len=127"],
+        "parallel.tp",
+        id="seq-len-not-divisible-for-sequence-parallel",
+    ),
     pytest.param(RUN4, ["--parallel.tp=3"], "parallel", id="tp-not-dividing-world"),
-    pytest.param(RUN4, ["--parallel.tp=2", "--parallel.dp_shard=1"], "parallel",
-                 id="tp-times-dp-not-world-size"),
-    pytest.param(RUN4, ["--parallel.cp=4", "--train.seq_len=36"], "train.seq_len",
-                 id="seq-len-not-splitting-into-zigzag-chunks"),
-    pytest.param(RUN4, ["--parallel.cp=4", "--parallel.cp_method=ulysses", "--model.n_heads=2",
-                        "--model.n_kv_heads=1", "--model.dim=64"], "parallel.cp", id="ulysses-degree-over-heads"),
-    pytest.param(RUN4, ["--parallel.cp=2", "--parallel.ulysses=2"], "parallel.ulysses",
-                 id="ulysses-degree-without-hybrid"),
-    pytest.param(RUN4, ["--parallel.cp=4", "--parallel.cp_method=hybrid", "--parallel.ulysses=3"],
-                 "parallel.ulysses", id="hybrid-ulysses-not-dividing-cp"),
+    pytest.param(RUN4, ["--parallel.tp=2", "--parallel.dp_shard=1"], "parallel", id="tp-times-dp-not-world-size"),
+    pytest.param(
+        RUN4, ["--parallel.cp=4", "--train.seq_len=36"], "train.seq_len", id="seq-len-not-splitting-into-zigzag-chunks"
+    ),
+    pytest.param(
+        RUN4,
+        [
+            "--parallel.cp=4",
+            "--parallel.cp_method=ulysses",
+            "--model.n_heads=2",
+            "--model.n_kv_heads=1",
+            "--model.dim=64",
+        ],
+        "parallel.cp",
+        id="ulysses-degree-over-heads",
+    ),
+    pytest.param(
+        RUN4, ["--parallel.cp=2", "--parallel.ulysses=2"], "parallel.ulysses", id="ulysses-degree-without-hybrid"
+    ),
+    pytest.param(
+        RUN4,
+        ["--parallel.cp=4", "--parallel.cp_method=hybrid", "--parallel.ulysses=3"],
+        "parallel.ulysses",
+        id="hybrid-ulysses-not-dividing-cp",
+    ),
     pytest.param(RUN4, ["--parallel.cp_method=spiral"], "parallel.cp_method", id="cp-method-unknown"),
     pytest.param(RUN4, ["--parallel.pp=4", "--model.n_layers=3"], "model.n_layers", id="layers-not-filling-stages"),
-    pytest.param(RUN4, ["--parallel.pp=4", "--parallel.pp_microbatches=2"], "parallel.pp_microbatches",
-                 id="too-few-microbatches-for-1f1b"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b", "--model.n_layers=4",
-                        "--parallel.pp_microbatches=3", "--train.global_batch=6", "--parallel.dp_shard=2"],
-                 "parallel.pp_microbatches", id="interleaved-microbatches-not-multiple-of-pp"),
-    pytest.param(TRAIN, ["--comm.diloco.enabled=true", "--comm.diloco.inner_steps=10", "--comm.diloco.fragments=3"],
-                 "comm.diloco.inner_steps", id="diloco-steps-not-divisible-by-fragments"),
-    pytest.param(TRAIN, ["--comm.diloco.enabled=true", "--comm.diloco.inner_steps=8", "--comm.diloco.fragments=2",
-                         "--comm.diloco.delay=4"], "comm.diloco.delay", id="diloco-delay-beyond-fragment-spacing"),
-    pytest.param(TRAIN, ["--comm.diloco.enabled=true", "--optim.name=onebit_adam"], "comm.diloco.enabled",
-                 id="diloco-with-onebit-adam"),
-    pytest.param(TRAIN, ["--optim.name=onebit_adam", "--optim.freeze_step=0"], "optim.freeze_step",
-                 id="onebit-without-warmup"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--parallel.pp_microbatches=4",
-                        "--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.eval_interval=5"],
-                 "train.eval_interval", id="zbv-with-eval"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_zb", "--parallel.dp_shard=2",
-                        "--model.n_layers=4"], "parallel.pp_schedule", id="zero-bubble-with-fsdp"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--train.micro_batch=3"], "train.micro_batch",
-                 id="micro-batch-not-matching-pipeline-microbatches"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--parallel.pp_schedule=wavefront"], "parallel.pp_schedule",
-                 id="pipeline-schedule-unknown"),
-    pytest.param(RUN4, ["--parallel.pp=2", "--parallel.pp_layers=0-1,1-3"], "parallel.pp_layers",
-                 id="explicit-layer-split-overlapping"),
+    pytest.param(
+        RUN4,
+        ["--parallel.pp=4", "--parallel.pp_microbatches=2"],
+        "parallel.pp_microbatches",
+        id="too-few-microbatches-for-1f1b",
+    ),
+    pytest.param(
+        RUN4,
+        [
+            "--parallel.pp=2",
+            "--parallel.pp_schedule=interleaved_1f1b",
+            "--model.n_layers=4",
+            "--parallel.pp_microbatches=3",
+            "--train.global_batch=6",
+            "--parallel.dp_shard=2",
+        ],
+        "parallel.pp_microbatches",
+        id="interleaved-microbatches-not-multiple-of-pp",
+    ),
+    pytest.param(
+        TRAIN,
+        ["--comm.diloco.enabled=true", "--comm.diloco.inner_steps=10", "--comm.diloco.fragments=3"],
+        "comm.diloco.inner_steps",
+        id="diloco-steps-not-divisible-by-fragments",
+    ),
+    pytest.param(
+        TRAIN,
+        [
+            "--comm.diloco.enabled=true",
+            "--comm.diloco.inner_steps=8",
+            "--comm.diloco.fragments=2",
+            "--comm.diloco.delay=4",
+        ],
+        "comm.diloco.delay",
+        id="diloco-delay-beyond-fragment-spacing",
+    ),
+    pytest.param(
+        TRAIN,
+        ["--comm.diloco.enabled=true", "--optim.name=onebit_adam"],
+        "comm.diloco.enabled",
+        id="diloco-with-onebit-adam",
+    ),
+    pytest.param(
+        TRAIN, ["--optim.name=onebit_adam", "--optim.freeze_step=0"], "optim.freeze_step", id="onebit-without-warmup"
+    ),
+    pytest.param(
+        RUN4,
+        [
+            "--parallel.pp=2",
+            "--parallel.pp_schedule=zbv",
+            "--parallel.pp_microbatches=4",
+            "--parallel.dp_replicate=2",
+            "--parallel.dp_shard=1",
+            "--train.eval_interval=5",
+        ],
+        "train.eval_interval",
+        id="zbv-with-eval",
+    ),
+    pytest.param(
+        RUN4,
+        ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_zb", "--parallel.dp_shard=2", "--model.n_layers=4"],
+        "parallel.pp_schedule",
+        id="zero-bubble-with-fsdp",
+    ),
+    pytest.param(
+        RUN4,
+        ["--parallel.pp=2", "--train.micro_batch=3"],
+        "train.micro_batch",
+        id="micro-batch-not-matching-pipeline-microbatches",
+    ),
+    pytest.param(
+        RUN4,
+        ["--parallel.pp=2", "--parallel.pp_schedule=wavefront"],
+        "parallel.pp_schedule",
+        id="pipeline-schedule-unknown",
+    ),
+    pytest.param(
+        RUN4,
+        ["--parallel.pp=2", "--parallel.pp_layers=0-1,1-3"],
+        "parallel.pp_layers",
+        id="explicit-layer-split-overlapping",
+    ),
     pytest.param(RUN4, ["--parallel.ep=2"], "parallel.ep", id="expert-degree-without-moe"),
-    pytest.param(RUN4, ["--moe.num_experts=6", "--parallel.ep=4"], "parallel.ep", id="expert-degree-not-dividing-experts"),
-    pytest.param(RUN4, ["--moe.num_experts=8", "--parallel.tp=2", "--parallel.ep=4"], "parallel.ep",
-                 id="expert-degree-not-dividing-dp-shard-times-cp"),
+    pytest.param(
+        RUN4, ["--moe.num_experts=6", "--parallel.ep=4"], "parallel.ep", id="expert-degree-not-dividing-experts"
+    ),
+    pytest.param(
+        RUN4,
+        ["--moe.num_experts=8", "--parallel.tp=2", "--parallel.ep=4"],
+        "parallel.ep",
+        id="expert-degree-not-dividing-dp-shard-times-cp",
+    ),
     pytest.param(TRAIN, ["--moe.num_experts=8", "--moe.top_k=9"], "moe.top_k", id="moe-top-k-over-experts"),
-    pytest.param(RUN4, ["--parallel.mixed_precision=bf16", "--parallel.dp_replicate=4"],
-                 "parallel.mixed_precision", id="bf16-params-without-fsdp"),
+    pytest.param(
+        RUN4,
+        ["--parallel.mixed_precision=bf16", "--parallel.dp_replicate=4"],
+        "parallel.mixed_precision",
+        id="bf16-params-without-fsdp",
+    ),
 ]
 
 
@@ -331,8 +450,7 @@ def test_invalid_config_is_one_error_line_exit_2_and_starts_nothing(tmp_path, co
     write(tmp_path / "broken.toml", "[model\ndim = 64\n")
     before = sorted(os.listdir(tmp_path))
     out = tmp_path / "run"
-    result = cli([*command, *(o.replace("{tmp}", str(tmp_path)) for o in options), "--out", str(out)],
-                 cwd=tmp_path)
+    result = cli([*command, *(o.replace("{tmp}", str(tmp_path)) for o in options), "--out", str(out)], cwd=tmp_path)
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
@@ -349,8 +467,9 @@ def test_invalid_config_is_one_error_line_exit_2_and_starts_nothing(tmp_path, co
 @pytest.mark.procs
 def test_run_checks_the_layout_against_nproc(tmp_path):
     # 4 processes, dp_replicate=2: dp_shard fills to 2, so global_batch 6 (per-dp 6/4) is invalid
-    result = cli([*RUN4, "--parallel.dp_replicate=2", "--train.global_batch=6", "--out", str(tmp_path / "r")],
-                 cwd=tmp_path)
+    result = cli(
+        [*RUN4, "--parallel.dp_replicate=2", "--train.global_batch=6", "--out", str(tmp_path / "r")], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "data-parallel degree 4" in result.stderr
 
@@ -371,8 +490,7 @@ def help_options(text: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def train_help() -> subprocess.CompletedProcess:
-    return subprocess.run([MESHWEAVE, "train", "--help"], env=clean_env(), capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([MESHWEAVE, "train", "--help"], env=clean_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.procs

@@ -42,11 +42,14 @@ def test_contiguous_layout_is_rank_ordered():
     assert torch.equal(layout.gather_order(12), torch.arange(12))
 
 
-@pytest.mark.parametrize("layout,seq_len,multiple", [
-    (SequenceLayout(ring=4, ulysses=1, zigzag=True), 36, 8),
-    (SequenceLayout(ring=1, ulysses=4, zigzag=False), 30, 4),
-    (SequenceLayout(ring=2, ulysses=2, zigzag=True), 20, 8),
-])
+@pytest.mark.parametrize(
+    "layout,seq_len,multiple",
+    [
+        (SequenceLayout(ring=4, ulysses=1, zigzag=True), 36, 8),
+        (SequenceLayout(ring=1, ulysses=4, zigzag=False), 30, 4),
+        (SequenceLayout(ring=2, ulysses=2, zigzag=True), 20, 8),
+    ],
+)
 def test_a_length_that_does_not_split_names_the_multiple_needed(layout, seq_len, multiple):
     with pytest.raises(LayoutError, match=f"not a multiple of {multiple}"):
         layout.indices(seq_len, 0)

@@ -11,7 +11,12 @@ import torch
 
 from meshweave.config import DataConfig
 from meshweave.data.datasets import (
-    IGNORE_INDEX, PackedSequences, TokenCorpus, build_datasets, corpus_from_source, embedded_documents,
+    IGNORE_INDEX,
+    PackedSequences,
+    TokenCorpus,
+    build_datasets,
+    corpus_from_source,
+    embedded_documents,
     split_documents,
 )
 from meshweave.data.loader import ShardedLoader
@@ -161,8 +166,9 @@ def test_prepare_with_tokenizer_json_stores_its_ids_and_eos(tmp_path):
     (tmp_path / "x.txt").write_text("the lazy fox", encoding="utf-8")
     (tmp_path / "y.txt").write_text("brown dog", encoding="utf-8")
 
-    index = prepare([str(tmp_path / "x.txt"), str(tmp_path / "y.txt")], str(tmp_path / "tokenizer.json"),
-                    str(tmp_path / "out"))
+    index = prepare(
+        [str(tmp_path / "x.txt"), str(tmp_path / "y.txt")], str(tmp_path / "tokenizer.json"), str(tmp_path / "out")
+    )
     eos = tok.token_to_id("</s>")
     x_ids, y_ids = tok.encode("the lazy fox").ids, tok.encode("brown dog").ids
     assert (index["eos_id"], index["vocab_size"]) == (eos, tok.get_vocab_size())
@@ -237,7 +243,7 @@ def test_windows_tile_the_stream_sharing_one_token_and_drop_the_remainder():
     stream = three_doc_corpus().tokens.astype(np.int64)
     assert len(ds) == (len(stream) - 1) // 4 == 4
     for i in range(len(ds)):
-        assert ds.window(i).tolist() == stream[4 * i:4 * i + 5].tolist()
+        assert ds.window(i).tolist() == stream[4 * i : 4 * i + 5].tolist()
 
 
 def test_packed_stream_of_a_split_is_its_documents_in_order():
@@ -245,7 +251,7 @@ def test_packed_stream_of_a_split_is_its_documents_in_order():
     ds = PackedSequences(corpus, [2, 0], seq_len=3)
     stream = np.concatenate([corpus.document(0), corpus.document(2)]).tolist()
     assert ds.num_tokens == len(stream)
-    assert [t for i in range(len(ds)) for t in ds.window(i)[:-1].tolist()] == stream[:3 * len(ds)]
+    assert [t for i in range(len(ds)) for t in ds.window(i)[:-1].tolist()] == stream[: 3 * len(ds)]
 
 
 def test_labels_are_next_tokens_except_after_eos():
@@ -256,8 +262,7 @@ def test_labels_are_next_tokens_except_after_eos():
         after_eos = inputs == EOS
         assert torch.all(labels[after_eos] == IGNORE_INDEX)
         assert torch.equal(labels[~after_eos], torch.from_numpy(window[1:])[~after_eos])
-        assert (inputs.dtype, labels.dtype, inputs.shape, labels.shape) == (
-            torch.long, torch.long, (5,), (5,))
+        assert (inputs.dtype, labels.dtype, inputs.shape, labels.shape) == (torch.long, torch.long, (5,), (5,))
 
 
 def test_label_predicting_eos_is_kept():
@@ -271,7 +276,7 @@ def test_windows_from_a_memory_mapped_corpus_match_the_in_memory_one(tmp_path, t
     mapped = PackedSequences(TokenCorpus.open(tmp_path / "out"), [0, 2, 3], seq_len=6)
     stream = [t for d in (docs[0], docs[2], docs[3]) for t in list(d.encode()) + [256]]
     for i in range(len(mapped)):
-        assert mapped.window(i).tolist() == stream[6 * i:6 * i + 7]
+        assert mapped.window(i).tolist() == stream[6 * i : 6 * i + 7]
 
 
 def test_window_index_out_of_range_raises_index_error():

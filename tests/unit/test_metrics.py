@@ -14,11 +14,16 @@ import torch
 
 from meshweave.config import LogConfig
 from meshweave.metrics.accounting import (
-    PEAK_TFLOPS, device_peak_tflops, lookup_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes,
+    PEAK_TFLOPS,
+    device_peak_tflops,
+    lookup_peak_tflops,
+    mfu,
+    model_flops_per_token,
+    peak_memory_bytes,
 )
+from meshweave.metrics.plots import plot_run
 from meshweave.metrics.sinks import METRIC_KEYS, MetricsLogger, format_console_line, read_metrics, to_json_value
 from meshweave.metrics.telemetry import GpuTelemetry
-from meshweave.metrics.plots import plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,10 +37,18 @@ def quiet_cfg(**kw: object) -> LogConfig:
 
 def full_record(step: int, **extra: object) -> dict:
     return {
-        "step": step, "loss": 3.0 - 0.01 * step, "lr": 3e-3, "grad_norm": 0.8, "tokens": 4096 * step,
-        "tokens_per_s": 12345.6, "step_time_s": 0.33, "mfu": 0.012, "mem_peak_bytes": 1 << 20,
+        "step": step,
+        "loss": 3.0 - 0.01 * step,
+        "lr": 3e-3,
+        "grad_norm": 0.8,
+        "tokens": 4096 * step,
+        "tokens_per_s": 12345.6,
+        "step_time_s": 0.33,
+        "mfu": 0.012,
+        "mem_peak_bytes": 1 << 20,
         "comm_bytes": {"dp_shard/all_gather": 1_000_000, "dp_shard/reduce_scatter": 230_000},
-        "comm_bytes_total": 1_230_000 * step, **extra,
+        "comm_bytes_total": 1_230_000 * step,
+        **extra,
     }
 
 
@@ -65,19 +78,22 @@ def test_device_peak_override_wins_and_cpu_is_unknown() -> None:
         assert device_peak_tflops(0.0) is None
 
 
-@pytest.mark.parametrize("name, key", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
-    ("NVIDIA H100 PCIe", "H100 PCIe"),
-    ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA A100-SXM4-80GB", "A100"),
-    ("NVIDIA A10G", "A10G"),
-    ("NVIDIA A10", "A10"),
-    ("NVIDIA L4", "L4"),
-    ("NVIDIA L40S", "L40S"),
-    ("Tesla V100-SXM2-16GB", "V100"),
-    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
-    ("AMD Instinct MI300X", "MI300X"),
-])
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA A10G", "A10G"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40S", "L40S"),
+        ("Tesla V100-SXM2-16GB", "V100"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("AMD Instinct MI300X", "MI300X"),
+    ],
+)
 def test_peak_lookup_prefers_the_specific_part(name: str, key: str) -> None:
     assert lookup_peak_tflops(name) == PEAK_TFLOPS[key]
 
@@ -106,20 +122,40 @@ def test_gpu_telemetry_is_all_none_without_gpu() -> None:
 
 
 def test_to_json_value_converts_tensors_numpy_and_non_finite() -> None:
-    value = {"t": torch.tensor(2.5), "v": torch.tensor([1, 2]), "n": np.float32(0.5),
-             "i": np.int64(7), "nan": float("nan"), "inf": torch.tensor(float("inf")),
-             "nested": [float("-inf"), 1]}
-    assert to_json_value(value) == {"t": 2.5, "v": [1, 2], "n": 0.5, "i": 7, "nan": None,
-                                    "inf": None, "nested": [None, 1]}
+    value = {
+        "t": torch.tensor(2.5),
+        "v": torch.tensor([1, 2]),
+        "n": np.float32(0.5),
+        "i": np.int64(7),
+        "nan": float("nan"),
+        "inf": torch.tensor(float("inf")),
+        "nested": [float("-inf"), 1],
+    }
+    assert to_json_value(value) == {
+        "t": 2.5,
+        "v": [1, 2],
+        "n": 0.5,
+        "i": 7,
+        "nan": None,
+        "inf": None,
+        "nested": [None, 1],
+    }
 
 
 def test_console_line_formats_and_omits_missing_fields() -> None:
-    rec = {"step": 12, "loss": math.pi, "lr": 3e-3, "grad_norm": 0.8123, "tokens_per_s": 12345.4,
-           "mfu": 0.012, "comm_bytes": {"a/all_reduce": 1_000_000, "b/all_gather": 230_000}}
+    rec = {
+        "step": 12,
+        "loss": math.pi,
+        "lr": 3e-3,
+        "grad_norm": 0.8123,
+        "tokens_per_s": 12345.4,
+        "mfu": 0.012,
+        "comm_bytes": {"a/all_reduce": 1_000_000, "b/all_gather": 230_000},
+    }
     assert format_console_line(rec, 100) == (
-        "step 12/100 | loss 3.1416 | lr 3.0e-03 | gnorm 0.812 | 12,345 tok/s | mfu 1.2% | comm 1.23 MB")
-    assert format_console_line({"step": 1, "loss": 2.0, "mfu": None, "comm_bytes": {}}, 5) == \
-        "step 1/5 | loss 2.0000"
+        "step 12/100 | loss 3.1416 | lr 3.0e-03 | gnorm 0.812 | 12,345 tok/s | mfu 1.2% | comm 1.23 MB"
+    )
+    assert format_console_line({"step": 1, "loss": 2.0, "mfu": None, "comm_bytes": {}}, 5) == "step 1/5 | loss 2.0000"
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +165,15 @@ def test_console_line_formats_and_omits_missing_fields() -> None:
 def test_logger_writes_one_json_line_per_step_with_required_keys(tmp_path: Path, capsys) -> None:
     with MetricsLogger(str(tmp_path), quiet_cfg(), total_steps=10, is_rank0=True) as log:
         log.log(full_record(1))
-        log.log(full_record(2, loss=float("nan"), grad_norm=torch.tensor(float("inf")),
-                            eval_loss=torch.tensor(2.75), skipped_steps=1))
+        log.log(
+            full_record(
+                2,
+                loss=float("nan"),
+                grad_norm=torch.tensor(float("inf")),
+                eval_loss=torch.tensor(2.75),
+                skipped_steps=1,
+            )
+        )
     lines = read_lines(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2]
     for r in lines:
@@ -234,8 +277,14 @@ class FakeWandb(types.ModuleType):
 def test_wandb_sink_goes_offline_without_credentials_and_flattens_comm(tmp_path: Path, monkeypatch) -> None:
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC",
-                "WANDB_CONFIG_DIR", "WANDB_BASE_URL"):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_MODE",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "NETRC",
+        "WANDB_CONFIG_DIR",
+        "WANDB_BASE_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = quiet_cfg(wandb=True, wandb_project="proj", wandb_run_name="r1")
@@ -260,8 +309,7 @@ def test_wandb_sink_goes_offline_without_credentials_and_flattens_comm(tmp_path:
 def test_wandb_sink_goes_online_with_a_netrc_login(tmp_path: Path, monkeypatch) -> None:
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR",
-                "WANDB_BASE_URL"):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     rc = tmp_path / "netrc"
@@ -280,8 +328,12 @@ def test_plot_run_writes_three_pngs_and_last_duplicate_wins(tmp_path: Path) -> N
     records = [full_record(s) for s in range(1, 11)]
     records[4]["eval_loss"] = 2.5
     records.append(full_record(5, loss=0.123))  # the step rerun after a resume
-    text = "\n".join(json.dumps(r) for r in records[:6]) + "\nnot json\n[1, 2]\n" + \
-        "\n".join(json.dumps(r) for r in records[6:]) + "\n"
+    text = (
+        "\n".join(json.dumps(r) for r in records[:6])
+        + "\nnot json\n[1, 2]\n"
+        + "\n".join(json.dumps(r) for r in records[6:])
+        + "\n"
+    )
     (tmp_path / "metrics.jsonl").write_text(text)
 
     by_step = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
@@ -307,4 +359,3 @@ def test_plot_run_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="metrics.jsonl.*empty"):
         plot_run(str(tmp_path))
-

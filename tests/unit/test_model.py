@@ -19,8 +19,9 @@ SEED = 1234
 
 def tiny(**overrides) -> ModelConfig:
     """Small enough for milliseconds per forward; GQA (4 query heads, 2 KV heads) by default."""
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97,
-                  max_seq_len=64, rope_theta=500.0)
+    fields = dict(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=97, max_seq_len=64, rope_theta=500.0
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -87,11 +88,19 @@ def hf_llama(cfg: ModelConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False, mlp_bias=False, attn_implementation="eager",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attn_implementation="eager",
     )
     torch.manual_seed(0)  # HF's random init; every value is overwritten by the load below
     return LlamaForCausalLM(hf_cfg).eval()
@@ -258,8 +267,9 @@ def test_init_value_differs_between_parameters_of_the_same_shape():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["layers.0.input_layernorm.weight", "layers.3.post_attention_layernorm.weight",
-                                  "norm.weight"])
+@pytest.mark.parametrize(
+    "name", ["layers.0.input_layernorm.weight", "layers.3.post_attention_layernorm.weight", "norm.weight"]
+)
 def test_norm_weights_start_at_one(name):
     assert torch.equal(init_value(name, torch.Size([64]), tiny(), seed=3), torch.ones(64))
 
@@ -280,8 +290,16 @@ def test_residual_output_projections_are_scaled_by_inverse_sqrt_two_n_layers(nam
     assert abs(t.mean().item()) < 5 * expected / math.sqrt(t.numel())  # 5 standard errors
 
 
-@pytest.mark.parametrize("name", ["layers.2.self_attn.q_proj.weight", "layers.2.self_attn.v_proj.weight",
-                                  "layers.5.mlp.gate_proj.weight", "embed_tokens.weight", "lm_head.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "layers.2.self_attn.q_proj.weight",
+        "layers.2.self_attn.v_proj.weight",
+        "layers.5.mlp.gate_proj.weight",
+        "embed_tokens.weight",
+        "lm_head.weight",
+    ],
+)
 def test_other_matrices_use_init_std(name):
     cfg = tiny(n_layers=8, init_std=0.02)
     t = init_value(name, BIG, cfg, seed=11)
@@ -368,8 +386,13 @@ def test_set_attention_op_routes_every_layer_through_the_op():
         model.set_attention_op(op)
         got = model(x)
     head_dim = cfg.dim // cfg.n_heads
-    assert op.calls == [((2, 10, cfg.n_heads, head_dim), (2, 10, cfg.n_kv_heads, head_dim),
-                         (2, 10, cfg.n_kv_heads, head_dim), True)] * cfg.n_layers
+    assert (
+        op.calls
+        == [
+            ((2, 10, cfg.n_heads, head_dim), (2, 10, cfg.n_kv_heads, head_dim), (2, 10, cfg.n_kv_heads, head_dim), True)
+        ]
+        * cfg.n_layers
+    )
     # fp32: the reference and the fused kernel differ in summation order only (~1e-7 relative)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 

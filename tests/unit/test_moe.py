@@ -118,8 +118,9 @@ def test_combine_weights_each_expert_row_by_its_gate():
 
 def test_overlap_callable_result_is_returned_beside_the_routed_output():
     x = tokens(5, dim=4)
-    _, side = local_dispatch(x, distinct_choices(5, 2, 1), torch.ones(5, 1, dtype=torch.float64),
-                             IdentityExperts(2, 4, 1), lambda: x * 3)
+    _, side = local_dispatch(
+        x, distinct_choices(5, 2, 1), torch.ones(5, 1, dtype=torch.float64), IdentityExperts(2, 4, 1), lambda: x * 3
+    )
     assert torch.equal(side, x * 3)
 
 
@@ -165,8 +166,13 @@ def test_router_computes_in_at_least_float32():
 
 
 def test_aux_loss_is_coeff_times_e_times_sum_of_fraction_times_mean_probability():
-    logits = [[3.0, 1.0, 0.0, -1.0], [2.0, 2.5, 0.0, 0.0], [0.0, 0.1, 4.0, 0.0], [1.0, -2.0, 0.0, 3.0],
-              [5.0, 0.0, 1.0, 0.0]]
+    logits = [
+        [3.0, 1.0, 0.0, -1.0],
+        [2.0, 2.5, 0.0, 0.0],
+        [0.0, 0.1, 4.0, 0.0],
+        [1.0, -2.0, 0.0, 3.0],
+        [5.0, 0.0, 1.0, 0.0],
+    ]
     router, x = router_with_logits(torch.tensor(logits, dtype=torch.float64), top_k=2, aux_loss_coeff=0.1)
     router(x)
     t, e, k = 5, 4, 2
@@ -200,8 +206,10 @@ def test_aux_loss_reaches_its_minimum_coeff_under_perfect_balance():
 # capacity
 
 
-@pytest.mark.parametrize("t,k,cf,min_cap,expected", [(16, 1, 1.0, 1, 4), (16, 2, 1.0, 1, 8), (16, 1, 1.5, 1, 6),
-                                                     (10, 2, 1.25, 1, 7), (4, 1, 1.0, 4, 4)])
+@pytest.mark.parametrize(
+    "t,k,cf,min_cap,expected",
+    [(16, 1, 1.0, 1, 4), (16, 2, 1.0, 1, 8), (16, 1, 1.5, 1, 6), (10, 2, 1.25, 1, 7), (4, 1, 1.0, 4, 4)],
+)
 def test_capacity_is_ceil_k_t_over_e_times_factor_at_least_min_capacity(t, k, cf, min_cap, expected):
     assert capacity(t, settings(top_k=k, capacity_factor=cf, min_capacity=min_cap)) == expected
 
@@ -330,8 +338,9 @@ def naive_moe(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"shared_experts": 2}, {"low_dim": 4, "shared_experts": 1}],
-                         ids=["routed", "shared", "bigmac"])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"shared_experts": 2}, {"low_dim": 4, "shared_experts": 1}], ids=["routed", "shared", "bigmac"]
+)
 def test_moe_layer_equals_the_token_by_token_definition(overrides):
     m = make_moe(num_experts=6, top_k=2, **overrides)
     x = tokens(20)
@@ -366,10 +375,17 @@ def test_gradients_reach_router_experts_shared_and_projections():
 
 def test_parameter_names_follow_hugging_face_moe_and_end_residual_branches_in_down_proj():
     names = [n for n, _ in make_moe(shared_experts=1, low_dim=4).named_parameters()]
-    assert names == ["gate.weight", "experts.gate_proj.weight", "experts.up_proj.weight",
-                     "experts.down_proj.weight", "shared_experts.gate_proj.weight",
-                     "shared_experts.up_proj.weight", "shared_experts.down_proj.weight",
-                     "descend.weight", "ascend.weight"]
+    assert names == [
+        "gate.weight",
+        "experts.gate_proj.weight",
+        "experts.up_proj.weight",
+        "experts.down_proj.weight",
+        "shared_experts.gate_proj.weight",
+        "shared_experts.up_proj.weight",
+        "shared_experts.down_proj.weight",
+        "descend.weight",
+        "ascend.weight",
+    ]
 
 
 def test_layer_builds_on_meta_without_storage():
@@ -378,9 +394,17 @@ def test_layer_builds_on_meta_without_storage():
     assert all(p.is_meta for p in m.parameters())
 
 
-@pytest.mark.parametrize("overrides,field", [({"top_k": 5}, "top_k"), ({"low_dim": DIM}, "low_dim"),
-                                             ({"score": "relu"}, "score"), ({"capacity_factor": -1}, "capacity_factor"),
-                                             ({"every": 0}, "every"), ({"num_experts": 0}, "num_experts")])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"top_k": 5}, "top_k"),
+        ({"low_dim": DIM}, "low_dim"),
+        ({"score": "relu"}, "score"),
+        ({"capacity_factor": -1}, "capacity_factor"),
+        ({"every": 0}, "every"),
+        ({"num_experts": 0}, "num_experts"),
+    ],
+)
 def test_invalid_settings_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"moe\.{field}: {field}="):
         check_moe(settings(**overrides), DIM)

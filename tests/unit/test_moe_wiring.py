@@ -55,23 +55,28 @@ def test_moe_section_round_trips_through_toml(tmp_path):
     assert load_toml(tmp_path / "run.toml") == cfg
 
 
-@pytest.mark.parametrize("field,value", [("top_k", 9), ("low_dim", 64), ("every", 0), ("capacity_factor", -1.0),
-                                         ("num_experts", -1), ("score", "relu")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("top_k", 9), ("low_dim", 64), ("every", 0), ("capacity_factor", -1.0), ("num_experts", -1), ("score", "relu")],
+)
 def test_invalid_moe_value_names_its_moe_key(field, value):
     cfg = moe_config(**{field: value})
     with pytest.raises(ConfigError, match=re.escape(f"moe.{field}")):
         validate(cfg, world_size=1)
 
 
-@pytest.mark.parametrize("world,parallel,message", [
-    (4, {"ep": 2}, None),
-    (4, {"ep": 4}, None),
-    (4, {"ep": 3}, "does not divide moe.num_experts=8"),
-    (8, {"tp": 2, "ep": 8}, "does not divide dp_shard*cp=4"),
-    (4, {"dp_shard": 1, "cp": 4, "ep": 2}, "needs FSDP"),
-    (16, {"ep": 2}, "dp_shard*cp=16 must divide moe.num_experts=8"),
-    (4, {"pp": 2, "ep": 2, "pp_schedule": "zbv", "pp_microbatches": 4}, "zero-bubble"),
-])
+@pytest.mark.parametrize(
+    "world,parallel,message",
+    [
+        (4, {"ep": 2}, None),
+        (4, {"ep": 4}, None),
+        (4, {"ep": 3}, "does not divide moe.num_experts=8"),
+        (8, {"tp": 2, "ep": 8}, "does not divide dp_shard*cp=4"),
+        (4, {"dp_shard": 1, "cp": 4, "ep": 2}, "needs FSDP"),
+        (16, {"ep": 2}, "dp_shard*cp=16 must divide moe.num_experts=8"),
+        (4, {"pp": 2, "ep": 2, "pp_schedule": "zbv", "pp_microbatches": 4}, "zero-bubble"),
+    ],
+)
 def test_expert_parallel_degree_is_checked_against_experts_and_the_fsdp_dim(world, parallel, message):
     cfg = moe_config()
     cfg.train.global_batch = 16
@@ -115,11 +120,19 @@ def test_moe_parameter_names_follow_hugging_face_moe_with_stacked_experts():
         "layers.0.mlp.gate.weight",
         *(f"layers.0.mlp.experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")),
         *(f"layers.0.mlp.shared_experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")),
-        "layers.0.mlp.descend.weight", "layers.0.mlp.ascend.weight"}
+        "layers.0.mlp.descend.weight",
+        "layers.0.mlp.ascend.weight",
+    }
 
 
-@pytest.mark.parametrize("name", ["layers.0.mlp.experts.down_proj.weight",
-                                  "layers.0.mlp.shared_experts.down_proj.weight", "layers.0.mlp.ascend.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "layers.0.mlp.experts.down_proj.weight",
+        "layers.0.mlp.shared_experts.down_proj.weight",
+        "layers.0.mlp.ascend.weight",
+    ],
+)
 def test_residual_writing_moe_weights_get_the_residual_init_scaling(name):
     cfg = moe_config().model
     shape = torch.Size((64, 512))

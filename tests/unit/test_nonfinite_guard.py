@@ -5,16 +5,15 @@ import math
 import pytest
 import torch
 
-from tests.parity import TINY
-from meshweave.validation import resolve
 from meshweave.launch.env import destroy_process_group
 from meshweave.trainer.loop import NonFiniteLossError, Trainer
+from meshweave.validation import resolve
+from tests.parity import TINY
 
 
 @pytest.fixture
 def trainer(tmp_path):
-    cfg = resolve(None, [*TINY, f"--out={tmp_path}", "--train.steps=10", "--train.max_bad_steps=3"],
-                  world_size=1)
+    cfg = resolve(None, [*TINY, f"--out={tmp_path}", "--train.steps=10", "--train.max_bad_steps=3"], world_size=1)
     t = Trainer(cfg)
     yield t
     t.close()

@@ -32,11 +32,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import attention as local_attention
-from meshweave.parallel.dims import default_ulysses_degree
 from meshweave.parallel.context.layout import LayoutError, SequenceLayout
 from meshweave.parallel.context.ring import RingAttention
 from meshweave.parallel.context.tokenring import TokenRingAttention
 from meshweave.parallel.context.ulysses import UlyssesError, check_heads, ulysses_attention
+from meshweave.parallel.dims import default_ulysses_degree
 
 Tensor = torch.Tensor
 METHODS = ("ulysses", "ring", "tokenring", "hybrid")
@@ -64,8 +64,13 @@ class ContextParallel:
     full-sequence attention restricted to this rank's query rows.
     """
 
-    def __init__(self, mesh: DeviceMesh | dist.ProcessGroup | CommGroup, method: str = "ring",
-                 ulysses_degree: int | None = None, inner: str = "ring") -> None:
+    def __init__(
+        self,
+        mesh: DeviceMesh | dist.ProcessGroup | CommGroup,
+        method: str = "ring",
+        ulysses_degree: int | None = None,
+        inner: str = "ring",
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown context-parallel method {method!r}; choose one of {', '.join(METHODS)}")
         if inner not in ("ring", "tokenring"):
@@ -80,8 +85,9 @@ class ContextParallel:
         else:
             ulysses = size if method == "ulysses" else 1
         self.ulysses_degree, self.ring_degree = ulysses, size // ulysses
-        self.layout = SequenceLayout(ring=self.ring_degree, ulysses=ulysses, zigzag=method != "ulysses",
-                                     method=f"context parallelism ({method})")
+        self.layout = SequenceLayout(
+            ring=self.ring_degree, ulysses=ulysses, zigzag=method != "ulysses", method=f"context parallelism ({method})"
+        )
         self.ulysses_group, self.ring_group = self._sub_groups()
 
     def _sub_groups(self) -> tuple[CommGroup, CommGroup]:
@@ -95,10 +101,12 @@ class ContextParallel:
             return self.group, _single(self.group)
         ranks = dist.get_process_group_ranks(self.group.pg)
         u, me = self.ulysses_degree, self.group.rank
-        ulysses_ranks = ranks[me - me % u: me - me % u + u]
-        ring_ranks = ranks[me % u::u]
-        return (_new_group(ulysses_ranks, f"{self.group.dim}_ulysses"),
-                _new_group(ring_ranks, f"{self.group.dim}_ring"))
+        ulysses_ranks = ranks[me - me % u : me - me % u + u]
+        ring_ranks = ranks[me % u :: u]
+        return (
+            _new_group(ulysses_ranks, f"{self.group.dim}_ulysses"),
+            _new_group(ring_ranks, f"{self.group.dim}_ring"),
+        )
 
     # ------------------------------------------------------------------------------------
     # layout
@@ -125,8 +133,9 @@ class ContextParallel:
 
     def _gather(self, x_local: Tensor, seq_dim: int) -> Tensor:
         moved = x_local.movedim(seq_dim, 0).contiguous()
-        gathered = torch.empty((self.group.size * moved.shape[0], *moved.shape[1:]),
-                               dtype=moved.dtype, device=moved.device)
+        gathered = torch.empty(
+            (self.group.size * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device
+        )
         ops.all_gather_into(gathered, moved, self.group)
         seq_len = gathered.shape[0]
         inverse = torch.empty(seq_len, dtype=torch.long)

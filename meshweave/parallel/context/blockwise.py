@@ -8,7 +8,7 @@ wraps the pair as a ``torch.autograd.Function`` whose ``apply(q, k, v, causal, g
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,5 +31,6 @@ def blockwise_function(name: str, forward: Callable, backward: Callable) -> type
         return dq, dk, dv, None, None
 
     doc = f"Autograd wrapper: ``{name}.apply(q, k, v, causal, group) -> (out, lse)``."
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
-                                                   "__doc__": doc})
+    return type(
+        name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc}
+    )

@@ -55,11 +55,13 @@ class SequenceLayout:
     def check(self, seq_len: int) -> None:
         """Raise :class:`LayoutError` unless ``seq_len`` splits evenly for this layout."""
         if seq_len % self.chunks():
-            shape = (f"{2 * self.ring} zigzag chunks" if self.zigzag else f"{self.ring} pieces")
+            shape = f"{2 * self.ring} zigzag chunks" if self.zigzag else f"{self.ring} pieces"
             if self.ulysses > 1 and self.ring > 1:
                 shape += f" x {self.ulysses} Ulysses pieces"
-            raise LayoutError(f"{self.method} over {self.size} ranks cuts the sequence into {shape}: "
-                              f"sequence length {seq_len} is not a multiple of {self.chunks()}")
+            raise LayoutError(
+                f"{self.method} over {self.size} ranks cuts the sequence into {shape}: "
+                f"sequence length {seq_len} is not a multiple of {self.chunks()}"
+            )
 
     def indices(self, seq_len: int, rank: int) -> Tensor:
         """Global positions (``int64 [seq_len / size]``) owned by CP rank ``rank``, in local order."""

@@ -80,8 +80,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                  group: CommGroup) -> tuple[Tensor, Tensor, Tensor]:
+def ring_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, group: CommGroup
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`ring_forward` (collective); K/V and fp32 dK/dV travel the ring."""
     rank, size = group.rank, group.size
     if size == 1:
@@ -96,8 +97,9 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
             (kv_next,), kv_handle = _pass_on([kv], [kv], group)
         src = (rank - step) % size
         rows, cols, masked = _block(step, src, rank, causal, q.shape[1])
-        dq_b, dk_b, dv_b = attention_backward(dout[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:],
-                                              out[:, rows], lse[..., rows], masked)
+        dq_b, dk_b, dv_b = attention_backward(
+            dout[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], out[:, rows], lse[..., rows], masked
+        )
         dq[:, rows] += dq_b
         if dkv_handle is not None:
             dkv_handle.wait()

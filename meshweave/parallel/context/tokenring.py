@@ -94,8 +94,9 @@ class _Schedule:
         source = (rank - step) % size
         halved = _halved(rank, source, self.causal)
         recvs = [_empty_rows(t, halved, self.seq) for t in like]
-        handle = ops.exchange([(t.contiguous(), self.owner(step)) for t in results],
-                              [(t, source) for t in recvs], self.group)
+        handle = ops.exchange(
+            [(t.contiguous(), self.owner(step)) for t in results], [(t, source) for t in recvs], self.group
+        )
         return recvs, handle
 
 
@@ -149,8 +150,9 @@ def _merge_returned(out: Tensor, lse: Tensor, pending, plan: _Schedule) -> tuple
     return out, lse
 
 
-def tokenring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                       group: CommGroup) -> tuple[Tensor, Tensor, Tensor]:
+def tokenring_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, group: CommGroup
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`tokenring_forward` (collective): query packages travel, dK/dV stay local."""
     seq, size = q.shape[1], group.size
     plan = _Schedule(group, causal, seq)

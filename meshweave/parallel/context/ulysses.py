@@ -1,8 +1,8 @@
 """DeepSpeed-Ulysses: trade the sequence shard for a head shard, attend locally, trade back.
 
 Each of ``U`` ranks holds ``[b, N/U, h, d]``. One all-to-all turns q, k and v (packed straight
-into one send buffer, so one collective instead of DeepSpeed's three, and no more copies) into ``[b, N, h/U, d]`` — the full
-sequence for ``h/U`` heads — then the ordinary local kernel runs, and a second all-to-all returns
+into one send buffer, so one collective instead of DeepSpeed's three, and no more copies) into
+``[b, N, h/U, d]`` — the full sequence for ``h/U`` heads — then the ordinary local kernel runs, and a second all-to-all returns
 the output to ``[b, N/U, h, d]``. Both all-to-alls are their own inverses' adjoints, so backward
 is the same two exchanges in reverse. Per rank and layer that moves about ``4 N h d / U``
 elements x (U-1)/U: constant when N and U grow together.
@@ -32,11 +32,15 @@ def check_heads(n_heads: int, n_kv_heads: int, degree: int) -> None:
     """Raise :class:`UlyssesError` unless ``degree`` ranks can split these (local) head counts."""
     if n_heads % degree:
         ok = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
-        raise UlyssesError(f"Ulysses degree {degree} does not divide the {n_heads} attention heads "
-                           f"(per tensor-parallel rank); choose one of {ok}")
+        raise UlyssesError(
+            f"Ulysses degree {degree} does not divide the {n_heads} attention heads "
+            f"(per tensor-parallel rank); choose one of {ok}"
+        )
     if n_kv_heads % degree and degree % n_kv_heads:
-        raise UlyssesError(f"Ulysses degree {degree} neither divides nor is a multiple of the {n_kv_heads} "
-                           "KV heads, so a KV group would be split across ranks")
+        raise UlyssesError(
+            f"Ulysses degree {degree} neither divides nor is a multiple of the {n_kv_heads} "
+            "KV heads, so a KV group would be split across ranks"
+        )
 
 
 def _exchange_heads(parts: tuple[Tensor, ...], group: CommGroup, to_heads: bool) -> tuple[Tensor, ...]:
@@ -89,8 +93,7 @@ def gather_heads(out: Tensor, group: CommGroup) -> Tensor:
     return _HeadExchange.apply(False, group, out)[0]
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup,
-                      inner=None) -> Tensor:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup, inner=None) -> Tensor:
     """Ulysses attention over ``group`` for contiguous sequence shards; returns the local output.
 
     ``inner(q, k, v, causal) -> out`` runs on the gathered full-sequence head shards (the local
