@@ -176,7 +176,7 @@ class DiLoCoConfig:
             "comm.diloco.alpha",
             f"diloco.alpha={self.alpha} must be in [0, 1] (0: adopt the global weights)",
         )
-        kinds = _choices(DiLoCoConfig, "quantize")
+        kinds = _choices(DiLoCoConfig, "quantize") or ()
         require(
             self.quantize in kinds, "comm.diloco.quantize", f"diloco.quantize={self.quantize!r} must be one of {kinds}"
         )

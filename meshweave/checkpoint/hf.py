@@ -233,4 +233,4 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
         state = load_hf_weights(source)
     else:
         _, state = read_model_weights(source)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -208,8 +209,8 @@ class CheckpointManager:
             return path
         choice = torch.tensor([-1], dtype=torch.int64)
         if self.group.rank == 0:
-            path = self.newest_valid(warn)
-            choice[0] = step_of(path) if path is not None else -1
+            newest = self.newest_valid(warn)
+            choice[0] = step_of(newest) if newest is not None else -1
         broadcast(choice, self.group)
         return None if int(choice) < 0 else self.root / f"step-{int(choice)}"
 
@@ -257,7 +258,7 @@ class CheckpointManager:
             torch.save(rank_local, tmp / f"local-rank{self.group.rank}.pt")
         started = time.time()
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._io_pg)
+            future: Any = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._io_pg)
         else:
             dcp.save(state, checkpoint_id=str(tmp), process_group=self._io_pg)
             future = Future()
@@ -385,10 +386,10 @@ def describe(ckpt: str | Path) -> str:
     metadata = SafeFileSystemReader(str(path)).read_metadata()
     numel = 0
     for key, meta in sorted(metadata.state_dict_metadata.items()):
-        size = getattr(meta, "size", None)
-        if size is None:
+        if not isinstance(meta, TensorStorageMetadata):
             continue
-        numel += size.numel() if key.startswith("model.") else 0
-        lines.append(f"  {key:<60} {str(tuple(size)):<18} {str(meta.properties.dtype).replace('torch.', '')}")
+        numel += meta.size.numel() if key.startswith("model.") else 0
+        dtype = str(meta.properties.dtype).replace("torch.", "")
+        lines.append(f"  {key:<60} {str(tuple(meta.size)):<18} {dtype}")
     lines.append(f"model parameters: {numel:,}")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ def _nbytes(t: Tensor) -> int:
 def _resolve(group: Any) -> dist.ProcessGroup:
     """The ProcessGroup behind any group spec torch accepts (None, a group, a name, (mesh, dim))."""
     if group is None:
+        assert dist.group.WORLD is not None, "no default process group"
         return dist.group.WORLD
     if isinstance(group, dist.ProcessGroup):
         return group
@@ -97,7 +98,7 @@ def _wrap(
         ops.LEDGER.record(dim, op, ops.wire_bytes(kind, _nbytes(payload), n), seconds)
         return result
 
-    recorded.__meshweave_recorded__ = True
+    recorded.__meshweave_recorded__ = True  # type: ignore[attr-defined]
     return recorded
 
 

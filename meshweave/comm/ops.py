@@ -96,6 +96,7 @@ class CommGroup:
 
     @classmethod
     def world(cls) -> CommGroup:
+        assert dist.group.WORLD is not None, "no default process group"
         return cls(dist.group.WORLD, "world")
 
 
@@ -132,7 +133,11 @@ class CommLedger:
         return sum(self.total_bytes.values())
 
     def reset(self) -> None:
-        self.__init__()
+        self.total_bytes.clear()
+        self.total_seconds.clear()
+        self.calls.clear()
+        self._step_bytes.clear()
+        self._step_seconds.clear()
 
 
 LEDGER = CommLedger()
@@ -148,14 +153,18 @@ class Handle:
     def wait(self) -> None:
         if self._done:
             return
-        for work in self._work if isinstance(self._work, list) else [self._work]:
+        for work in self._works():
             work.wait()
         self._done = True
         LEDGER.add_seconds(self._dim, self._op, time.perf_counter() - self._started)
 
     def is_completed(self) -> bool:
-        works = self._work if isinstance(self._work, list) else [self._work]
-        return self._done or all(w.is_completed() for w in works)
+        return self._done or all(w.is_completed() for w in self._works())
+
+    def _works(self) -> list[dist.Work]:
+        if self._work is None:
+            return []
+        return self._work if isinstance(self._work, list) else [self._work]
 
 
 def _nbytes(t: Tensor) -> int:
@@ -190,7 +199,9 @@ def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handl
 _DONE = Handle(None, "", "", 0.0)
 
 
-def all_reduce(t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
+def all_reduce(
+    t: Tensor, group: CommGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False
+) -> Handle:
     """In-place all-reduce of ``t`` over ``group`` (collective: every member calls it).
 
     Use SUM and divide yourself rather than AVG: gloo's AVG has produced wrong results.
@@ -223,7 +234,7 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
 
 
 def reduce_scatter_into(
-    out: Tensor, t: Tensor, group: CommGroup, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False
+    out: Tensor, t: Tensor, group: CommGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False
 ) -> Handle:
     """Reduce ``t`` (``[n * out.shape[0], ...]``) over ``group``; this rank keeps its chunk."""
     n = group.size

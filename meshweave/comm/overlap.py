@@ -48,7 +48,7 @@ class _Bucket:
         offset = 0
         for p in self.params:
             n = _local(p).numel()
-            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            if isinstance(p, DTensor) and isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
                 # Some DTensor backward rules leave the grad in another layout (e.g. a vocab-
                 # sharded embedding's grad replicated): bring it to the parameter's layout.
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
@@ -60,6 +60,7 @@ class _Bucket:
         return self.flat
 
     def unflatten(self, scale: float) -> None:
+        assert self.flat is not None, "flatten() first"
         offset = 0
         for p in self.params:
             local = _local(p)
@@ -130,6 +131,7 @@ class GradientReducer:
             if bucket.handle is None:
                 self._launch(bucket)
         for bucket in self.buckets:
+            assert bucket.handle is not None  # launched just above
             bucket.handle.wait()
             bucket.unflatten(self.scale)
             bucket.handle, bucket.ready = None, 0
@@ -147,7 +149,9 @@ class GradientReducer:
 
 def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
     """Consecutive groups of same-dtype/device parameters of at most ``bucket_bytes`` (>= 1 each)."""
-    buckets, current, size = [], [], 0
+    buckets: list[_Bucket] = []
+    current: list[nn.Parameter] = []
+    size = 0
     for p in params:
         nbytes = _local(p).numel() * p.element_size()
         same_kind = not current or (current[0].dtype == p.dtype and current[0].device == p.device)

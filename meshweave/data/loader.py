@@ -76,7 +76,7 @@ class ShardedLoader:
 
     def _stream(self, start: int, count: int) -> list[int]:
         """Dataset indices of global samples ``[start, start + count)``, across epoch ends."""
-        n, out = len(self.dataset), []
+        n, out = len(self.dataset), list[int]()
         while len(out) < count:
             pos = start + len(out)
             epoch, offset = divmod(pos, n)

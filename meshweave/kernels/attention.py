@@ -93,7 +93,7 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, T
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Tensor, Tensor]:
     """The plain-torch twin of :func:`attention` (same contract), for tests and odd devices."""
     _check_shapes(q, k, v)
-    out, lse = _reference(*(t.transpose(1, 2) for t in (q, k, v)), causal)
+    out, lse = _reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
     return out.transpose(1, 2), lse
 
 
@@ -165,7 +165,7 @@ def merge_partial(
     """
     acc = accumulation_dtype(block_out.dtype)
     block_out, block_lse = block_out.to(acc), block_lse.to(acc)
-    if out is None:
+    if out is None or lse is None:
         return block_out.clone(), block_lse.clone()
     acc_empty, block_empty = torch.isneginf(lse), torch.isneginf(block_lse)
     # Substitute finite values where a side is empty so no -inf - -inf reaches the formula.

@@ -241,9 +241,11 @@ class StreamingDiLoCo:
         if self.settings.quantize == "none" or not flight.handles:
             total = flight.buffers[0]
         else:
-            total = self._decode_sum(*flight.buffers, flight.numel)
-            if total is None:
+            all_codes, all_side = flight.buffers
+            decoded = self._decode_sum(all_codes, all_side, flight.numel)
+            if decoded is None:
                 return None, "a replica's outer gradient was not finite"
+            total = decoded
         average = total.div_(self.group.size)
         if not bool(torch.isfinite(average).all()):
             return None, "the averaged outer gradient is not finite"
@@ -264,6 +266,7 @@ class StreamingDiLoCo:
         """Wait for the fragment in flight and apply its outer step (``adopt``: merge with alpha 0);
         False when the sync failed."""
         flight, self._inflight = self._inflight, None
+        assert flight is not None, "no fragment in flight"
         self._resolve(flight)
         if flight.error:
             self._fail(step, flight.fragment, flight.error)
@@ -271,6 +274,7 @@ class StreamingDiLoCo:
         members = self._members[flight.fragment]
         with torch.no_grad():
             if not flight.merge_only:
+                assert flight.average is not None  # resolved without error
                 self._outer_step(members, flight.average, self._global, self._momentum)
             alpha = 0.0 if adopt else self.settings.alpha
             for i in members:
@@ -356,6 +360,7 @@ class StreamingDiLoCo:
                 members = self._members[flight.fragment]
                 for i in members:
                     global_[i], momentum[i] = global_[i].clone(), momentum[i].clone()
+                assert flight.average is not None  # resolved without error
                 with torch.no_grad():
                     self._outer_step(members, flight.average, global_, momentum)
         out: dict[str, Tensor] = {}

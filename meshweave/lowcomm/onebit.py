@@ -217,7 +217,9 @@ def _sum_over_holders(parts: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         replicated = tuple(d for d, pl in enumerate(p.placements) if pl.is_replicate())
         by_mesh.setdefault((id(p.device_mesh), replicated), []).append(i)
     for (_, replicated), members in by_mesh.items():
-        mesh = parts[members[0]][1].device_mesh
+        holder = parts[members[0]][1]
+        assert isinstance(holder, DTensor)
+        mesh = holder.device_mesh
         copies = math.prod(mesh.size(d) for d in replicated)
         flat = torch.cat([parts[i][0] for i in members]) / copies
         total = DTensor.from_local(flat, mesh, [Partial()] * mesh.ndim, run_check=False).full_tensor()
@@ -379,7 +381,7 @@ class OneBitAdam(torch.optim.Optimizer):
                     target.copy_(saved[f"{i}.{key}"])
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         """One update; in the compressed phase a collective over ``group`` (all ranks call it)."""
         loss = None
         if closure is not None:

@@ -126,6 +126,6 @@ class ReplicaExchange:
         """Per-step keys for metrics.jsonl."""
         if self.mode == "onebit":
             return {"onebit_compressing": self.optimizer.compressing}
-        if self.mode == "diloco":
+        if self.diloco is not None:
             return {"diloco_failed_syncs": self.diloco.failed_syncs}
         return {}

@@ -169,9 +169,9 @@ class MetricsLogger:
         # the torn line stays one malformed line instead of corrupting the next record too.
         torn = False
         if path.is_file() and path.stat().st_size > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
+            with open(path, "rb") as raw:
+                raw.seek(-1, os.SEEK_END)
+                torn = raw.read(1) != b"\n"
         f = open(path, "a", encoding="utf-8")
         if torn:
             f.write("\n")

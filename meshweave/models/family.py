@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class ModelFamily:
         (the one that feeds them); everything else (the embedding, a head weight tied to it) with 0.
         A function of global names only, so every pipeline stage agrees."""
         blocks: Mapping[str, nn.Module] = (
-            self.block_dict(model) if getattr(model, self.blocks, None) is not None else {}
+            dict(self.block_dict(model).items()) if getattr(model, self.blocks, None) is not None else {}
         )
         fragment_of_param = {id(p): int(key) % n for key, block in blocks.items() for p in block.parameters()}
         last = max((int(key) for key in blocks), default=n - 1) % n
@@ -89,6 +90,26 @@ class ModelFamily:
             for name, p in model.named_parameters()
             if p.requires_grad
         }
+
+
+class FamilyModel(Protocol):
+    """What a family's model class provides beside its declaration (parallel/ calls these)."""
+
+    cfg: ModelConfig
+    checkpoint_layers: bool  # recompute each block in backward
+    rope_positions: torch.Tensor | None  # global positions of the tokens it sees (CP shard, stage)
+
+    def set_attention_op(self, op: Callable[..., Any]) -> None:
+        """Route every block's attention through ``op`` (the kernels.attention contract)."""
+
+    def tie_weights(self) -> None:
+        """Re-tie embedding and head after anything that replaced parameters."""
+
+
+def seam(model: nn.Module) -> FamilyModel:
+    """``model`` seen through :class:`FamilyModel` (its class declares a family)."""
+    family_of(model)
+    return cast(FamilyModel, model)
 
 
 def family_of(model: nn.Module) -> ModelFamily:

@@ -109,8 +109,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        routed = moe is not None and moe.enabled and is_moe_layer(layer_idx, moe)
-        self.mlp: nn.Module = MoEFeedForward(cfg.dim, moe) if routed else FeedForward(cfg)
+        self.mlp: nn.Module = FeedForward(cfg)
+        if moe is not None and moe.enabled and is_moe_layer(layer_idx, moe):
+            self.mlp = MoEFeedForward(cfg.dim, moe)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
@@ -170,6 +171,7 @@ class Transformer(nn.Module):
     def set_attention_op(self, op: AttentionOp) -> None:
         """Route every layer's attention through ``op`` (same contract as kernels.attention)."""
         for layer in self.layers.values():
+            assert isinstance(layer, DecoderLayer)
             layer.self_attn.attn_op = op
 
 

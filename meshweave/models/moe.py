@@ -88,6 +88,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         if settings.bias_balancing:
             self.register_buffer("e_score_correction_bias", torch.zeros(settings.num_experts))
+        self.e_score_correction_bias: Tensor
         self.last_aux: Tensor | None = None
         self.last_z: Tensor | None = None
         self.last_load: Tensor | None = None
@@ -273,7 +274,9 @@ class MoEFeedForward(nn.Module):
             routed = routed + side
         out = routed.view(shape)
         if self.aux_loss_scale is not None and torch.is_grad_enabled():
-            out = _AuxLossGrad.apply(out, self.gate.last_aux + self.gate.last_z, self.aux_loss_scale)
+            aux, z = self.gate.last_aux, self.gate.last_z
+            assert aux is not None and z is not None  # set by the router's forward above
+            out = _AuxLossGrad.apply(out, aux + z, self.aux_loss_scale)
         return out
 
 
@@ -328,6 +331,7 @@ def moe_metrics(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         if isinstance(m, MoEFeedForward) and m.gate.last_load is not None:
             r = m.gate
+            assert r.last_load is not None and r.last_aux is not None and r.last_z is not None  # set together
             out[name] = {
                 "tokens_per_expert": r.last_load.tolist(),
                 "dropped_fraction": r.last_dropped,

@@ -15,6 +15,8 @@ global token count, so the sum is the gradient of the global mean loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -51,7 +53,7 @@ def apply_fsdp(
     shard = dims.shard_dim
     hsdp = across_replicas and dims.dp_replicate > 1
     dp_mesh = mesh["dp_replicate", shard] if hsdp else mesh[shard]
-    kwargs = {"mesh": dp_mesh}
+    kwargs: dict[str, Any] = {"mesh": dp_mesh}
     if MIXED_PRECISION[mixed_precision] is not None:
         kwargs["mp_policy"] = MIXED_PRECISION[mixed_precision]
     if ignored:

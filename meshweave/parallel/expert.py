@@ -65,6 +65,7 @@ duration of each forward, activation-checkpoint recomputation included.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -180,7 +181,8 @@ class ExpertParallel:
         out_rows = experts(received[regroup], recv_counts.sum(0).tolist())
         back = out_rows[torch.argsort(regroup)]
         returned = _AllToAll.apply(back, g, send_splits, recv_splits, None)
-        self.last_splits = experts.last_splits = (send_splits, recv_splits)  # binder-wide, per layer
+        self.last_splits = (send_splits, recv_splits)  # binder-wide; per layer on the experts:
+        experts.last_splits = self.last_splits  # type: ignore[assignment]  # a plain attribute of nn.Module
         return combine(returned, order, weights, tokens.shape[0]), side
 
 
@@ -254,9 +256,10 @@ def _to_local(p: DTensor) -> torch.Tensor:
 def local_compute(moe: MoEFeedForward) -> LocalCompute:
     """The layer's :class:`LocalCompute`, installed on first use (tensor and expert parallelism
     both need it; one set of hooks serves both)."""
-    if not hasattr(moe, "_local_compute"):
-        moe._local_compute = LocalCompute(moe)
-    return moe._local_compute
+    installed = moe.__dict__.get("_local_compute")
+    if installed is None:
+        installed = moe.__dict__["_local_compute"] = LocalCompute(moe)
+    return installed
 
 
 class _GatherBlock(torch.autograd.Function):
@@ -281,6 +284,11 @@ class _GatherBlock(torch.autograd.Function):
         if ctx.replicate is not None:
             ops.all_reduce(piece, ctx.replicate)
         return piece, None, None, None
+
+
+def _gather_block(p: DTensor, edp: CommGroup, replicate: CommGroup | None, dtype: torch.dtype) -> Tensor:
+    """This rank's whole ep block of an expert weight, gathered over ``edp`` (see _GatherBlock)."""
+    return _GatherBlock.apply(p.to_local(), edp, replicate, dtype)
 
 
 def shard_expert_weights(
@@ -314,7 +322,7 @@ def shard_expert_weights(
                 requires_grad=w.requires_grad,
             )
             dtype = compute_dtype or w.dtype
-            gathers[id(sub)] = lambda p, dtype=dtype: _GatherBlock.apply(p.to_local(), edp, replicate, dtype)
+            gathers[id(sub)] = partial(_gather_block, edp=edp, replicate=replicate, dtype=dtype)
             params.append(sub.weight)
     return params
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
 from meshweave.comm.ops import CommGroup
 from meshweave.config import Config
 from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
-from meshweave.models.family import family_of
+from meshweave.models.family import family_of, seam
 from meshweave.models.moe import init_moe_buffers, set_aux_loss_scale
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.data import MIXED_PRECISION, apply_fsdp, fsdp_inside_replicas, replicated_reducer
@@ -53,10 +53,10 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"])
     cp = context_parallel(dims, mesh, cfg)
     if cp is not None:
-        model.set_attention_op(cp.attention_op)
+        seam(model).set_attention_op(cp.attention_op)
     experts = expert_parallel(model, dims, mesh, cfg)
     for root in {id(r): r for r in [model, *roots]}.values():
-        root.checkpoint_layers = cfg.parallel.activation_checkpointing
+        seam(root).checkpoint_layers = cfg.parallel.activation_checkpointing
     apart = replica_mode(cfg) != "dp"
     if fsdp_inside_replicas(dims, cfg):
         apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart, ignored=experts)
@@ -113,7 +113,7 @@ def expert_parallel(model: nn.Module, dims: ParallelDims, mesh: ParallelMesh, cf
     # the dp mesh with a tensor-parallel parameter's tp mesh), so one grad-norm covers all.
     hsdp = dims.dp_replicate > 1 and replica_mode(cfg) == "dp"
     dp_mesh = mesh["dp_replicate", dims.shard_dim] if hsdp else mesh[dims.shard_dim]
-    placements = [Replicate(), Shard(0)] if hsdp else [Shard(0)]
+    placements: list[Placement] = [Replicate(), Shard(0)] if hsdp else [Shard(0)]
     if dims.tp > 1:
         dp_mesh = DeviceMesh._concatenate([dp_mesh, mesh["tp"]])
         placements.append(Replicate())
@@ -145,14 +145,14 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     Each rank builds the full initial tensor from the seed and keeps its own shard, so the model
     is identical under every layout. Costs one full parameter on the host at a time.
     """
-    init_value = family_of(model).init_value
+    init_value, cfg = family_of(model).init_value, seam(model).cfg
     model.to_empty(device=device)
-    model.tie_weights()
+    seam(model).tie_weights()
     init_moe_buffers(model)  # to_empty leaves buffers uninitialised
     for name, param in model.named_parameters():
         if isinstance(param, DTensor):
-            full = init_value(name, param.shape, model.cfg, seed).to(device=device, dtype=param.dtype)
+            full = init_value(name, param.shape, cfg, seed).to(device=device, dtype=param.dtype)
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(local.to_local())
         else:
-            param.copy_(init_value(name, param.shape, model.cfg, seed))
+            param.copy_(init_value(name, param.shape, cfg, seed))

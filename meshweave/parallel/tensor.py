@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from meshweave.models.family import family_of
+from meshweave.models.family import family_of, seam
 from meshweave.models.moe import MoEFeedForward
 from meshweave.parallel.expert import local_compute
 
@@ -98,8 +98,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     _apply_plan(model, family.root_tp_plan, tp_mesh)
     for block in family.block_dict(model).values():
         _apply_plan(block, family.block_tp_plan(block), tp_mesh)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # a tied head must stay the embedding's (now sharded) parameter
+    seam(model).tie_weights()  # a tied head must stay the embedding's (now sharded) parameter
 
 
 def _replicate_parameters(moe: MoEFeedForward, tp_mesh: DeviceMesh) -> None:

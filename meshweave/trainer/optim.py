@@ -24,7 +24,8 @@ def build_optimizer(
 
     Norm weights and other 1-D parameters get no weight decay.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -32,6 +33,8 @@ def build_optimizer(
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     if cfg.name == "onebit_adam":
+        if replicas is None:
+            raise ValueError("onebit_adam needs the replicas' group (dp_replicate) to exchange over")
         return OneBitAdam(
             groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, freeze_step=cfg.freeze_step, group=replicas
         )

@@ -61,7 +61,8 @@ def _pass_on(send: list[Tensor], recv_like: list[Tensor], group: CommGroup) -> t
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup) -> tuple[Tensor, Tensor]:
     """Ring attention over ``group`` for local zigzag shards; returns ``(out, lse)`` (collective)."""
     rank, size = group.rank, group.size
-    out = lse = None
+    out: Tensor | None = None
+    lse: Tensor | None = None
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
     for step in range(size):
@@ -70,13 +71,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup
         src = (rank - step) % size
         rows, cols, masked = _block(step, src, rank, causal, q.shape[1])
         block_out, block_lse = attention(q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], masked)
-        if rows == slice(None):
+        if rows == slice(None) or out is None or lse is None:  # step 0 sees every row
             out, lse = merge_partial(out, lse, block_out, block_lse)
         else:
             out[:, rows], lse[..., rows] = merge_partial(out[:, rows], lse[..., rows], block_out, block_lse)
         if step < size - 1:
             handle.wait()
             kv = incoming
+    assert out is not None and lse is not None
     return out.to(q.dtype), lse
 
 
@@ -91,7 +93,8 @@ def ring_backward(
     dq = torch.zeros_like(q, dtype=acc)
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
-    dkv_in, dkv_handle = None, None
+    dkv_in: Tensor | None = None
+    dkv_handle: ops.Handle | None = None
     for step in range(size):
         if step < size - 1:
             (kv_next,), kv_handle = _pass_on([kv], [kv], group)
@@ -101,7 +104,7 @@ def ring_backward(
             dout[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], out[:, rows], lse[..., rows], masked
         )
         dq[:, rows] += dq_b
-        if dkv_handle is not None:
+        if dkv_handle is not None and dkv_in is not None:
             dkv_handle.wait()
             dkv = dkv_in
         else:
@@ -112,6 +115,7 @@ def ring_backward(
         if step < size - 1:
             kv_handle.wait()
             kv = kv_next
+    assert dkv_handle is not None and dkv_in is not None  # size > 1: at least one hop
     dkv_handle.wait()
     return dq.to(q.dtype), dkv_in[:, :, :n_kv].to(k.dtype), dkv_in[:, :, n_kv:].to(v.dtype)
 

@@ -117,7 +117,8 @@ def tokenring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: Comm
     """TokenRing attention over ``group`` for local zigzag shards; returns ``(out, lse)`` (collective)."""
     seq, size = q.shape[1], group.size
     plan = _Schedule(group, causal, seq)
-    out = lse = None
+    out: Tensor | None = None
+    lse: Tensor | None = None
     held = q.contiguous()
     pending: tuple[list[Tensor], ops.Handle, int] | None = None
     for step in range(size):
@@ -126,7 +127,7 @@ def tokenring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: Comm
             (incoming,), q_handle = plan.pass_queries(step, [held])
         cols, masked = _block(step, owner, plan.rank, causal, seq)
         block_out, block_lse = attention(held, k[:, cols], v[:, cols], masked)
-        if step == 0:
+        if step == 0 or out is None or lse is None:
             out, lse = merge_partial(None, None, block_out, block_lse)
         else:
             returned = plan.return_results(step, [block_out, block_lse], [q, lse])
@@ -136,6 +137,7 @@ def tokenring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: Comm
         if step < size - 1:
             q_handle.wait()
             held = incoming
+    assert out is not None and lse is not None
     if pending is not None:
         out, lse = _merge_returned(out, lse, pending, plan)
     return out.to(q.dtype), lse

@@ -2,10 +2,10 @@
 
 Each of ``U`` ranks holds ``[b, N/U, h, d]``. One all-to-all turns q, k and v (packed straight
 into one send buffer, so one collective instead of DeepSpeed's three, and no more copies) into
-``[b, N, h/U, d]`` — the full sequence for ``h/U`` heads — then the ordinary local kernel runs, and a second all-to-all returns
-the output to ``[b, N/U, h, d]``. Both all-to-alls are their own inverses' adjoints, so backward
-is the same two exchanges in reverse. Per rank and layer that moves about ``4 N h d / U``
-elements x (U-1)/U: constant when N and U grow together.
+``[b, N, h/U, d]`` — the full sequence for ``h/U`` heads — then the ordinary local kernel runs,
+and a second all-to-all returns the output to ``[b, N/U, h, d]``. Both all-to-alls are their own
+inverses' adjoints, so backward is the same two exchanges in reverse. Per rank and layer that
+moves about ``4 N h d / U`` elements x (U-1)/U: constant when N and U grow together.
 
 Grouped-query attention: rank ``u`` gets query heads ``[u h/U, (u+1) h/U)``, which use KV heads
 ``[u h_kv/U, ...)`` when ``U`` divides ``h_kv``. When ``U > h_kv`` each KV head is repeated
