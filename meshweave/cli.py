@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from meshweave.config import ConfigError, options_help
-from meshweave.validation import resolve
+from meshweave.validation import preflight, resolve
 
 TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]
        meshweave run --nproc N [--config FILE] [--out DIR] [--section.key=value ...]
@@ -81,8 +81,6 @@ def cmd_train(args: list[str]) -> int:
         return _fail(f"launch environment: {e}")
     try:
         cfg = resolve(*_split_config(args))
-        from meshweave.trainer.loop import preflight  # torch import only after parsing
-
         preflight(cfg)
     except ConfigError as e:
         return _fail(str(e))
@@ -124,8 +122,6 @@ def cmd_run(args: list[str]) -> int:
     try:
         config_path, overrides = _split_config(rest)
         cfg = resolve(config_path, overrides, world_size=known.nproc)
-        from meshweave.trainer.loop import preflight
-
         preflight(cfg)
     except ConfigError as e:
         return _fail(str(e))

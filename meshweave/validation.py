@@ -11,10 +11,11 @@ never a traceback from eight ranks. No torch is imported here.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from meshweave.config import Config, check_moe, check_sections, load, require
+from meshweave.config import Config, ConfigError, check_moe, check_sections, load, require
 from meshweave.parallel.dims import ParallelDims, resolve_degrees
 
 
@@ -49,6 +50,34 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             "nor a meshweave checkpoint (manifest.json)",
         )
     return resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that read files but need no process group: the data's vocabulary fits the model,
+    ``checkpoint.init_from`` has the model's shape, an explicit ``checkpoint.resume`` path verifies.
+    ConfigError otherwise. Imports the checkpoint code (and torch) only when a run names one."""
+    if cfg.checkpoint.init_from:
+        from meshweave.checkpoint.hf import check_init_from
+
+        check_init_from(cfg)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        from meshweave.checkpoint.manager import CheckpointError, verify
+
+        try:
+            verify(Path(cfg.checkpoint.resume))
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.resume: {e} (use auto to fall back to the newest valid one)") from None
+    if cfg.data.source == "embedded":
+        from meshweave.data.tokenizers import ByteTokenizer
+
+        vocab = ByteTokenizer().vocab_size
+    else:
+        vocab = json.loads((Path(cfg.data.source) / "index.json").read_text())["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}"
+        )
 
 
 def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where a device or process group is made: rank_info needs none
+    import torch
+    import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def _slurm_tasks_on_this_node(env: dict[str, str]) -> int:
 
 def pick_device(preference: str, info: RankInfo) -> torch.device:
     """``cuda:<local_rank>`` when asked for or available (``auto``), else the CPU."""
+    import torch
+
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
@@ -108,6 +112,8 @@ def init_process_group(device: torch.device, info: RankInfo, timeout_s: float = 
     A lone process gets a private in-memory store, so every code path runs the same collectives
     (each a no-op on a group of one) whether or not it was launched by torchrun.
     """
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -137,6 +143,8 @@ def _attempt_store(info: RankInfo, timeout: datetime.timedelta) -> dist.Store:
     attempt's keys (gloo peer addresses of dead processes); a rank that reads one before its peer
     overwrites it connects to nothing and hangs. A prefix per attempt keeps attempts apart.
     """
+    import torch.distributed as dist
+
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -154,6 +162,8 @@ def destroy_process_group(clean: bool = True) -> None:
 
     Pass ``clean=False`` on an error path, where peers may never reach the barrier.
     """
+    import torch.distributed as dist
+
     if dist.is_initialized():
         if clean:
             # A rank that leaves while a peer still drains its last collective aborts the peer's

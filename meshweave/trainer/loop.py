@@ -15,7 +15,6 @@ The loop knows the layout only through ParallelDims and the runtime; adding a pa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -24,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from meshweave.checkpoint.hf import check_init_from, load_initial_weights
-from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest, verify
+from meshweave.checkpoint.hf import load_initial_weights
+from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup
-from meshweave.config import Config, ConfigError, to_toml
+from meshweave.config import Config, to_toml
 from meshweave.data.datasets import IGNORE_INDEX, build_datasets
 from meshweave.data.loader import ShardedLoader
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
@@ -40,6 +39,7 @@ from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime
 from meshweave.trainer.optim import build_optimizer, lr_at, set_lr
+from meshweave.validation import preflight
 
 
 class NonFiniteLossError(RuntimeError):
@@ -328,29 +328,6 @@ class Trainer:
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross entropy of the valid target tokens (fp32), the loss every layout normalises."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def preflight(cfg: Config) -> None:
-    """Checks that read files but need no process group: the data's vocabulary fits the model and
-    ``checkpoint.init_from`` has the model's shape, an explicit ``checkpoint.resume`` path verifies.
-    ConfigError otherwise."""
-    check_init_from(cfg)
-    if cfg.checkpoint.resume not in ("auto", "none"):
-        try:
-            verify(Path(cfg.checkpoint.resume))
-        except CheckpointError as e:
-            raise ConfigError(f"checkpoint.resume: {e} (use auto to fall back to the newest valid one)") from None
-    if cfg.data.source == "embedded":
-        from meshweave.data.tokenizers import ByteTokenizer
-
-        vocab = ByteTokenizer().vocab_size
-    else:
-        vocab = json.loads((Path(cfg.data.source) / "index.json").read_text())["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-            f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}"
-        )
 
 
 def train(cfg: Config) -> list[float]:

@@ -550,6 +550,11 @@ def test_every_option_has_help_text_beside_its_field():
 
 @pytest.mark.procs
 def test_validation_imports_no_torch():
-    # A bad layout must fail in the launching process in milliseconds: no torch on that path.
-    code = "import sys, meshweave.validation; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    # A bad layout must fail in the launching process in milliseconds: the CLI reads the launch
+    # environment, resolves, validates and preflights a run that names no checkpoint without torch.
+    code = (
+        "import sys, meshweave.cli; from meshweave.launch.env import rank_info; "
+        "from meshweave.validation import preflight, resolve; rank_info(); preflight(resolve(None, [], 1)); "
+        "assert 'torch' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
