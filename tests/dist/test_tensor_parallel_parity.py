@@ -32,8 +32,8 @@ def reference_gqa(reference_run):
     pytest.param(4, ["--parallel.tp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1"], id="tp2-replicate2"),
     pytest.param(2, ["--parallel.tp=2", "--train.micro_batch=2"], id="tp2-accumulate4"),
 ])
-def test_layout_matches_one_process(tmp_path, reference, nproc, layout):
-    assert_losses_match(reference, losses(train_run(tmp_path, nproc, *layout, steps=STEPS)), rtol=1e-4)
+def test_layout_matches_one_process(reference_run, reference, nproc, layout):
+    assert_losses_match(reference, losses(reference_run(nproc, *layout, steps=STEPS)), rtol=1e-4)
 
 
 def test_tp4_with_grouped_query_attention_matches_one_process(tmp_path, reference_gqa):

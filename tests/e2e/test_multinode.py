@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from meshweave.launch.harness import free_port, read_metrics
-from tests.parity import TINY, losses, train_run, worker_pids
+from tests.parity import TINY, losses, worker_pids
 
 STEPS = 10
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
@@ -32,10 +32,9 @@ TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def one_node_losses(tmp_path_factory):
+def one_node_losses(reference_run):
     """The reference: the same two ranks under one torchrun (`meshweave run --nproc 2`)."""
-    out = tmp_path_factory.mktemp("one-node") / "run"
-    records = train_run(out, 2, *LAYOUT, steps=STEPS)
+    records = reference_run(2, *LAYOUT, steps=STEPS)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     return losses(records)
 

@@ -29,8 +29,8 @@ def _interrupted_then_resumed(out, nproc, *layout):
         pytest.param(2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], id="replicate2"),
     ],
 )
-def test_resumed_losses_equal_uninterrupted_bitwise(tmp_path, nproc, layout):
-    uninterrupted = losses(train_run(tmp_path / "whole", nproc, *layout, steps=STEPS))
+def test_resumed_losses_equal_uninterrupted_bitwise(tmp_path, reference_run, nproc, layout):
+    uninterrupted = losses(reference_run(nproc, *layout, steps=STEPS))
     resumed = _interrupted_then_resumed(tmp_path / "split", nproc, *layout)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert losses(resumed) == uninterrupted

@@ -36,8 +36,8 @@ def _job_log(cwd, job_id):
     return logs[0].read_text() if logs else "(no job output)"
 
 
-def test_sbatch_on_two_nodes_trains_like_two_local_processes(slurm, tmp_path):
-    local = losses(train_run(tmp_path / "local", 2, *LAYOUT, steps=10))
+def test_sbatch_on_two_nodes_trains_like_two_local_processes(slurm, tmp_path, reference_run):
+    local = losses(reference_run(2, *LAYOUT, steps=10))
     job_id = _sbatch(slurm, tmp_path, tmp_path / "run", 10)
     state = wait_for_state(slurm, job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     assert state == "COMPLETED", _job_log(tmp_path, job_id)
