@@ -5,21 +5,23 @@ a bridge in the root namespace (the bridge itself has no address, so the root na
 reach the ranks and they reach nothing but each other). Rank ``i``'s veth has the address
 ``10.78.0.<i+1>/24`` — it exists only inside that namespace — and its egress is shaped with
 ``tc qdisc ... tbf rate <R>mbit``: every rank sends at most R Mbit/s in total, like a node with an
-R Mbit/s NIC behind a switch. One process per namespace runs ``fn(rank, world, *args)`` with
-``GLOO_SOCKET_IFNAME`` set to that veth and ``MASTER_ADDR`` the first namespace's address::
+R Mbit/s NIC behind a switch. Two ways in::
 
-    from _netns import available, spawn_in_namespaces
+    from bench._netns import ShapedNetwork, available, spawn_in_namespaces
     reason = available()
     if reason:
         print(f"skipped: {reason}")
     else:
         results = spawn_in_namespaces(fn, 2, spec, rate_mbit=1000)   # rank-ordered return values
+        with ShapedNetwork(2, 100) as net:                            # or: any command per namespace
+            subprocess.Popen(net.command(0, ["python", "-m", "meshweave", "train", ...]), env=...)
 
-``fn`` must be a module-level function of a file that can be imported by path (a bench script is
-fine: its ``if __name__ == "__main__"`` block does not run in the workers); its arguments and
-return value must pickle as plain data. The namespaces, the veths and the bridge are deleted when
-the run ends — normally, on a worker failure or timeout, on KeyboardInterrupt and on SIGTERM —
-after killing whatever still runs inside the namespaces (only processes this helper started can).
+:func:`spawn_in_namespaces` is :func:`meshweave.launch.harness.spawn` (same rules for ``fn``, its
+arguments and its result) with each rank moved into its namespace (``setns``) before torch is
+imported, ``GLOO_SOCKET_IFNAME`` set to its veth and ``MASTER_ADDR`` the first namespace's address.
+The namespaces, the veths and the bridge are deleted when the network is closed — normally, on a
+worker failure or timeout, on KeyboardInterrupt and on SIGTERM — after killing whatever still runs
+inside the namespaces (only processes this helper started can).
 
 Needs root (or CAP_NET_ADMIN) and iproute2 (``ip``, ``tc``); :func:`available` says why not.
 This is ../shared/RECIPES.md's "slow link between two nodes" with a bridge for more than two.
@@ -28,26 +30,25 @@ This is ../shared/RECIPES.md's "slow link between two nodes" with a bridge for m
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import ctypes
+import functools
 import os
-import pickle
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, _pythonpath  # noqa: E402
-
-from meshweave.launch.harness import collect_results, run_rank  # noqa: E402
+from meshweave.launch.harness import WorkerError, spawn
 
 SUBNET = "10.78.0"
-PORT = 29500  # any port is free in a fresh namespace
+CLONE_NEWNET = 0x40000000  # <sched.h>: setns() into a network namespace
+BRIDGE_HINT = (
+    "ranks in shaped namespaces; if they never connected, check that bridged traffic is not filtered "
+    "(/proc/sys/net/bridge/bridge-nf-call-iptables with a FORWARD DROP policy)"
+)
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -89,9 +90,9 @@ class ShapedNetwork:
         self.addr = [f"{SUBNET}.{i + 1}" for i in range(n)]
         self._made_ns: list[str] = []
         self._made_bridge = False
-        self._old_sigterm = None
+        self._old_sigterm: Any = None
 
-    def __enter__(self) -> "ShapedNetwork":
+    def __enter__(self) -> ShapedNetwork:
         if threading.current_thread() is threading.main_thread():  # SIGTERM -> SystemExit -> __exit__
             self._old_sigterm = signal.signal(signal.SIGTERM, _raise_exit)
         try:
@@ -110,7 +111,7 @@ class ShapedNetwork:
         _run("ip", "link", "set", self.bridge, "up")
         # tbf needs a bucket of at least one (GSO) packet; ~1 ms of traffic, never under 64 KiB.
         burst = max(64 * 1024, int(self.rate_mbit * 1e6 / 8 / 1000))
-        for ns, dev, host, addr in zip(self.ns, self.dev, self.host_dev, self.addr):
+        for ns, dev, host, addr in zip(self.ns, self.dev, self.host_dev, self.addr, strict=True):
             _run("ip", "netns", "add", ns)
             self._made_ns.append(ns)
             _run("ip", "link", "add", host, "type", "veth", "peer", "name", dev, "netns", ns)
@@ -118,8 +119,35 @@ class ShapedNetwork:
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _run("ip", "-n", ns, "link", "set", dev, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                 "rate", f"{self.rate_mbit:g}mbit", "burst", str(burst), "latency", "50ms")
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                f"{self.rate_mbit:g}mbit",
+                "burst",
+                str(burst),
+                "latency",
+                "50ms",
+            )
+
+    def command(self, rank: int, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside rank ``rank``'s namespace (``ip netns exec`` execs it: the process
+        started is the command itself). Give it ``GLOO_SOCKET_IFNAME=dev[rank]`` for gloo."""
+        return ["ip", "netns", "exec", self.ns[rank], *argv]
+
+    def rank_setup(self) -> Callable[[int], dict[str, str]]:
+        """A picklable ``rank_setup`` for :func:`meshweave.launch.harness.spawn`: rank ``i`` enters
+        ``ns[i]`` and rendezvouses at ``addr[0]`` over its veth (one rank per "node")."""
+        return functools.partial(enter_namespace, tuple(self.ns), tuple(self.dev), self.addr[0])
 
     def close(self) -> None:
         """Kill what runs in the namespaces, delete them (their veths go with them) and the bridge."""
@@ -144,60 +172,30 @@ class ShapedNetwork:
             print(f"_netns: cleanup incomplete: {'; '.join(errors)}", file=sys.stderr)
 
 
-def _raise_exit(signum, frame):  # noqa: ARG001
+def _raise_exit(signum: int, frame: Any) -> None:  # noqa: ARG001
     raise SystemExit(128 + signum)
 
 
-def spawn_in_namespaces(fn: Callable, world: int, *args: Any, rate_mbit: float = 1000, timeout: float = 900,
-                        env: dict[str, str] | None = None, log_dir: Path | None = None) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks, one per shaped namespace; rank-ordered
-    results. Raises :class:`meshweave.launch.harness.WorkerError` with the first traceback if a rank fails or the
-    run exceeds ``timeout`` seconds. Worker output goes to ``log_dir/rank<r>.log`` when given."""
-    target = (str(Path(sys.modules[fn.__module__].__file__).resolve()), fn.__qualname__)
-    with tempfile.TemporaryDirectory(prefix="meshweave-netns-") as tmp, ShapedNetwork(world, rate_mbit) as net:
-        where = Path(log_dir) if log_dir else Path(tmp)
-        where.mkdir(parents=True, exist_ok=True)
-        procs = []
+def enter_namespace(names: Sequence[str], devices: Sequence[str], master: str, rank: int) -> dict[str, str]:
+    """Move this process into ``names[rank]`` (before it opens any socket: only the calling thread
+    moves, and threads started later inherit its namespace); returns the rank's gloo variables."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{names[rank]}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {names[rank]}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return {"GLOO_SOCKET_IFNAME": devices[rank], "MASTER_ADDR": master, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+
+
+def spawn_in_namespaces(fn: Callable, world: int, *args: Any, rate_mbit: float = 1000, **kwargs: Any) -> list[Any]:
+    """:func:`meshweave.launch.harness.spawn` with rank ``r`` in namespace ``r`` of a fresh
+    :class:`ShapedNetwork` at ``rate_mbit``; ``kwargs`` (timeout, env, log_dir) go to ``spawn``.
+    Rank-ordered results; :class:`~meshweave.launch.harness.WorkerError` as ``spawn`` raises it."""
+    with ShapedNetwork(world, rate_mbit) as net:
         try:
-            for rank in range(world):
-                job = Path(tmp) / f"{rank}.job"
-                job.write_bytes(pickle.dumps({"target": target, "rank": rank, "world": world, "args": args,
-                                              "master": net.addr[0], "timeout": timeout, "results": tmp}))
-                child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath(),
-                             "GLOO_SOCKET_IFNAME": net.dev[rank]}
-                with open(where / f"rank{rank}.log", "w") as log:
-                    procs.append(subprocess.Popen(
-                        ["ip", "netns", "exec", net.ns[rank], sys.executable, __file__, str(job)],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=ROOT))
-            deadline = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs):
-                failed = any(p.poll() not in (None, 0) for p in procs)
-                if failed or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        finally:
-            for p in procs:  # `ip netns exec` execs the command: these are the workers themselves
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        logs = f" (logs: {where})" if log_dir else ""
-        return collect_results(tmp, world, timeout,
-                               hint=f"{logs}; if they never connected, check that bridged traffic is not filtered "
-                                    "(/proc/sys/net/bridge/bridge-nf-call-iptables with a FORWARD DROP policy)")
-
-
-def _worker(job_path: str) -> None:
-    """One rank inside its namespace (started by :func:`spawn_in_namespaces`)."""
-    job = pickle.loads(Path(job_path).read_bytes())
-    rank, world, results = job["rank"], job["world"], Path(job["results"])
-    os.environ.update(MASTER_ADDR=job["master"], MASTER_PORT=str(PORT), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    path, name = job["target"]
-    spec = importlib.util.spec_from_file_location(f"_netns_target_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    run_rank(getattr(module, name), rank, world, job["args"], results, job["timeout"])
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
+            return spawn(fn, world, *args, rank_setup=net.rank_setup(), **kwargs)
+        except WorkerError as e:
+            raise WorkerError(f"{BRIDGE_HINT}:\n{e}") from None

@@ -8,9 +8,10 @@
 (nothing of the caller is inherited but ``sys.path``), gives them a default gloo process group on a
 free loopback port, calls ``fn(rank, world_size, *args)`` in each and returns the results in rank
 order. ``fn`` must be a module-level function of an importable module (a test module, a bench
-script) and its arguments and result must pickle. A failing rank stops the job at once (its peers
-may be blocked in a collective) and :class:`WorkerError` carries every failed rank's traceback; a
-job that outlives ``timeout`` seconds is killed. torch is imported only inside the workers.
+script run as ``python -m bench.x``) and its arguments and result must pickle. A failing rank stops
+the job at once (its peers may be blocked in a collective) and :class:`WorkerError` carries every
+failed rank's traceback; a job that outlives ``timeout`` seconds is killed. torch is imported only
+inside the workers, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 class WorkerError(RuntimeError):
@@ -38,19 +40,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(fn: Callable, rank: int, world_size: int, args: tuple, results: str | os.PathLike[str],
-             timeout: float) -> None:
-    """One rank of a spawned job, in its own process with ``MASTER_ADDR`` / ``MASTER_PORT`` set: join
-    the gloo group, run ``fn(rank, world_size, *args)``, and leave its pickled result (or its
-    traceback) in ``results`` for :func:`collect_results`. Exits with status 1 on failure."""
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # N ranks share a couple of cores
+def _worker(
+    fn: Callable,
+    rank: int,
+    world_size: int,
+    port: int,
+    results: str,
+    timeout: float,
+    env: dict[str, str],
+    log_dir: str | None,
+    rank_setup: Callable[[int], dict[str, str]] | None,
+    args: tuple,
+) -> None:
+    """One rank in its own process: set the rendezvous variables (and ``rank_setup``'s), join the
+    gloo group, run ``fn(rank, world_size, *args)``, and leave its pickled result (or its traceback)
+    in ``results`` for :func:`_collect`. Exits with status 1 on failure."""
+    if log_dir:  # keep the caller's stdout for its own output: each rank's chatter goes to a file
+        log = open(Path(log_dir) / f"rank{rank}.log", "w")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     out = Path(results)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        if rank_setup is not None:
+            os.environ.update(rank_setup(rank))
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # N ranks share a couple of cores
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         try:
             result = fn(rank, world_size, *args)
             dist.barrier()  # no rank tears the group down while a peer still talks to it
@@ -63,58 +89,60 @@ def run_rank(fn: Callable, rank: int, world_size: int, args: tuple, results: str
         raise SystemExit(1) from None
 
 
-def failed(results: str | os.PathLike[str]) -> bool:
-    """Whether a rank of the job writing to ``results`` has failed (its peers may now hang)."""
-    return any(Path(results).glob("error_*.txt"))
-
-
-def collect_results(results: str | os.PathLike[str], world_size: int, timeout: float, hint: str = "") -> list[Any]:
+def _collect(results: str, world_size: int, timeout: float, codes: dict[str, int | None]) -> list[Any]:
     """The ranks' results in rank order, or :class:`WorkerError` with every failed rank's traceback
-    (or the ranks that returned nothing within ``timeout``; ``hint`` says where to look)."""
+    (or, when none left one, the ranks that returned nothing and every process's exit code)."""
     out = Path(results)
     errors = sorted(out.glob("error_*.txt"))
     if errors:
         raise WorkerError("\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors))
     missing = [r for r in range(world_size) if not (out / f"result_{r}.pkl").exists()]
     if missing:
-        raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s{hint}")
+        raise WorkerError(f"ranks {missing} returned nothing within {timeout:.0f}s (exit codes {codes})")
     return [pickle.loads((out / f"result_{r}.pkl").read_bytes()) for r in range(world_size)]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, results: str, timeout: float,
-            env: dict[str, str], log_dir: str | None, args: tuple) -> None:
-    if log_dir:  # keep the caller's stdout for its own output: each rank's chatter goes to a file
-        log = open(Path(log_dir) / f"rank{rank}.log", "w")
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    run_rank(fn, rank, world_size, args, results, timeout)
+def _failed(results: str, procs: list[Any]) -> bool:
+    """Whether a rank has failed: it left a traceback, or its process died without one (a signal)."""
+    return any(Path(results).glob("error_*.txt")) or any(p.exitcode not in (None, 0) for p in procs)
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, env: dict[str, str] | None = None,
-          log_dir: str | os.PathLike[str] | None = None) -> list[Any]:
+def spawn(
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+    rank_setup: Callable[[int], dict[str, str]] | None = None,
+) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, one process each.
 
-    ``env`` is added to each worker's environment; with ``log_dir`` each rank's stdout and stderr go
-    to ``log_dir/rank<r>.log``. Raises :class:`WorkerError` if a rank fails or the job times out.
+    Every rank joins one default gloo group before ``fn`` runs and leaves it after a final barrier,
+    so ``fn`` must make the same collectives in the same order on every rank (a rank that skips one
+    hangs its peers until it fails or ``timeout`` passes). ``env`` is added to each worker's
+    environment; with ``log_dir`` each rank's stdout and stderr go to ``log_dir/rank<r>.log``.
+    ``rank_setup(rank)``, when given, runs in the worker before torch is imported and before the
+    group is made; the variables it returns are set last, so it may move the rank (e.g. into a
+    network namespace, bench/_netns.py) and override ``MASTER_ADDR`` or ``LOCAL_RANK``. It must
+    pickle like ``fn``. Raises :class:`WorkerError` if a rank fails or the job times out.
     """
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="meshweave-spawn-") as results:
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, results, timeout, env or {},
-                                                   str(log_dir) if log_dir is not None else None, args),
-                             name=f"rank{rank}", daemon=True)
-                 for rank in range(world_size)]
+        job = (world_size, port, results, timeout, env or {}, str(log_dir) if log_dir else None, rank_setup, args)
+        procs = [
+            ctx.Process(target=_worker, args=(fn, rank, *job), name=f"rank{rank}", daemon=True)
+            for rank in range(world_size)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
         try:
-            # Stop early when a rank has failed: its peers may be blocked in a collective.
-            while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not failed(results):
+            # Stop early when a rank has failed or died: its peers may be blocked in a collective.
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline and not _failed(results, procs):
                 time.sleep(0.05)
             for p in procs:
                 p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
@@ -123,8 +151,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 120, env: 
                 if p.is_alive():
                     p.kill()
                     p.join()
-        codes = {p.name: p.exitcode for p in procs}
-        return collect_results(results, world_size, timeout, hint=f" (exit codes {codes})")
+        return _collect(results, world_size, timeout, {p.name: p.exitcode for p in procs})
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
