@@ -16,26 +16,22 @@ Three tables, printed and written to ``--out`` (markdown + one PNG):
 Step times on a shared 2-core CPU box are not absolute speeds: only the ratios measured side by
 side mean anything, and gloo on loopback says nothing about NCCL overlap on a GPU.
 
-    .venv/bin/python bench/comm_volume.py            # ~4-5 min on 2 cores
-    .venv/bin/python bench/comm_volume.py --quick    # ~2 min, fewer steps and repetitions
+    .venv/bin/python -m bench.comm_volume            # ~4-5 min on 2 cores
+    .venv/bin/python -m bench.comm_volume --quick    # ~2 min, fewer steps and repetitions
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    ROOT, Report, WorkerError, deepspeed_env, fmt_int, fmt_ratio, md_table, package_version, read_metrics, spawn,
-    start_cli, steady_comm_bytes,
-)
+from bench._common import ROOT, Report, fmt_int, fmt_ratio, md_table, options, package_version, run_clis, run_ranks
+from bench._peers import deepspeed_env, deepspeed_missing, start_peer
 
 FP32 = 4
 TOLERANCE = 0.05  # the issue's acceptance bound on ledger vs analytical bytes
@@ -70,8 +66,12 @@ class Layout:
     shape: Shape = field(default_factory=Shape)
 
     def flags(self) -> list[str]:
-        return [f"--parallel.dp_replicate={self.dp_replicate}", f"--parallel.dp_shard={self.dp_shard}",
-                f"--parallel.tp={self.tp}", *self.shape.flags()]
+        return [
+            f"--parallel.dp_replicate={self.dp_replicate}",
+            f"--parallel.dp_shard={self.dp_shard}",
+            f"--parallel.tp={self.tp}",
+            *self.shape.flags(),
+        ]
 
 
 # vocab 258 is not a multiple of 4, so dp_shard=4 pads the embedding and head (FSDP2 pads dim 0 to
@@ -117,7 +117,10 @@ def param_table(m: Shape) -> list[Param]:
             Param(p + "mlp.up_proj.weight", m.ffn_dim, m.dim, "col", u),
             Param(p + "mlp.down_proj.weight", m.dim, m.ffn_dim, "row", u),
         ]
-    params += [Param("norm.weight", m.dim, 1, "rep", "root"), Param("lm_head.weight", m.vocab_size, m.dim, "col", "root")]
+    params += [
+        Param("norm.weight", m.dim, 1, "rep", "root"),
+        Param("lm_head.weight", m.vocab_size, m.dim, "col", "root"),
+    ]
     return params
 
 
@@ -162,6 +165,7 @@ def analytical(lay: Layout) -> list[Term]:
         terms.append(Term("dp_replicate/all_reduce", ar(R, local_elems * FP32), f"{what}: {local_elems:,} el"))
 
     if S > 1:
+
         def padded(p: Param) -> int:
             r, c = local[p.name]
             return -(-r // S) * S * c
@@ -175,27 +179,43 @@ def analytical(lay: Layout) -> list[Term]:
         bwd = (S - 1) * sum(unit_padded[u] for u in resharded) // S * FP32
         terms.append(Term("dp_shard/all_gather", fwd, f"fwd {len(units)} units ({total_padded:,} padded el)"))
         terms.append(Term("dp_shard/all_gather", bwd, f"bwd {len(resharded)} resharded layers"))
-        terms.append(Term("dp_shard/reduce_scatter", (S - 1) / S * total_padded * FP32,
-                          f"all grads once (incl. {pad:,} pad el)"))
+        terms.append(
+            Term("dp_shard/reduce_scatter", (S - 1) / S * total_padded * FP32, f"all grads once (incl. {pad:,} pad el)")
+        )
         if R > 1:
-            terms.append(Term("dp_replicate/all_reduce", ar(R, total_padded / S * FP32),
-                              "grad shards after reduce-scatter (padded)"))
-        # clip_grad_norm_ on DTensor grads: one all-reduce of the stacked per-tensor norms per sharded dim
-        terms.append(Term("dp_shard/all_reduce", ar(S, n_tensors * FP32), f"grad norm: {n_tensors} f32"))
+            terms.append(
+                Term(
+                    "dp_replicate/all_reduce",
+                    ar(R, total_padded / S * FP32),
+                    "grad shards after reduce-scatter (padded)",
+                )
+            )
+        # The grad norm over DTensor grads: one all-reduce of the stacked per-tensor norms over the
+        # sharded dims, flattened into one dim (dims.py) when FSDP and TP both shard.
+        norm_dim, norm_ranks = ("dp_shard_tp", S * t) if t > 1 else ("dp_shard", S)
+        terms.append(Term(f"{norm_dim}/all_reduce", ar(norm_ranks, n_tensors * FP32), f"grad norm: {n_tensors} f32"))
 
     if t > 1:
         shard = b * (SEQ_LEN // t) * m.dim * FP32  # one [b, s/tp, d] fp32 activation shard
         per_dir = (2 * m.n_layers + 1) * 2  # (2 per layer + embed/head) x (fwd + bwd)
-        terms.append(Term("tp/all_gather", per_dir * (t - 1) * shard,
-                          f"{per_dir} x [{b},{SEQ_LEN // t},{m.dim}] f32 shard (fwd+bwd)"))
-        terms.append(Term("tp/reduce_scatter", per_dir * (t - 1) * shard,
-                          f"{per_dir} x [{b},{SEQ_LEN},{m.dim}] f32 in (fwd+bwd)"))
+        terms.append(
+            Term(
+                "tp/all_gather",
+                per_dir * (t - 1) * shard,
+                f"{per_dir} x [{b},{SEQ_LEN // t},{m.dim}] f32 shard (fwd+bwd)",
+            )
+        )
+        terms.append(
+            Term(
+                "tp/reduce_scatter", per_dir * (t - 1) * shard, f"{per_dir} x [{b},{SEQ_LEN},{m.dim}] f32 in (fwd+bwd)"
+            )
+        )
         tokens = b * SEQ_LEN
         terms.append(Term("tp/all_reduce", ar(t, 3 * tokens * FP32), f"loss-parallel 3 x {tokens} f32"))
         norms = 2 * m.n_layers + 1
-        terms.append(Term("tp/all_reduce", ar(t, norms * m.dim * FP32),
-                          f"{norms} norm-weight grads once"))
-        terms.append(Term("tp/all_reduce", ar(t, n_tensors * FP32), f"grad norm: {n_tensors} f32"))
+        terms.append(Term("tp/all_reduce", ar(t, norms * m.dim * FP32), f"{norms} norm-weight grads once"))
+        if S == 1:  # with FSDP the norm goes over dp_shard_tp (above)
+            terms.append(Term("tp/all_reduce", ar(t, n_tensors * FP32), f"grad norm: {n_tensors} f32"))
     return terms
 
 
@@ -203,12 +223,18 @@ def explain(lay: Layout, key: str, measured: float, expected: float) -> str:
     """Why ``key`` is off by more than the tolerance, when the excess matches a known cause."""
     m = lay.shape
     norm_grads = 2 * (lay.tp - 1) / lay.tp * (2 * m.n_layers + 1) * m.dim * FP32
-    if key == "tp/all_reduce" and lay.dp_shard == 1 and lay.dp_replicate == 1 \
-            and abs((measured - expected) - norm_grads) < 8:
-        return ("the excess is exactly one more all-reduce of the sequence-parallel norm weights' grads. With no "
-                "data-parallel wrapper nothing turns their Partial grads into Replicate (FSDP and GradientReducer "
-                "do, once), so clip_grad_norm_ (foreach norm) and the fused AdamW step each all-reduce them: twice "
-                "per step where once would do. The ledger is right; the trainer sends 2L+1 small collectives too many")
+    if (
+        key == "tp/all_reduce"
+        and lay.dp_shard == 1
+        and lay.dp_replicate == 1
+        and abs((measured - expected) - norm_grads) < 8
+    ):
+        return (
+            "the excess is exactly one more all-reduce of the sequence-parallel norm weights' grads. With no "
+            "data-parallel wrapper nothing turns their Partial grads into Replicate (FSDP and GradientReducer "
+            "do, once), so clip_grad_norm_ (foreach norm) and the fused AdamW step each all-reduce them: twice "
+            "per step where once would do. The ledger is right; the trainer sends 2L+1 small collectives too many"
+        )
     return "not explained by a known term"
 
 
@@ -217,34 +243,26 @@ def table1(args: argparse.Namespace, report: Report) -> list[dict]:
     base = [f"--train.seq_len={SEQ_LEN}", f"--train.global_batch={GLOBAL_BATCH}", f"--train.steps={steps}"]
     runs_dir = args.out / "runs"
     started = time.perf_counter()
-    pending, running, results = list(LAYOUTS), [], {}
-    while pending or running:  # bytes do not depend on timing, so runs may share the cores
-        while pending and len(running) < args.jobs:
-            lay = pending.pop(0)
-            out = runs_dir / lay.name.split(" (")[0].replace(" ", "").replace("=", "")
-            if (out / "metrics.jsonl").exists():
-                (out / "metrics.jsonl").unlink()
-            running.append((lay, out, start_cli(out, lay.nproc, [*base, *lay.flags()])))
-        for item in list(running):
-            lay, out, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            records = read_metrics(out)
-            err = "" if proc.returncode == 0 else (out / "stderr.log").read_text()[-800:]
-            results[lay.name] = (records, err)
-        time.sleep(0.2)
+    runs = {
+        lay.name: (
+            runs_dir / lay.name.split(" (")[0].replace(" ", "").replace("=", ""),
+            lay.nproc,
+            [*base, *lay.flags()],
+        )
+        for lay in LAYOUTS
+    }
+    done = run_clis(runs, timeout=1800, jobs=args.jobs)  # bytes do not depend on timing: runs may share the cores
     elapsed = time.perf_counter() - started
 
     rows, notes, summary, plot_data = [], [], [], []
     for lay in LAYOUTS:
-        records, err = results[lay.name]
-        if err or len(records) < 2:
+        run = done[lay.name]
+        if not run.ok or len(run.records) < 2:
             rows.append([lay.name, "(run failed)", "-", "-", "-", "-", "-"])
-            notes.append(f"- **{lay.name}**: run failed: `{err.strip().splitlines()[-1] if err.strip() else 'no metrics'}`")
+            notes.append(f"- **{lay.name}**: run failed: `{run.error(lines=1) if not run.ok else 'no metrics'}`")
             summary.append([lay.name, "-", "-", "-", "-", "NO (run failed)", "-"])
             continue
-        measured = steady_comm_bytes(records, skip=1)
+        measured = run.steady_comm_bytes(skip=1)
         terms = analytical(lay)
         expected: dict[str, float] = {}
         for tm in terms:
@@ -258,49 +276,76 @@ def table1(args: argparse.Namespace, report: Report) -> list[dict]:
             rows.append([lay.name, key, fmt_int(mv), fmt_int(ev), fmt_ratio(ratio), "yes" if ok else "NO", what])
             if not ok:
                 off.append(key)
-                notes.append(f"- **{lay.name}**, `{key}`: measured {fmt_int(mv)} vs analytical {fmt_int(ev)} "
-                             f"(ratio {fmt_ratio(ratio)}): {explain(lay, key, mv or 0, ev or 0)}.")
+                notes.append(
+                    f"- **{lay.name}**, `{key}`: measured {fmt_int(mv)} vs analytical {fmt_int(ev)} "
+                    f"(ratio {fmt_ratio(ratio)}): {explain(lay, key, mv or 0, ev or 0)}."
+                )
         pm, pe = _per_dim(measured), _per_dim(expected)
         for d in sorted(set(pm) | set(pe), key=lambda d: _key_order(d + "/")):
             ratio = pm[d] / pe[d] if d in pm and pe.get(d) else None
             ok = ratio is not None and abs(ratio - 1) <= TOLERANCE
-            summary.append([lay.name, d, fmt_int(pm.get(d)), fmt_int(pe.get(d)), fmt_ratio(ratio, 4),
-                            "yes" if ok else "NO",
-                            ", ".join(k.split("/")[1] for k in off if k.startswith(d + "/")) or "-"])
+            summary.append(
+                [
+                    lay.name,
+                    d,
+                    fmt_int(pm.get(d)),
+                    fmt_int(pe.get(d)),
+                    fmt_ratio(ratio, 4),
+                    "yes" if ok else "NO",
+                    ", ".join(k.split("/")[1] for k in off if k.startswith(d + "/")) or "-",
+                ]
+            )
         plot_data.append((lay.name, pm, pe))
 
-    text = [f"## Table 1: ledger bytes per step per mesh dim vs analytical\n",
-            f"Model dim {SHAPE.dim}, {SHAPE.n_layers} layers, {SHAPE.n_heads} heads / {SHAPE.n_kv_heads} kv heads, "
-            f"ffn {SHAPE.ffn_dim}, vocab {SHAPE.vocab_size} (tp=4: {SHAPE_TP4.n_heads}/{SHAPE_TP4.n_kv_heads} heads, "
-            f"vocab {SHAPE_TP4.vocab_size}); seq_len {SEQ_LEN}, global_batch {GLOBAL_BATCH}, fp32, {steps} steps per run "
-            f"through `python -m meshweave run`; measured = median over steps 2..{steps} of metrics.jsonl "
-            f"`comm_bytes` (bytes one rank sends that step). {len(LAYOUTS)} runs in {elapsed:.0f} s "
-            f"({args.jobs} at a time).\n",
-            md_table(["layout", "dim/op", "measured B/step", "analytical B/step", "ratio", "<=5%", "analytical terms"],
-                     rows, right=(2, 3, 4)),
-            "\nAcceptance, per mesh dim (all ops summed): ledger bytes within 5% of the analytical volume?\n",
-            md_table(["layout", "dim", "measured B/step", "analytical B/step", "ratio", "<=5%", "ops off by > 5%"],
-                     summary, right=(2, 3, 4))]
+    text = [
+        "## Table 1: ledger bytes per step per mesh dim vs analytical\n",
+        f"Model dim {SHAPE.dim}, {SHAPE.n_layers} layers, {SHAPE.n_heads} heads / {SHAPE.n_kv_heads} kv heads, "
+        f"ffn {SHAPE.ffn_dim}, vocab {SHAPE.vocab_size} (tp=4: {SHAPE_TP4.n_heads}/{SHAPE_TP4.n_kv_heads} heads, "
+        f"vocab {SHAPE_TP4.vocab_size}); seq_len {SEQ_LEN}, global_batch {GLOBAL_BATCH}, fp32, {steps} steps per run "
+        f"through `python -m meshweave run`; measured = median over steps 2..{steps} of metrics.jsonl "
+        f"`comm_bytes` (bytes one rank sends that step). {len(LAYOUTS)} runs in {elapsed:.0f} s "
+        f"({args.jobs} at a time).\n",
+        md_table(
+            ["layout", "dim/op", "measured B/step", "analytical B/step", "ratio", "<=5%", "analytical terms"],
+            rows,
+            right=(2, 3, 4),
+        ),
+        "\nAcceptance, per mesh dim (all ops summed): ledger bytes within 5% of the analytical volume?\n",
+        md_table(
+            ["layout", "dim", "measured B/step", "analytical B/step", "ratio", "<=5%", "ops off by > 5%"],
+            summary,
+            right=(2, 3, 4),
+        ),
+    ]
     text.append("\nNotes:\n")
-    text.append("\n".join(notes + [
-        "- FSDP2 pads every parameter's dim 0 (the tp-local dim 0 under TP) to a multiple of dp_shard; the analytical "
-        "all-gather / reduce-scatter / HSDP all-reduce figures include that padding (vocab 258 -> 260 rows at "
-        "dp_shard=4, 129 -> 130 tp-local rows at tp=2 x dp_shard=2).",
-        "- FSDP units: one per decoder layer (reshard_after_forward for all but the last) plus the root "
-        "(embed, final norm, head). Backward re-gathers only the resharded layers: FSDP2 never reshards the root "
-        "after forward although data.py leaves the root's reshard_after_forward at its default, and the measured "
-        "all-gather confirms it.",
-        "- Small terms modelled, not approximated away: trainer scalars (2 float64 all-reduces on `dp`), "
-        "clip_grad_norm_ on DTensor grads (one all-reduce of the stacked fp32 per-tensor norms on each sharded "
-        "mesh dim), loss-parallel cross entropy (3 fp32 values per token), the Partial -> Replicate all-reduce of "
-        "the sequence-parallel norm weights' grads. The ledger rounds each call to whole bytes.",
-    ]))
+    text.append(
+        "\n".join(
+            notes
+            + [
+                "- FSDP2 pads every parameter's dim 0 (the tp-local dim 0 under TP) to a multiple of "
+                "dp_shard; the analytical "
+                "all-gather / reduce-scatter / HSDP all-reduce figures include that padding (vocab 258 -> 260 rows at "
+                "dp_shard=4, 129 -> 130 tp-local rows at tp=2 x dp_shard=2).",
+                "- FSDP units: one per decoder layer (reshard_after_forward for all but the last) plus the root "
+                "(embed, final norm, head). Backward re-gathers only the resharded layers: FSDP2 never "
+                "reshards the root "
+                "after forward although data.py leaves the root's reshard_after_forward at its default, and "
+                "the measured "
+                "all-gather confirms it.",
+                "- Small terms modelled, not approximated away: trainer scalars (2 float64 all-reduces on `dp`), "
+                "the grad norm over DTensor grads (one all-reduce of the stacked fp32 per-tensor norms over the "
+                "sharded mesh dims: `dp_shard_tp`, their flattened dim, when FSDP and TP both shard), "
+                "loss-parallel cross entropy (3 fp32 values per token), the Partial -> Replicate all-reduce of "
+                "the sequence-parallel norm weights' grads. The ledger rounds each call to whole bytes.",
+            ]
+        )
+    )
     report.add("\n".join(text))
     return plot_data
 
 
 def _key_order(key: str) -> tuple:
-    order = ["dp", "dp_replicate", "dp_shard", "tp"]
+    order = ["dp", "dp_replicate", "dp_shard", "tp", "dp_shard_tp"]
     dim, op = key.split("/", 1)
     return (order.index(dim) if dim in order else 99, dim, op)
 
@@ -312,25 +357,36 @@ def _per_dim(by_key: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def plot(plot_data: list[tuple[str, dict, dict]], path: Path) -> Path | None:
-    if not plot_data:
+def plot(plot_data: list[tuple[str, dict, dict]], report: Report) -> Path | None:
+    """Bytes per mesh dim per layout: ledger bars, analytical ticks (log y); None if nothing to plot."""
+    figure = report.figure(figsize=(12, 5.5)) if plot_data else None
+    if figure is None:
         return None
-    import matplotlib
+    fig, ax = figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dims = ["dp_replicate", "dp_shard", "tp", "dp"]
-    colors = {"dp_replicate": "#4C72B0", "dp_shard": "#DD8452", "tp": "#55A868", "dp": "#8172B3"}
+    dims = ["dp_replicate", "dp_shard", "tp", "dp_shard_tp", "dp"]
+    colors = {
+        "dp_replicate": "#4C72B0",
+        "dp_shard": "#DD8452",
+        "tp": "#55A868",
+        "dp_shard_tp": "#C44E52",
+        "dp": "#8172B3",
+    }
     width = 0.8 / len(dims)
-    fig, ax = plt.subplots(figsize=(12, 5.5))
     for j, d in enumerate(dims):
         xs = [i + (j - (len(dims) - 1) / 2) * width for i in range(len(plot_data))]
         meas = [pd[1].get(d, 0) for pd in plot_data]
         anal = [pd[2].get(d, 0) for pd in plot_data]
         ax.bar(xs, [v if v > 0 else float("nan") for v in meas], width, color=colors[d], label=f"{d} (ledger)")
-        ax.scatter([x for x, a in zip(xs, anal) if a > 0], [a for a in anal if a > 0], marker="_", s=260,
-                   color="black", zorder=3, label="analytical" if j == 0 else None)
+        ax.scatter(
+            [x for x, a in zip(xs, anal) if a > 0],
+            [a for a in anal if a > 0],
+            marker="_",
+            s=260,
+            color="black",
+            zorder=3,
+            label="analytical" if j == 0 else None,
+        )
     ax.set_yscale("log")
     ax.set_ylabel("bytes sent per rank per step")
     ax.set_xticks(range(len(plot_data)))
@@ -338,10 +394,7 @@ def plot(plot_data: list[tuple[str, dict, dict]], path: Path) -> Path | None:
     ax.set_title("meshweave comm ledger per mesh dim vs analytical volume (black ticks)")
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, dpi=110)
 
 
 # ================================================================================================
@@ -388,7 +441,12 @@ class _Variant:
 
     def __init__(self, name, forward, params, backward, after_backward, optimizer_step, loader, loss_scale=1.0):
         self.name, self.forward, self.params, self.backward = name, forward, params, backward
-        self.after_backward, self.optimizer_step, self.loader, self.loss_scale = after_backward, optimizer_step, loader, loss_scale
+        self.after_backward, self.optimizer_step, self.loader, self.loss_scale = (
+            after_backward,
+            optimizer_step,
+            loader,
+            loss_scale,
+        )
         self.times: list[tuple[int, float]] = []  # (repetition, seconds); -1 = warm-up
         self.losses: list[float] = []
         self.info: dict = {}
@@ -401,8 +459,10 @@ def _run_step(v: _Variant, torch, dist) -> float:
     tokens = torch.tensor([float((labels != -100).sum())], dtype=torch.float64)
     dist.all_reduce(tokens)
     logits = v.forward(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="sum") / tokens.item()
+    loss = (
+        F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        / tokens.item()
+    )
     v.backward(loss * v.loss_scale)
     v.after_backward()
     v.optimizer_step()
@@ -459,7 +519,11 @@ def dp_vs_ddp_worker(rank: int, world: int, spec: dict) -> dict | None:
         model = _fresh_model(mcfg, torch)
         opt = build_optimizer(model, ocfg, torch.device("cpu"))
         params = list(model.parameters())
-        step = (lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)))
+
+        def step(opt: Any = opt) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         if kind == "meshweave":
             reducer = GradientReducer(params, group, bucket_bytes=int(mb * 2**20), overlap=True)
 
@@ -473,9 +537,16 @@ def dp_vs_ddp_worker(rank: int, world: int, spec: dict) -> dict | None:
             ddp = DistributedDataParallel(model, bucket_cap_mb=mb)  # None: torch's default (25 MiB)
             # DDP averages over ranks; meshweave sums with the loss over the global token count:
             # scaling DDP's loss by the world size gives the same gradient (up to summation order).
-            v = _Variant(_vname(kind, mb), ddp, params, lambda loss: loss.backward(),
-                         lambda params=params: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True),
-                         step, loader(), loss_scale=world)
+            v = _Variant(
+                _vname(kind, mb),
+                ddp,
+                params,
+                lambda loss: loss.backward(),
+                lambda params=params: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True),
+                step,
+                loader(),
+                loss_scale=world,
+            )
             ddps[v.name] = ddp
         variants.append(v)
     LEDGER.reset()
@@ -516,37 +587,53 @@ def fsdp_vs_zero3_worker(rank: int, world: int, spec: dict) -> dict | None:
         if isinstance(norm, DTensor):
             norm.full_tensor()
 
-    variants = [_Variant("meshweave FSDP2", model, params, lambda loss: loss.backward(), clip,
-                         lambda: (opt.step(), opt.zero_grad(set_to_none=True)), loader())]
+    variants = [
+        _Variant(
+            "meshweave FSDP2",
+            model,
+            params,
+            lambda loss: loss.backward(),
+            clip,
+            lambda: (opt.step(), opt.zero_grad(set_to_none=True)),
+            loader(),
+        )
+    ]
 
-    ds_error, ds_init_s = "", None
-    try:
-        import logging
-
-        import deepspeed
-
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        t0 = time.perf_counter()
-        deepspeed.init_distributed(dist_backend="gloo")
+    def zero3_variants(deepspeed: Any) -> list[_Variant]:
+        zero3 = []
         for label, zero in spec["zero_configs"]:
             ds_model = _fresh_model(mcfg, torch)
             ds_opt = build_optimizer(ds_model, ocfg, torch.device("cpu"))  # a torch.optim.AdamW
-            config = {"train_micro_batch_size_per_gpu": spec["global_batch"] // world,
-                      "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-                      "zero_optimization": {"stage": 3, **zero}, "fp16": {"enabled": False},
-                      "bf16": {"enabled": False}, "wall_clock_breakdown": False}
+            config = {
+                "train_micro_batch_size_per_gpu": spec["global_batch"] // world,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0,
+                "steps_per_print": 10**9,
+                "zero_optimization": {"stage": 3, **zero},
+                "fp16": {"enabled": False},
+                "bf16": {"enabled": False},
+                "wall_clock_breakdown": False,
+            }
             engine, _, _, _ = deepspeed.initialize(model=ds_model, optimizer=ds_opt, config=config)
             # ZeRO averages gradients over ranks: scale the loss as for DDP to get meshweave's sum.
-            variants.append(_Variant(label, engine, None, engine.backward, lambda: None,
-                                     lambda engine=engine: engine.step(), loader(), loss_scale=world))
-        ds_init_s = time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001 - any failure becomes the table's "skipped" row
-        ds_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        variants = variants[:1]
-    flag = torch.tensor([1.0 if ds_error else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not ds_error:
-        ds_error, variants = "DeepSpeed failed on another rank (see its log)", variants[:1]
+            zero3.append(
+                _Variant(
+                    label,
+                    engine,
+                    None,
+                    engine.backward,
+                    lambda: None,
+                    lambda engine=engine: engine.step(),
+                    loader(),
+                    loss_scale=world,
+                )
+            )
+        return zero3
+
+    t0 = time.perf_counter()
+    zero3, ds_error = start_peer(zero3_variants)
+    ds_init_s = None if zero3 is None else time.perf_counter() - t0
+    variants += zero3 or []
     out = _interleave(variants, spec["warmup"], spec["reps"], spec["steps"], torch, dist)
     out["_ds_error"], out["_ds_init_s"] = ds_error, ds_init_s
     return out if rank == 0 else None
@@ -566,8 +653,14 @@ def _loss_diff(res: dict, a: str, b: str, first: int | None = None) -> float:
 
 
 def _t23_spec(args: argparse.Namespace) -> dict:
-    return {"model": MODEL_T23, "seq_len": SEQ_T23, "global_batch": BATCH_T23, "warmup": args.warmup,
-            "reps": args.reps, "steps": args.steps}
+    return {
+        "model": MODEL_T23,
+        "seq_len": SEQ_T23,
+        "global_batch": BATCH_T23,
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "steps": args.steps,
+    }
 
 
 def _n_params() -> int:
@@ -575,6 +668,25 @@ def _n_params() -> int:
     from meshweave.models.llama import build_model, num_params
 
     return num_params(build_model(ModelConfig(**MODEL_T23)))
+
+
+def _on_four_ranks(
+    worker: Callable,
+    spec: dict,
+    table: str,
+    title: str,
+    args: argparse.Namespace,
+    report: Report,
+    env: dict[str, str] | None = None,
+) -> tuple[dict, float] | None:
+    """Run a Table 2-3 worker on 4 gloo ranks (logs in OUT/logs/<table>); rank 0's result and the
+    seconds it took, or None after reporting the failure under ``title``."""
+    started = time.perf_counter()
+    ranks = run_ranks(worker, 4, spec, timeout=1800, env=env, log_dir=args.out / "logs" / table)
+    if isinstance(ranks, str):
+        report.add(f"{title}\n{ranks}")
+        return None
+    return ranks[0], time.perf_counter() - started
 
 
 def table2(args: argparse.Namespace, report: Report) -> None:
@@ -585,52 +697,55 @@ def table2(args: argparse.Namespace, report: Report) -> None:
         variants += [("ddp", 25.0), ("meshweave", 1.0), ("ddp", 1.0)]
         pairs += [(("meshweave", 25.0), ("ddp", 25.0)), (("meshweave", 1.0), ("ddp", 1.0))]
     spec = {**_t23_spec(args), "variants": variants}
-    started = time.perf_counter()
-    try:
-        res = spawn(dp_vs_ddp_worker, 4, spec, timeout=1800, log_dir=args.out / "logs" / "table2")[0]
-    except WorkerError as e:
-        report.add(f"{title}\nfailed: {str(e).strip().splitlines()[-1]} (logs in {args.out / 'logs' / 'table2'})")
+    ran = _on_four_ranks(dp_vs_ddp_worker, spec, "table2", title, args, report)
+    if ran is None:
         return
-    elapsed = time.perf_counter() - started
+    res, elapsed = ran
     rows = []
     for kind, mb in variants:
         name = _vname(kind, mb)
         med, per = _summarise(res, name, args.reps)
-        rows.append([name, res[name].get("buckets", "-"), f"{med * 1e3:.0f}", f"{min(per) * 1e3:.0f}-{max(per) * 1e3:.0f}"])
+        rows.append(
+            [name, res[name].get("buckets", "-"), f"{med * 1e3:.0f}", f"{min(per) * 1e3:.0f}-{max(per) * 1e3:.0f}"]
+        )
     ratio_rows = []
     for a, b in pairs:
         na, nb = _vname(*a), _vname(*b)
         _, ra = _summarise(res, na, args.reps)
         _, rb = _summarise(res, nb, args.reps)
         ratios = [x / y for x, y in zip(ra, rb)]
-        ratio_rows.append([f"{na} / {nb}", fmt_ratio(statistics.median(ratios)),
-                           f"{min(ratios):.3f}-{max(ratios):.3f}"])
+        ratio_rows.append(
+            [f"{na} / {nb}", fmt_ratio(statistics.median(ratios)), f"{min(ratios):.3f}-{max(ratios):.3f}"]
+        )
     ref = _vname(*variants[0])
     diffs = [(_vname(*v), _loss_diff(res, ref, _vname(*v))) for v in variants[1:]]
     n_steps = len(res[ref]["losses"])
     n = 4
     expected = 2 * (n - 1) / n * _n_params() * FP32
-    text = [title,
-            f"4 gloo processes x 1 thread, fp32, model dim {MODEL_T23['dim']}, {MODEL_T23['n_layers']} layers, ffn "
-            f"{MODEL_T23['ffn_dim']}, vocab {MODEL_T23['vocab_size']} ({_n_params():,} params, "
-            f"{_n_params() * FP32 / 2**20:.1f} MiB of fp32 grads), seq_len {SEQ_T23}, global_batch {BATCH_T23}; "
-            f"AdamW (meshweave's build_optimizer), clip 1.0; same init, same data. All variants live in the same "
-            f"processes and take turns step by step (round-robin, the order rotated every round), {args.reps} "
-            f"repetitions x {args.steps} rounds after {args.warmup} untimed warm-up step(s) each. A step is timed from a barrier to the end of the "
-            f"optimizer step on the slowest rank. {elapsed:.0f} s.\n",
-            md_table(["variant", "buckets", "median step ms", "per-rep medians ms"], rows, right=(1, 2, 3)),
-            "",
-            md_table(["ratio (step time)", "median over reps", "min-max over reps"], ratio_rows, right=(1, 2)),
-            f"\nLoss check: every variant trains its own copy from the same init on the same batches; max relative "
-            f"loss difference vs `{ref}` over all {n_steps} steps: "
-            f"**{max(d for _, d in diffs):.2e}** ({'; '.join(f'{k}: {d:.1e}' for k, d in diffs)}); at step 1: "
-            f"{max(_loss_diff(res, ref, _vname(*v), 1) for v in variants[1:]):.1e}. The gradients differ only in "
-            f"summation order (bucket layout decides how gloo chunks each all-reduce); AdamW lets that grow slowly.",
-            f"Ledger cross-check (meshweave variants): {fmt_int(res['_ledger_bytes_per_step'])} B/step on "
-            f"`dp_replicate/all_reduce` vs 2(n-1)/n x grad bytes = {fmt_int(expected)}.",
-            "DDP buckets are counted after its first-iteration rebuild: by default (bucket_cap_mb unset) torch "
-            "gives the first ~1 MiB of gradients a bucket of its own, so DDP starts communicating early in "
-            "backward; an explicit bucket_cap_mb=25 gives one bucket like meshweave's 25 MiB setting."]
+    text = [
+        title,
+        f"4 gloo processes x 1 thread, fp32, model dim {MODEL_T23['dim']}, {MODEL_T23['n_layers']} layers, ffn "
+        f"{MODEL_T23['ffn_dim']}, vocab {MODEL_T23['vocab_size']} ({_n_params():,} params, "
+        f"{_n_params() * FP32 / 2**20:.1f} MiB of fp32 grads), seq_len {SEQ_T23}, global_batch {BATCH_T23}; "
+        f"AdamW (meshweave's build_optimizer), clip 1.0; same init, same data. All variants live in the same "
+        f"processes and take turns step by step (round-robin, the order rotated every round), {args.reps} "
+        f"repetitions x {args.steps} rounds after {args.warmup} untimed warm-up step(s) each. A step is timed "
+        "from a barrier to the end of the "
+        f"optimizer step on the slowest rank. {elapsed:.0f} s.\n",
+        md_table(["variant", "buckets", "median step ms", "per-rep medians ms"], rows, right=(1, 2, 3)),
+        "",
+        md_table(["ratio (step time)", "median over reps", "min-max over reps"], ratio_rows, right=(1, 2)),
+        f"\nLoss check: every variant trains its own copy from the same init on the same batches; max relative "
+        f"loss difference vs `{ref}` over all {n_steps} steps: "
+        f"**{max(d for _, d in diffs):.2e}** ({'; '.join(f'{k}: {d:.1e}' for k, d in diffs)}); at step 1: "
+        f"{max(_loss_diff(res, ref, _vname(*v), 1) for v in variants[1:]):.1e}. The gradients differ only in "
+        f"summation order (bucket layout decides how gloo chunks each all-reduce); AdamW lets that grow slowly.",
+        f"Ledger cross-check (meshweave variants): {fmt_int(res['_ledger_bytes_per_step'])} B/step on "
+        f"`dp_replicate/all_reduce` vs 2(n-1)/n x grad bytes = {fmt_int(expected)}.",
+        "DDP buckets are counted after its first-iteration rebuild: by default (bucket_cap_mb unset) torch "
+        "gives the first ~1 MiB of gradients a bucket of its own, so DDP starts communicating early in "
+        "backward; an explicit bucket_cap_mb=25 gives one bucket like meshweave's 25 MiB setting.",
+    ]
     report.add("\n".join(text))
 
 
@@ -640,90 +755,104 @@ def table3(args: argparse.Namespace, report: Report) -> None:
     if not args.quick:
         zero_configs.append(("DeepSpeed ZeRO-3 (defaults)", {}))
     spec = {**_t23_spec(args), "zero_configs": zero_configs}
-    skip = ""
-    if importlib.util.find_spec("deepspeed") is None:
-        skip = "deepspeed is not installed (pip install -e '.[peers]')"
-    env = deepspeed_env()
+    skip = deepspeed_missing()
     if skip:
         spec["zero_configs"] = []
-    started = time.perf_counter()
-    try:
-        res = spawn(fsdp_vs_zero3_worker, 4, spec, timeout=1800, env=env, log_dir=args.out / "logs" / "table3")[0]
-    except WorkerError as e:
-        report.add(f"{title}\nfailed: {str(e).strip().splitlines()[-1]} (logs in {args.out / 'logs' / 'table3'})")
+    ran = _on_four_ranks(fsdp_vs_zero3_worker, spec, "table3", title, args, report, env=deepspeed_env())
+    if ran is None:
         return
-    elapsed = time.perf_counter() - started
+    res, elapsed = ran
     skip = skip or res["_ds_error"]
     ref = "meshweave FSDP2"
     m_ref, r_ref = _summarise(res, ref, args.reps)
     rows = [[ref, f"{m_ref * 1e3:.0f}", f"{min(r_ref) * 1e3:.0f}-{max(r_ref) * 1e3:.0f}", "", "", ""]]
-    for label, _ in ([] if skip else zero_configs):
+    for label, _ in [] if skip else zero_configs:
         med, per = _summarise(res, label, args.reps)
         ratios = [x / y for x, y in zip(r_ref, per)]
-        rows.append([label, f"{med * 1e3:.0f}", f"{min(per) * 1e3:.0f}-{max(per) * 1e3:.0f}",
-                     fmt_ratio(statistics.median(ratios)), f"{min(ratios):.3f}-{max(ratios):.3f}",
-                     f"{_loss_diff(res, ref, label):.1e} (step 1: {_loss_diff(res, ref, label, 1):.1e})"])
+        rows.append(
+            [
+                label,
+                f"{med * 1e3:.0f}",
+                f"{min(per) * 1e3:.0f}-{max(per) * 1e3:.0f}",
+                fmt_ratio(statistics.median(ratios)),
+                f"{min(ratios):.3f}-{max(ratios):.3f}",
+                f"{_loss_diff(res, ref, label):.1e} (step 1: {_loss_diff(res, ref, label, 1):.1e})",
+            ]
+        )
     if skip:
         rows.append(["DeepSpeed ZeRO-3", f"skipped: {skip}", "", "", "", ""])
-    text = [title,
-            f"Same model, data, init, optimizer (torch.optim.AdamW from build_optimizer), clip 1.0 and 4 gloo "
-            f"processes as Table 2; fp32, no offload. meshweave: `apply_fsdp` (per-layer fully_shard, "
-            f"reshard_after_forward except the last layer) on the meta model, then `materialize`. DeepSpeed "
-            f"{package_version('deepspeed')}: `deepspeed.initialize` stage 3 on the materialised model; 'persistence 0' sets "
-            f"stage3_param_persistence_threshold=0 so every parameter is partitioned as under FSDP, 'defaults' "
-            f"keeps 1e5 elements (here that leaves all but the FFN weights unpartitioned). Interleaved in the same "
-            f"processes step by step as in Table 2 ({args.reps} repetitions x {args.steps} rounds, {args.warmup} "
-            f"warm-up). "
-            f"{elapsed:.0f} s" + (f"; DeepSpeed init (incl. any JIT op build) {res['_ds_init_s']:.0f} s."
-                                  if res.get("_ds_init_s") is not None else "."),
-            "",
-            md_table(["variant", "median step ms", "per-rep medians ms", "FSDP/ZeRO-3 (median of reps)",
-                      "min-max over reps", "max rel loss diff vs FSDP"], rows, right=(1, 2, 3, 4))]
+    text = [
+        title,
+        f"Same model, data, init, optimizer (torch.optim.AdamW from build_optimizer), clip 1.0 and 4 gloo "
+        f"processes as Table 2; fp32, no offload. meshweave: `apply_fsdp` (per-layer fully_shard, "
+        f"reshard_after_forward except the last layer) on the meta model, then `materialize`. DeepSpeed "
+        f"{package_version('deepspeed')}: `deepspeed.initialize` stage 3 on the materialised model; "
+        "'persistence 0' sets "
+        f"stage3_param_persistence_threshold=0 so every parameter is partitioned as under FSDP, 'defaults' "
+        f"keeps 1e5 elements (here that leaves all but the FFN weights unpartitioned). Interleaved in the same "
+        f"processes step by step as in Table 2 ({args.reps} repetitions x {args.steps} rounds, {args.warmup} "
+        f"warm-up). "
+        f"{elapsed:.0f} s"
+        + (
+            f"; DeepSpeed init (incl. any JIT op build) {res['_ds_init_s']:.0f} s."
+            if res.get("_ds_init_s") is not None
+            else "."
+        ),
+        "",
+        md_table(
+            [
+                "variant",
+                "median step ms",
+                "per-rep medians ms",
+                "FSDP/ZeRO-3 (median of reps)",
+                "min-max over reps",
+                "max rel loss diff vs FSDP",
+            ],
+            rows,
+            right=(1, 2, 3, 4),
+        ),
+    ]
     report.add("\n".join(text))
-
-
 
 
 # ================================================================================================
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repetitions (~2 min)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="steps per Table 1 run (median over steps 2..N); rounds (one step per variant) per "
-                         "repetition in Tables 2-3")
+    ap = options(
+        __doc__, "fewer steps and repetitions (~2 min)", out=ROOT / "runs" / "bench" / "comm_volume", tables="1,2,3"
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per Table 1 run (median over steps 2..N); rounds (one step per variant) per "
+        "repetition in Tables 2-3",
+    )
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions in Tables 2-3")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per variant in Tables 2-3")
-    ap.add_argument("--tables", default="1,2,3", help="which tables to run, e.g. 1 or 2,3")
     ap.add_argument("--jobs", type=int, default=None, help="Table 1 CLI runs at a time (bytes do not depend on it)")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "comm_volume",
-                    help="where the markdown, the plot, Table 1's run directories and worker logs go")
     args = ap.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 6)
     args.reps = args.reps or (2 if args.quick else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.jobs = args.jobs or (4 if args.quick else 3)
-    tables = {int(t) for t in args.tables.split(",") if t.strip()}
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    started = time.perf_counter()
     report = Report(args.out, "comm_volume", "meshweave bench: comm volume")
-    report.add(f"torch {package_version('torch')}, {os.cpu_count()} cores; "
-               f"{'--quick, ' if args.quick else ''}steps {args.steps}, reps {args.reps}, warm-up {args.warmup}")
-    if 1 in tables:
-        png = plot(table1(args, report), args.out / "comm_volume.png")
+    report.add(
+        f"{report.environment('torch')}; "
+        f"{'--quick, ' if args.quick else ''}steps {args.steps}, reps {args.reps}, warm-up {args.warmup}"
+    )
+    if 1 in args.tables:
+        png = plot(table1(args, report), report)
         if png:
             report.add(f"Plot: {png}")
-    if 2 in tables:
+    if 2 in args.tables:
         table2(args, report)
-    if 3 in tables:
+    if 3 in args.tables:
         table3(args, report)
-    report.add(f"Total bench time: {time.perf_counter() - started:.0f} s. Markdown: {report.write()}")
-    return 0
-
-
+    return report.finish()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

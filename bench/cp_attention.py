@@ -47,9 +47,9 @@ Then the overlap configs again with every rank in a network namespace of its own
 each rank's link shaped to ``--shaped-mbit`` (bench/_netns.py; root only, else "skipped: <reason>").
 On 2 shared cores compute and gloo compete for the CPU, so only there can overlap show.
 
-    .venv/bin/python bench/cp_attention.py              # ~7-10 min on 2 cores (7 min measured, busy machine)
-    .venv/bin/python bench/cp_attention.py --quick      # ~1-1.5 min
-    .venv/bin/python bench/cp_attention.py --shaped-mbit 200 --no-shaped
+    .venv/bin/python -m bench.cp_attention              # ~7-10 min on 2 cores (7 min measured, busy machine)
+    .venv/bin/python -m bench.cp_attention --quick      # ~1-1.5 min
+    .venv/bin/python -m bench.cp_attention --shaped-mbit 200 --no-shaped
 
 Output: markdown tables on stdout and in bench/results/cp_attention.md, raw numbers in
 bench/results/cp_attention.json, worker logs under runs/bench/cp_attention/logs.
@@ -59,32 +59,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Report, WorkerError, deepspeed_env, md_table, spawn  # noqa: E402
+from bench._common import ROOT, Report, md_table, options, run_ranks
+from bench._netns import available
+from bench._peers import deepspeed_env, start_peer
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 DTYPES = {"bf16": 2, "fp32": 4}  # element sizes
 ACC = 4  # fp32 accumulators and lse
-MIB = 2 ** 20
+MIB = 2**20
 SEED = 1234
 MODES = ("full", "nocomm", "nokernel")
 DS_NAME = "deepspeed ulysses"
 ALL_METHODS = ("ulysses", "ring", "tokenring", "hybrid", "deepspeed")
+LOG_ROOT = ROOT / "runs" / "bench" / "cp_attention" / "logs"
 
 
 # ================================================================================================
 # formulas (bytes one rank sends per layer)
 
 
-def formula(method: str, P: int, N: int, kv: int, esize: int, causal: bool, rank: int,
-            ulysses: int = 2) -> tuple[int, int]:
+def formula(
+    method: str, P: int, N: int, kv: int, esize: int, causal: bool, rank: int, ulysses: int = 2
+) -> tuple[int, int]:
     """(forward, backward) bytes rank ``rank`` of ``P`` sends for one attention layer (module docstring)."""
     s = N // P
     if method == "ulysses" or method.startswith(DS_NAME):
@@ -184,8 +184,11 @@ def _mode(mode: str):
         patches += [(m, "attention_backward", _stub_attention_backward) for m in (ring, tokenring)]
         patches.append((context, "local_attention", _stub_attention))
     elif mode == "nocomm":
-        patches = [(ops, "all_to_all_single", _local_a2a), (ops, "exchange", _local_exchange),
-                   (dist, "all_to_all_single", _ds_local_a2a)]
+        patches = [
+            (ops, "all_to_all_single", _local_a2a),
+            (ops, "exchange", _local_exchange),
+            (dist, "all_to_all_single", _ds_local_a2a),
+        ]
     else:
         patches = []
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
@@ -231,8 +234,6 @@ def _link_check(rank: int, nbytes: int = 32 * MIB) -> float | None:
 
 
 def worker(rank: int, world: int, spec: dict) -> dict:
-    import logging
-
     import torch
     import torch.distributed as dist
 
@@ -252,15 +253,12 @@ def worker(rank: int, world: int, spec: dict) -> dict:
     if world >= 4 and world % 2 == 0:
         cps[f"hybrid {2}x{world // 2}"] = ContextParallel(group, "hybrid", ulysses_degree=2)
 
-    ds_error, DistributedAttention = "", None
-    try:
-        import deepspeed
-
-        deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="gloo")  # torch.distributed is up: DeepSpeed adopts it
+    def distributed_attention(deepspeed: Any) -> Any:
         from deepspeed.sequence.layer import DistributedAttention
-    except Exception as e:  # noqa: BLE001 - becomes a "skipped" row
-        ds_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+
+        return DistributedAttention
+
+    DistributedAttention, ds_error = start_peer(distributed_attention, limit=200)  # error: a "skipped" row
 
     result = {"link_mbit": _link_check(rank) if spec.get("link_check") else None, "configs": []}
     for cfg in spec["configs"]:
@@ -280,13 +278,19 @@ def worker(rank: int, world: int, spec: dict) -> dict:
         elif "deepspeed" in wanted:
             repeat = world // kv if kv < world else 1  # DeepSpeed asserts kv heads >= P: repeat for it
             name = DS_NAME if repeat == 1 else f"{DS_NAME} (K/V repeated x{repeat} by caller)"
+
             # The same kernel object meshweave's Ulysses calls (looked up at call time, so the
             # no-kernel stub replaces it for both).
-            local = (lambda qh, kh, vh, c=causal: ulysses_module.attention(qh, kh, vh, c)[0])
+            def local(qh: Any, kh: Any, vh: Any, c: bool = causal) -> Any:
+                return ulysses_module.attention(qh, kh, vh, c)[0]
+
             ds_attn = DistributedAttention(local, ds_pg, scatter_idx=2, gather_idx=1)
-            call = (lambda ql, kl, vl, r=repeat, a=ds_attn:
-                    a(ql, kl.repeat_interleave(r, dim=2) if r > 1 else kl,
-                      vl.repeat_interleave(r, dim=2) if r > 1 else vl, 0))
+
+            def call(ql: Any, kl: Any, vl: Any, r: int = repeat, a: Any = ds_attn) -> Any:
+                if r > 1:  # DeepSpeed asserts kv heads >= P
+                    kl, vl = kl.repeat_interleave(r, dim=2), vl.repeat_interleave(r, dim=2)
+                return a(ql, kl, vl, 0)
+
             variants.append(_make_variant(name, None, cps["ulysses"], q, k, v, dout, causal, call=call))
 
         rows = {}
@@ -298,9 +302,14 @@ def worker(rank: int, world: int, spec: dict) -> dict:
             LEDGER.reset()
             out.backward(var.dout)
             bwd_keys, bwd_calls = dict(LEDGER.total_bytes), sum(LEDGER.calls.values())
-            rows[var.name] = {"fwd_bytes": sum(fwd_keys.values()), "bwd_bytes": sum(bwd_keys.values()),
-                              "fwd_keys": fwd_keys, "bwd_keys": bwd_keys,
-                              "fwd_calls": fwd_calls, "bwd_calls": bwd_calls}
+            rows[var.name] = {
+                "fwd_bytes": sum(fwd_keys.values()),
+                "bwd_bytes": sum(bwd_keys.values()),
+                "fwd_keys": fwd_keys,
+                "bwd_keys": bwd_keys,
+                "fwd_calls": fwd_calls,
+                "bwd_calls": bwd_calls,
+            }
             if spec["check"]:
                 full = [var.layout.unshard(t, 1) for t in (out.detach(), *(x.grad for x in var.leaves))]
                 if rank == 0:
@@ -309,20 +318,22 @@ def worker(rank: int, world: int, spec: dict) -> dict:
         if rank == 0 and spec["check"]:
             for name, full in gathered.items():
                 rows[name]["max_out_err"] = (full[0].float() - ref["out"]).abs().max().item()
-                rows[name]["max_grad_err"] = max((g.float() - r).abs().max().item()
-                                                 for g, r in zip(full[1:], ref["grads"]))
+                rows[name]["max_grad_err"] = max(
+                    (g.float() - r).abs().max().item() for g, r in zip(full[1:], ref["grads"])
+                )
             mw = gathered.get("ulysses")
             for name, full in gathered.items():
                 if name.startswith(DS_NAME) and mw is not None:
                     rows[name]["vs_ulysses_out"] = (full[0].float() - mw[0].float()).abs().max().item()
-                    rows[name]["vs_ulysses_grad"] = max((a.float() - b.float()).abs().max().item()
-                                                        for a, b in zip(full[1:], mw[1:]))
+                    rows[name]["vs_ulysses_grad"] = max(
+                        (a.float() - b.float()).abs().max().item() for a, b in zip(full[1:], mw[1:])
+                    )
             del gathered
 
         for rnd in range(spec["warmup"] + spec["iters"]):
             # Variants in rotated order; a variant's modes back to back (also rotated), so the three
             # times that make one overlap estimate see the same machine load.
-            order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+            order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
             for var, mode in [(v, modes[(rnd + i) % len(modes)]) for v in order for i in range(len(modes))]:
                 with _mode(mode):
                     dist.barrier()
@@ -337,8 +348,17 @@ def worker(rank: int, world: int, spec: dict) -> dict:
                 t = torch.tensor(var.times[mode], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 rows[var.name].setdefault("times", {})[mode] = t.tolist()
-        result["configs"].append({"N": N, "kv": kv, "causal": causal, "modes": modes, "variants": rows,
-                                  "skipped": skipped, "ref_kernel_err": ref["kernel_err"] if ref else None})
+        result["configs"].append(
+            {
+                "N": N,
+                "kv": kv,
+                "causal": causal,
+                "modes": modes,
+                "variants": rows,
+                "skipped": skipped,
+                "ref_kernel_err": ref["kernel_err"] if ref else None,
+            }
+        )
     return result
 
 
@@ -366,8 +386,10 @@ def _reference(q, k, v, dout, causal, dtype) -> dict:
     kernel_err = None
     if dtype != torch.float32:
         o, g = run(dtype)
-        kernel_err = {"out": (o - out).abs().max().item(),
-                      "grad": max((a - b).abs().max().item() for a, b in zip(g, grads))}
+        kernel_err = {
+            "out": (o - out).abs().max().item(),
+            "grad": max((a - b).abs().max().item() for a, b in zip(g, grads)),
+        }
     return {"out": out, "grads": grads, "kernel_err": kernel_err}
 
 
@@ -386,8 +408,11 @@ def plan(args: argparse.Namespace) -> dict:
         plain = [cfg(1024, 8), cfg(1024, 2), cfg(2048, 8, modes=overlap)]
         shaped = [cfg(2048, 8, modes=overlap)]
     else:
-        plain = [cfg(N, kv, modes=overlap if kv == 8 and N >= 2048 else ("full",))
-                 for N in (1024, 2048, 4096) for kv in (8, 2)]
+        plain = [
+            cfg(N, kv, modes=overlap if kv == 8 and N >= 2048 else ("full",))
+            for N in (1024, 2048, 4096)
+            for kv in (8, 2)
+        ]
         plain.append(cfg(2048, 8, causal=False))
         shaped = [cfg(N, 8, modes=overlap) for N in (2048, 4096)]
     return {"plain": {P: plain for P in (2, 4)}, "shaped": {P: shaped for P in (2, 4)}}
@@ -418,18 +443,32 @@ def _collect(per_rank: list[dict], P: int, args) -> list[dict]:
         for name, row0 in cfg["variants"].items():
             ranks = [r["configs"][ci]["variants"][name] for r in per_rank]
             expect = [formula(name, P, cfg["N"], cfg["kv"], esize, cfg["causal"], r) for r in range(P)]
-            rec = {"P": P, "N": cfg["N"], "kv": cfg["kv"], "causal": cfg["causal"], "method": name,
-                   "fwd_bytes": [x["fwd_bytes"] for x in ranks], "bwd_bytes": [x["bwd_bytes"] for x in ranks],
-                   "fwd_formula": [e[0] for e in expect], "bwd_formula": [e[1] for e in expect],
-                   "fwd_keys": row0["fwd_keys"], "bwd_keys": row0["bwd_keys"],
-                   "calls": (row0["fwd_calls"], row0["bwd_calls"]), "times": row0["times"],
-                   "ref_kernel_err": cfg["ref_kernel_err"],
-                   **{k: row0[k] for k in ("max_out_err", "max_grad_err", "vs_ulysses_out", "vs_ulysses_grad")
-                      if k in row0}}
+            rec = {
+                "P": P,
+                "N": cfg["N"],
+                "kv": cfg["kv"],
+                "causal": cfg["causal"],
+                "method": name,
+                "fwd_bytes": [x["fwd_bytes"] for x in ranks],
+                "bwd_bytes": [x["bwd_bytes"] for x in ranks],
+                "fwd_formula": [e[0] for e in expect],
+                "bwd_formula": [e[1] for e in expect],
+                "fwd_keys": row0["fwd_keys"],
+                "bwd_keys": row0["bwd_keys"],
+                "calls": (row0["fwd_calls"], row0["bwd_calls"]),
+                "times": row0["times"],
+                "ref_kernel_err": cfg["ref_kernel_err"],
+                **{
+                    k: row0[k]
+                    for k in ("max_out_err", "max_grad_err", "vs_ulysses_out", "vs_ulysses_grad")
+                    if k in row0
+                },
+            }
             out.append(rec)
         for name, why in cfg["skipped"].items():
-            out.append({"P": P, "N": cfg["N"], "kv": cfg["kv"], "causal": cfg["causal"], "method": name,
-                        "skipped": why})
+            out.append(
+                {"P": P, "N": cfg["N"], "kv": cfg["kv"], "causal": cfg["causal"], "method": name, "skipped": why}
+            )
     return out
 
 
@@ -456,12 +495,36 @@ def bytes_table(recs: list[dict]) -> str:
         meas = _mean(r["fwd_bytes"]) + _mean(r["bwd_bytes"])
         match = "exact" if exact else f"{meas / (_mean(r['fwd_formula']) + _mean(r['bwd_formula'])):.3f}"
         spread = "" if len(set(r["fwd_bytes"])) == 1 else f" ({_mib(min(r['fwd_bytes']))}-{_mib(max(r['fwd_bytes']))})"
-        rows.append([*_cfg_label(r), r["method"], _mib(_mean(r["fwd_bytes"])) + spread, _mib(_mean(r["fwd_formula"])),
-                     _mib(_mean(r["bwd_bytes"])), _mib(_mean(r["bwd_formula"])), match,
-                     f"{meas / ring[_key(r)]:.2f}" if _key(r) in ring else "-", f"{r['calls'][0]} / {r['calls'][1]}"])
-    return md_table(["P", "N", "kv heads", "method", "fwd MiB/rank (ledger)", "fwd formula", "bwd MiB/rank (ledger)",
-                     "bwd formula", "ledger vs formula", "fwd+bwd / ring", "collectives fwd / bwd"],
-                    rows, right=(0, 1, 4, 5, 6, 7, 8, 9))
+        rows.append(
+            [
+                *_cfg_label(r),
+                r["method"],
+                _mib(_mean(r["fwd_bytes"])) + spread,
+                _mib(_mean(r["fwd_formula"])),
+                _mib(_mean(r["bwd_bytes"])),
+                _mib(_mean(r["bwd_formula"])),
+                match,
+                f"{meas / ring[_key(r)]:.2f}" if _key(r) in ring else "-",
+                f"{r['calls'][0]} / {r['calls'][1]}",
+            ]
+        )
+    return md_table(
+        [
+            "P",
+            "N",
+            "kv heads",
+            "method",
+            "fwd MiB/rank (ledger)",
+            "fwd formula",
+            "bwd MiB/rank (ledger)",
+            "bwd formula",
+            "ledger vs formula",
+            "fwd+bwd / ring",
+            "collectives fwd / bwd",
+        ],
+        rows,
+        right=(0, 1, 4, 5, 6, 7, 8, 9),
+    )
 
 
 def time_table(recs: list[dict], correctness: bool = True) -> str:
@@ -472,13 +535,21 @@ def time_table(recs: list[dict], correctness: bool = True) -> str:
             rows.append([*_cfg_label(r), r["method"], f"skipped: {r['skipped']}"] + [""] * (6 if correctness else 4))
             continue
         t = r["times"]["full"]
-        ratio = (f"{statistics.median(a[2] / b[2] for a, b in zip(t, base[_key(r)])):.2f}"
-                 if _key(r) in base else "-")
-        row = [*_cfg_label(r), r["method"], _ms(_med(t, 0)), _ms(_med(t, 1)), _ms(_med(t, 2)),
-               f"{_ms(min(x[2] for x in t))}-{_ms(max(x[2] for x in t))}", ratio]
+        ratio = f"{statistics.median(a[2] / b[2] for a, b in zip(t, base[_key(r)])):.2f}" if _key(r) in base else "-"
+        row = [
+            *_cfg_label(r),
+            r["method"],
+            _ms(_med(t, 0)),
+            _ms(_med(t, 1)),
+            _ms(_med(t, 2)),
+            f"{_ms(min(x[2] for x in t))}-{_ms(max(x[2] for x in t))}",
+            ratio,
+        ]
         if correctness:
-            row += [f"{r['max_out_err']:.1e}" if "max_out_err" in r else "-",
-                    f"{r['max_grad_err']:.1e}" if "max_grad_err" in r else "-"]
+            row += [
+                f"{r['max_out_err']:.1e}" if "max_out_err" in r else "-",
+                f"{r['max_grad_err']:.1e}" if "max_grad_err" in r else "-",
+            ]
         rows.append(row)
     headers = ["P", "N", "kv heads", "method", "fwd ms", "bwd ms", "fwd+bwd ms", "min-max ms", "vs ulysses"]
     if correctness:
@@ -496,10 +567,22 @@ def overlap_table(recs: list[dict]) -> str:
         per_round = [(c + k - f) / k for f, c, k in zip(*([t[2] for t in r["times"][m]] for m in MODES)) if k > 0]
         hidden = statistics.median(per_round) if per_round else float("nan")
         small = nokernel < 0.1 * full  # communication too small a part to tell from noise
-        rows.append([*_cfg_label(r), r["method"], _ms(full), _ms(nocomm), _ms(nokernel), _ms(full - nocomm),
-                     "(comm < 10%)" if small else f"{100 * hidden:.0f}%"])
-    return md_table(["P", "N", "kv heads", "method", "fwd+bwd ms", "no-comm ms", "no-kernel ms",
-                     "exposed comm ms", "hidden comm"], rows, right=(0, 1, 4, 5, 6, 7, 8))
+        rows.append(
+            [
+                *_cfg_label(r),
+                r["method"],
+                _ms(full),
+                _ms(nocomm),
+                _ms(nokernel),
+                _ms(full - nocomm),
+                "(comm < 10%)" if small else f"{100 * hidden:.0f}%",
+            ]
+        )
+    return md_table(
+        ["P", "N", "kv heads", "method", "fwd+bwd ms", "no-comm ms", "no-kernel ms", "exposed comm ms", "hidden comm"],
+        rows,
+        right=(0, 1, 4, 5, 6, 7, 8),
+    )
 
 
 def constant_table(recs: list[dict], args) -> str:
@@ -517,8 +600,11 @@ def constant_table(recs: list[dict], args) -> str:
                 f = [formula(m, P, N, 8, esize, True, rank) for rank in range(P)]
                 row.append(_mib(_mean([a + b for a, b in f])) + " (formula)")
         rows.append(row)
-    return md_table(["N", "P", "ulysses fwd+bwd MiB/rank", "ring fwd+bwd MiB/rank", "tokenring fwd+bwd MiB/rank"],
-                    rows, right=(0, 1, 2, 3, 4))
+    return md_table(
+        ["N", "P", "ulysses fwd+bwd MiB/rank", "ring fwd+bwd MiB/rank", "tokenring fwd+bwd MiB/rank"],
+        rows,
+        right=(0, 1, 2, 3, 4),
+    )
 
 
 def ds_table(recs: list[dict]) -> str:
@@ -533,168 +619,207 @@ def ds_table(recs: list[dict]) -> str:
         m = mw[_key(r)]
         paired = [a[2] / b[2] for a, b in zip(m["times"]["full"], r["times"]["full"])]
         same_bytes = m["fwd_bytes"] == r["fwd_bytes"] and m["bwd_bytes"] == r["bwd_bytes"]
-        rows.append([*_cfg_label(r), _ms(_med(m["times"]["full"], 2)), _ms(_med(r["times"]["full"], 2)),
-                     f"{statistics.median(paired):.3f}", f"{min(paired):.2f}-{max(paired):.2f}",
-                     f"{sum(m['calls'])} / {sum(r['calls'])}", "yes" if same_bytes else "NO",
-                     f"{r.get('vs_ulysses_out', float('nan')):.1e} / {r.get('vs_ulysses_grad', float('nan')):.1e}"])
-    return md_table(["P", "N", "kv heads", "meshweave ulysses ms", "deepspeed ms", "meshweave / deepspeed (median)",
-                     "min-max per round", "collectives mw / ds", "same bytes", "max abs diff out / grads"],
-                    rows, right=(0, 1, 3, 4, 5, 6))
+        rows.append(
+            [
+                *_cfg_label(r),
+                _ms(_med(m["times"]["full"], 2)),
+                _ms(_med(r["times"]["full"], 2)),
+                f"{statistics.median(paired):.3f}",
+                f"{min(paired):.2f}-{max(paired):.2f}",
+                f"{sum(m['calls'])} / {sum(r['calls'])}",
+                "yes" if same_bytes else "NO",
+                f"{r.get('vs_ulysses_out', float('nan')):.1e} / {r.get('vs_ulysses_grad', float('nan')):.1e}",
+            ]
+        )
+    return md_table(
+        [
+            "P",
+            "N",
+            "kv heads",
+            "meshweave ulysses ms",
+            "deepspeed ms",
+            "meshweave / deepspeed (median)",
+            "min-max per round",
+            "collectives mw / ds",
+            "same bytes",
+            "max abs diff out / grads",
+        ],
+        rows,
+        right=(0, 1, 3, 4, 5, 6),
+    )
 
 
 # ================================================================================================
 
 
-def _run(where: str, P: int, configs: list[dict], args, log_root: Path) -> list[dict] | str:
-    spec = {"configs": configs, "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
-            "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
-            "check": where == "plain", "link_check": True}
+def measure(where: str, configs: dict[int, list[dict]], args: argparse.Namespace, raw: dict) -> tuple[list, list]:
+    """Every P's configs on loopback gloo (``where`` = "plain", with the correctness check) or with
+    each rank in a shaped namespace ("shaped"); the records per (config, method) and a note per P.
+    ``raw`` gets the records and each run's link check."""
     env = deepspeed_env()
-    logs = log_root / f"{where}-P{P}"
-    try:
-        if where == "plain":
-            return spawn(worker, P, spec, timeout=1800, env=env, log_dir=logs)
-        from _netns import spawn_in_namespaces
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    recs, notes = [], []
+    for P, todo in configs.items():
+        spec = {
+            "configs": todo,
+            "dtype": args.dtype,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "methods": methods,
+            "check": where == "plain",
+            "link_check": True,
+        }
+        t0 = time.perf_counter()
+        res = run_ranks(
+            worker,
+            P,
+            spec,
+            timeout=1800,
+            env=env,
+            log_dir=LOG_ROOT / f"{where}-P{P}",
+            rate_mbit=args.shaped_mbit if where == "shaped" else None,
+        )
+        if isinstance(res, str):
+            notes.append(f"P={P}: {res}")
+            continue
+        notes.append(
+            f"P={P}: {time.perf_counter() - t0:.0f} s, link check rank 0 -> 1 {res[0]['link_mbit']:.0f} Mbit/s"
+        )
+        raw["link_mbit"][f"{where}-P{P}"] = res[0]["link_mbit"]
+        recs += _collect(res, P, args)
+    raw[where] = recs
+    return recs, notes
 
-        return spawn_in_namespaces(worker, P, spec, rate_mbit=args.shaped_mbit, timeout=1800, env=env, log_dir=logs)
-    except WorkerError as e:
-        logs.mkdir(parents=True, exist_ok=True)
-        (logs / "error.txt").write_text(str(e))
-        return f"failed: {str(e).strip().splitlines()[-1]} (traceback in {logs / 'error.txt'})"
 
-
-def _setting(args) -> str:
-    return (f"batch {BATCH}, {HEADS} query heads, head_dim {HEAD_DIM}, {args.dtype}; kv heads 8 (MHA) or 2 (GQA); "
-            f"causal unless marked. Every method and DeepSpeed take turns in the same processes, round by round "
-            f"(order rotated), {args.iters} timed rounds after {args.warmup} warm-up round(s) plus one measured "
-            f"pass; each iteration starts at a barrier and counts as long as its slowest rank; 1 thread per rank.")
+def _setting(args: argparse.Namespace) -> str:
+    return (
+        f"batch {BATCH}, {HEADS} query heads, head_dim {HEAD_DIM}, {args.dtype}; kv heads 8 (MHA) or 2 (GQA); "
+        f"causal unless marked. Every method and DeepSpeed take turns in the same processes, round by round "
+        f"(order rotated), {args.iters} timed rounds after {args.warmup} warm-up round(s) plus one measured "
+        f"pass; each iteration starts at a barrier and counts as long as its slowest rank; 1 thread per rank."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer and shorter sequences, fewer rounds (~2 min)")
+    ap = options(__doc__, "fewer and shorter sequences, fewer rounds (~2 min)")
     ap.add_argument("--shaped-mbit", type=float, default=1000, help="link rate of each rank in the shaped run")
     ap.add_argument("--no-shaped", action="store_true", help="skip the network-namespace run")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds per config (default 9; 3 with --quick)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds per config after the measured pass")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help="comma-separated subset of " + ", ".join(ALL_METHODS) + " (ratios need ulysses)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help="comma-separated subset of " + ", ".join(ALL_METHODS) + " (ratios need ulysses)",
+    )
     args = ap.parse_args(argv)
     args.iters = args.iters or (3 if args.quick else 9)
-    started = time.perf_counter()
-    log_root = ROOT / "runs" / "bench" / "cp_attention" / "logs"
     report = Report(args.out, "cp_attention", "meshweave bench: context-parallel attention")
-    from importlib.metadata import version
-
-    try:
-        ds_version = version("deepspeed")
-    except Exception:  # noqa: BLE001
-        ds_version = "not installed"
-    report.add(f"torch {version('torch')}, deepspeed {ds_version}, {os.cpu_count()} cores, load average "
-               f"{os.getloadavg()[0]:.1f} at start; {'--quick; ' if args.quick else ''}{args.dtype}. {_setting(args)}")
-    raw = {"args": {k: str(v) for k, v in vars(args).items()}, "plain": [], "shaped": [], "link_mbit": {}}
+    report.raw.update(args={k: str(v) for k, v in vars(args).items()}, plain=[], shaped=[], link_mbit={})
+    report.add(
+        f"{report.environment('torch', 'deepspeed')}; {'--quick; ' if args.quick else ''}{args.dtype}. {_setting(args)}"
+    )
     todo = plan(args)
 
     # ---- plain gloo on loopback
-    recs, notes = [], []
-    for P, configs in todo["plain"].items():
-        t0 = time.perf_counter()
-        res = _run("plain", P, configs, args, log_root)
-        if isinstance(res, str):
-            notes.append(f"P={P}: {res}")
-            continue
-        notes.append(f"P={P}: {time.perf_counter() - t0:.0f} s, link check rank 0 -> 1 {res[0]['link_mbit']:.0f} Mbit/s")
-        raw["link_mbit"][f"plain-P{P}"] = res[0]["link_mbit"]
-        recs += _collect(res, P, args)
-    raw["plain"] = recs
-    (args.out / "cp_attention.json").write_text(json.dumps(raw, indent=1, default=str))
-    report.add("## 1. Bytes per rank per attention layer (plain gloo, loopback)\n\n"
-               "Measured by meshweave's ledger (mean over ranks; the range when ranks differ) beside the formulas of "
-               "the module docstring; `exact` = every rank's ledger equals its formula to the byte. `fwd+bwd / ring` "
-               "compares with the ring in the same config. Collectives = ledger entries (a batched P2P counts once).\n\n"
-               + (bytes_table(recs) if recs else "no results") + "\n\n" + "; ".join(notes))
+    recs, notes = measure("plain", todo["plain"], args, report.raw)
+    report.add(
+        "## 1. Bytes per rank per attention layer (plain gloo, loopback)\n\n"
+        "Measured by meshweave's ledger (mean over ranks; the range when ranks differ) beside the formulas of "
+        "the module docstring; `exact` = every rank's ledger equals its formula to the byte. `fwd+bwd / ring` "
+        "compares with the ring in the same config. Collectives = ledger entries (a batched P2P counts once).\n\n"
+        + (bytes_table(recs) if recs else "no results")
+        + "\n\n"
+        + "; ".join(notes)
+    )
     if recs:
-        report.add("## 2. Ulysses bytes per rank constant when N and P grow together\n\n"
-                   "MHA, causal, fwd+bwd per rank per layer (ledger; P=8 from the formula — 8 ranks on 2 cores "
-                   "were not run). Ulysses moves (P-1)/P x 4 x N/P x h x d elements per direction: the N/P part is "
-                   "constant, only (P-1)/P grows (1/2 -> 3/4 -> 7/8) toward a bound; the ring's bytes grow with N.\n\n"
-                   + constant_table(recs, args))
-        report.add("## 3. Time per attention layer, forward + backward (plain gloo, loopback)\n\n" + _setting(args)
-                   + " Errors: unsharded output and gradients vs single-process fp32 attention on the same inputs"
-                   + _kernel_err_note(recs)
-                   + ".\n\n" + time_table(recs))
-        report.add("## 4. meshweave Ulysses vs DeepSpeed Ulysses (same shapes, same kernel, same run)\n\n"
-                   "DeepSpeed `DistributedAttention(local, group, scatter_idx=2, gather_idx=1)` called with "
-                   "`batch_dim_idx=0` on the `[b, s, h, d]` shards meshweave's Ulysses uses; the ratio is the median "
-                   "over rounds of meshweave's time / DeepSpeed's in the same round (< 1: meshweave faster). Bytes "
-                   "from the ledger (DeepSpeed's all-to-alls captured from torch.distributed). Max abs diff of "
-                   "DeepSpeed's output / gradients against meshweave's Ulysses.\n\n" + ds_table(recs))
+        report.add(
+            "## 2. Ulysses bytes per rank constant when N and P grow together\n\n"
+            "MHA, causal, fwd+bwd per rank per layer (ledger; P=8 from the formula — 8 ranks on 2 cores "
+            "were not run). Ulysses moves (P-1)/P x 4 x N/P x h x d elements per direction: the N/P part is "
+            "constant, only (P-1)/P grows (1/2 -> 3/4 -> 7/8) toward a bound; the ring's bytes grow with N.\n\n"
+            + constant_table(recs, args)
+        )
+        report.add(
+            "## 3. Time per attention layer, forward + backward (plain gloo, loopback)\n\n"
+            + _setting(args)
+            + " Errors: unsharded output and gradients vs single-process fp32 attention on the same inputs"
+            + _kernel_err_note(recs)
+            + ".\n\n"
+            + time_table(recs)
+        )
+        report.add(
+            "## 4. meshweave Ulysses vs DeepSpeed Ulysses (same shapes, same kernel, same run)\n\n"
+            "DeepSpeed `DistributedAttention(local, group, scatter_idx=2, gather_idx=1)` called with "
+            "`batch_dim_idx=0` on the `[b, s, h, d]` shards meshweave's Ulysses uses; the ratio is the median "
+            "over rounds of meshweave's time / DeepSpeed's in the same round (< 1: meshweave faster). Bytes "
+            "from the ledger (DeepSpeed's all-to-alls captured from torch.distributed). Max abs diff of "
+            "DeepSpeed's output / gradients against meshweave's Ulysses.\n\n" + ds_table(recs)
+        )
         if any("nokernel" in r.get("times", {}) for r in recs):
-            report.add("## 5. Overlap on loopback (no wire bottleneck)\n\n" + _overlap_note() + "\n\n" + overlap_table(recs))
+            report.add(
+                "## 5. Overlap on loopback (no wire bottleneck)\n\n" + _overlap_note() + "\n\n" + overlap_table(recs)
+            )
 
     # ---- shaped links in network namespaces
-    title = f"## 6. The same with every rank in its own network namespace, links shaped to {args.shaped_mbit:g} Mbit/s\n\n"
-    if args.no_shaped:
-        report.add(title + "skipped: --no-shaped")
+    title = (
+        f"## 6. The same with every rank in its own network namespace, links shaped to {args.shaped_mbit:g} Mbit/s\n\n"
+    )
+    reason = "--no-shaped" if args.no_shaped else available()
+    if reason:
+        report.add(title + f"skipped: {reason}")
     else:
-        from _netns import available
-
-        reason = available()
-        if reason:
-            report.add(title + f"skipped: {reason}")
-        else:
-            srecs, snotes = [], []
-            for P, configs in todo["shaped"].items():
-                t0 = time.perf_counter()
-                res = _run("shaped", P, configs, args, log_root)
-                if isinstance(res, str):
-                    snotes.append(f"P={P}: {res}")
-                    continue
-                snotes.append(f"P={P}: {time.perf_counter() - t0:.0f} s, link check rank 0 -> 1 "
-                              f"{res[0]['link_mbit']:.0f} Mbit/s")
-                raw["link_mbit"][f"shaped-P{P}"] = res[0]["link_mbit"]
-                srecs += _collect(res, P, args)
-            raw["shaped"] = srecs
-            same = _same_bytes(recs, srecs)
-            report.add(title + f"bench/_netns.py: one namespace per rank, veths on one bridge, `tc tbf rate "
-                       f"{args.shaped_mbit:g}mbit` on each rank's egress (so a rank sends at most that in total, "
-                       f"like a node NIC behind a switch). {_setting(args)} Ledger bytes: {same}.\n\n"
-                       + (time_table(srecs, correctness=False) if srecs else "no results")
-                       + "\n\n" + _overlap_note() + "\n\n" + (overlap_table(srecs) if srecs else "")
-                       + "\n\n" + "; ".join(snotes))
-    report.add(f"Total bench time: {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at "
-               f"the end. Markdown: {report.write()}")
-    (args.out / "cp_attention.json").write_text(json.dumps(raw, indent=1, default=str))
-    return 0
+        srecs, snotes = measure("shaped", todo["shaped"], args, report.raw)
+        report.add(
+            title + f"bench/_netns.py: one namespace per rank, veths on one bridge, `tc tbf rate "
+            f"{args.shaped_mbit:g}mbit` on each rank's egress (so a rank sends at most that in total, "
+            f"like a node NIC behind a switch). {_setting(args)} Ledger bytes: {_same_bytes(recs, srecs)}.\n\n"
+            + (time_table(srecs, correctness=False) if srecs else "no results")
+            + "\n\n"
+            + _overlap_note()
+            + "\n\n"
+            + (overlap_table(srecs) if srecs else "")
+            + "\n\n"
+            + "; ".join(snotes)
+        )
+    return report.finish()
 
 
 def _kernel_err_note(recs: list[dict]) -> str:
     errs = [r["ref_kernel_err"] for r in recs if r.get("ref_kernel_err")]
     if not errs:
         return ""
-    return (f" (for scale: the same kernel run in the working dtype on one process is off by up to "
-            f"{max(e['out'] for e in errs):.1e} (out) / {max(e['grad'] for e in errs):.1e} (grads) — rounding alone)")
+    return (
+        f" (for scale: the same kernel run in the working dtype on one process is off by up to "
+        f"{max(e['out'] for e in errs):.1e} (out) / {max(e['grad'] for e in errs):.1e} (grads) — rounding alone)"
+    )
 
 
 def _overlap_note() -> str:
-    return ("`no-comm`: every exchange replaced by a local copy / zero-fill of the same shape (the compute alone); "
-            "`no-kernel`: the attention kernels replaced by zero-fill stubs, every exchange and merge kept (the "
-            "communication schedule alone); `exposed comm` = fwd+bwd - no-comm, what communication added to the "
-            "layer (medians); `hidden comm` = 1 - exposed / no-kernel, the share of the communication time that ran "
-            "under compute (computed per round from the three back-to-back times, median over rounds). Ulysses' and DeepSpeed's exchanges block, so about 0 is expected there; negative values mean "
-            "the two parts slowed each other (2 shared cores). All are medians of noisy times; `hidden` is left out "
-            "where no-kernel is under 10% of fwd+bwd.")
+    return (
+        "`no-comm`: every exchange replaced by a local copy / zero-fill of the same shape (the compute alone); "
+        "`no-kernel`: the attention kernels replaced by zero-fill stubs, every exchange and merge kept (the "
+        "communication schedule alone); `exposed comm` = fwd+bwd - no-comm, what communication added to the "
+        "layer (medians); `hidden comm` = 1 - exposed / no-kernel, the share of the communication time that ran "
+        "under compute (computed per round from the three back-to-back times, median over rounds). Ulysses' "
+        "and DeepSpeed's exchanges block, so about 0 is expected there; negative values mean "
+        "the two parts slowed each other (2 shared cores). All are medians of noisy times; `hidden` is left out "
+        "where no-kernel is under 10% of fwd+bwd."
+    )
 
 
 def _same_bytes(plain: list[dict], shaped: list[dict]) -> str:
     idx = {(_key(r), r["method"]): r for r in plain if "skipped" not in r}
-    diffs = [r["method"] for r in shaped if "skipped" not in r and (_key(r), r["method"]) in idx
-             and (idx[(_key(r), r["method"])]["fwd_bytes"], idx[(_key(r), r["method"])]["bwd_bytes"])
-             != (r["fwd_bytes"], r["bwd_bytes"])]
+    diffs = [
+        r["method"]
+        for r in shaped
+        if "skipped" not in r
+        and (_key(r), r["method"]) in idx
+        and (idx[(_key(r), r["method"])]["fwd_bytes"], idx[(_key(r), r["method"])]["bwd_bytes"])
+        != (r["fwd_bytes"], r["bwd_bytes"])
+    ]
     return "identical to the plain run's for the same configs" if not diffs else f"DIFFER for {diffs}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

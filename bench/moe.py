@@ -29,37 +29,21 @@ Three tables, printed and written to ``--out`` (``moe.md`` and the raw numbers i
 
 On a shared 2-core CPU box absolute times mean little; compare columns measured in the same run.
 
-    .venv/bin/python bench/moe.py            # ~3.5-5 min on 2 cores (more when the machine is busy)
-    .venv/bin/python bench/moe.py --quick    # ~2 min: fewer steps, Table 3 at 60 steps
+    .venv/bin/python -m bench.moe            # ~3.5-5 min on 2 cores (more when the machine is busy)
+    .venv/bin/python -m bench.moe --quick    # ~2 min: fewer steps, Table 3 at 60 steps
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    ROOT,
-    Report,
-    WorkerError,
-    deepspeed_env,
-    fmt_int,
-    fmt_ratio,
-    md_table,
-    package_version,
-    read_metrics,
-    spawn,
-    start_cli,
-)
+from bench._common import ROOT, Report, fmt_int, fmt_ratio, md_table, options, package_version, run_clis, run_ranks
+from bench._peers import deepspeed_env, deepspeed_missing, start_peer
 
 PRESET = ROOT / "configs" / "tiny-moe.toml"
 E, TOP_K, DIM, EXPERT_FFN, LAYERS = 8, 2, 128, 96, 4  # the preset's MoE shapes
@@ -70,18 +54,12 @@ E, TOP_K, DIM, EXPERT_FFN, LAYERS = 8, 2, 128, 96, 4  # the preset's MoE shapes
 
 
 def cli_runs(out: Path, runs: dict[str, tuple[int, list[str]]], timeout: float) -> dict[str, list[dict]]:
-    """Run each ``name -> (nproc, args)`` one after the other; returns their metrics records."""
-    results = {}
-    for name, (nproc, args) in runs.items():
-        proc = start_cli(out / name, nproc, ["--config", str(PRESET), *args])
-        try:
-            code = proc.wait(timeout=timeout)
-        except Exception:  # noqa: BLE001 - a hung run becomes an empty row, not a hung bench
-            proc.kill()
-            code = -1
-        results[name] = read_metrics(out / name) if code == 0 else []
-        print(f"  {name}: exit {code}, {len(results[name])} steps", flush=True)
-    return results
+    """Run each ``name -> (nproc, args)`` on the preset, one after the other; their metrics records
+    (none for a run that failed or hung: an empty row, not a hung bench)."""
+    done = run_clis(
+        {name: (out / name, nproc, ["--config", str(PRESET), *args]) for name, (nproc, args) in runs.items()}, timeout
+    )
+    return {name: run.records if run.ok else [] for name, run in done.items()}
 
 
 def _median(values: list[float]) -> float | None:
@@ -101,8 +79,13 @@ def summarise(records: list[dict], ep: int, width: int) -> dict:
     """Per-step medians (steps after the first) of what Table 1 shows."""
     use = records[1:] or records
     bytes_of = lambda r, k: r.get("comm_bytes", {}).get(k, 0)  # noqa: E731
-    rows = [sum(sum(l.get("ep_rows_sent", [0])[1:]) + sum(l.get("ep_rows_received", [0])[1:])
-                for l in r.get("moe", {}).values()) for r in use]
+    rows = [
+        sum(
+            sum(layer.get("ep_rows_sent", [0])[1:]) + sum(layer.get("ep_rows_received", [0])[1:])
+            for layer in r.get("moe", {}).values()
+        )
+        for r in use
+    ]
     a2a = [bytes_of(r, "ep/all_to_all") for r in use]
     counts = LAYERS * (E - E // ep) * 8 if ep > 1 else 0
     return {
@@ -111,8 +94,9 @@ def summarise(records: list[dict], ep: int, width: int) -> dict:
         "rows": _median(rows),
         "bytes_per_row": _median([(b - counts) / (2 * n) for b, n in zip(a2a, rows) if n]) if ep > 1 else None,
         "edp_bytes": _median([bytes_of(r, "edp/all_gather") + bytes_of(r, "edp/reduce_scatter") for r in use]),
-        "fsdp_bytes": _median([bytes_of(r, "dp_shard/all_gather") + bytes_of(r, "dp_shard/reduce_scatter")
-                               for r in use]),
+        "fsdp_bytes": _median(
+            [bytes_of(r, "dp_shard/all_gather") + bytes_of(r, "dp_shard/reduce_scatter") for r in use]
+        ),
         "step_ms": _median([1e3 * r["step_time_s"] for r in use]),
         "check": all(bytes_of(r, "ep/all_to_all") == expected_a2a(r, ep, width) for r in records),
         "loss": records[-1]["loss"] if records else None,
@@ -124,13 +108,38 @@ def a2a_table(summary: dict[tuple[int, int], dict], low_dim: int) -> str:
     for (ep, low), s in summary.items():
         full = summary.get((ep, 0), {})
         ratio = (full["a2a_bytes"] / s["a2a_bytes"]) if low and s.get("a2a_bytes") and full.get("a2a_bytes") else None
-        rows.append([ep, f"low_dim={low}" if low else "standard", fmt_int(s.get("a2a_bytes")),
-                     fmt_ratio(ratio, 2) if ratio else "-", fmt_int(s.get("rows")),
-                     fmt_ratio(s.get("bytes_per_row"), 1),
-                     fmt_ratio(s.get("a2a_ms"), 1), fmt_int(s.get("edp_bytes")), fmt_int(s.get("fsdp_bytes")),
-                     fmt_ratio(s.get("step_ms"), 0), "ok" if s.get("check") else "MISMATCH"])
-    return md_table(["ep", "dispatch", "a2a B/step", "std/low", "rows moved", "B/row", "a2a ms/step",
-                     "edp B/step", "dp_shard B/step", "step ms", "check"], rows, right=range(2, 10))
+        rows.append(
+            [
+                ep,
+                f"low_dim={low}" if low else "standard",
+                fmt_int(s.get("a2a_bytes")),
+                fmt_ratio(ratio, 2) if ratio else "-",
+                fmt_int(s.get("rows")),
+                fmt_ratio(s.get("bytes_per_row"), 1),
+                fmt_ratio(s.get("a2a_ms"), 1),
+                fmt_int(s.get("edp_bytes")),
+                fmt_int(s.get("fsdp_bytes")),
+                fmt_ratio(s.get("step_ms"), 0),
+                "ok" if s.get("check") else "MISMATCH",
+            ]
+        )
+    return md_table(
+        [
+            "ep",
+            "dispatch",
+            "a2a B/step",
+            "std/low",
+            "rows moved",
+            "B/row",
+            "a2a ms/step",
+            "edp B/step",
+            "dp_shard B/step",
+            "step ms",
+            "check",
+        ],
+        rows,
+        right=range(2, 10),
+    )
 
 
 # ================================================================================================
@@ -146,6 +155,7 @@ class DSSpec:
     warmup: int
     steps: int
     ds: bool
+    ds_skip: str = ""  # why DeepSpeed is not run, when ds is False
 
 
 class _Stack:
@@ -180,7 +190,6 @@ class _Stack:
 def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
     """Both stacks in this process, alternating steps; returns step times, losses, bytes."""
     import copy
-    import logging
 
     import torch
     import torch.distributed as dist
@@ -193,8 +202,14 @@ def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
 
     capture.install()
     torch.manual_seed(0)
-    settings = MoEConfig(num_experts=E, top_k=TOP_K, expert_ffn_dim=spec.expert_ffn, renormalize=True,
-                           aux_loss_coeff=1e-2, z_loss_coeff=0.0)
+    settings = MoEConfig(
+        num_experts=E,
+        top_k=TOP_K,
+        expert_ffn_dim=spec.expert_ffn,
+        renormalize=True,
+        aux_loss_coeff=1e-2,
+        z_loss_coeff=0.0,
+    )
     full = [MoEFeedForward(spec.dim, settings) for _ in range(spec.layers)]
     mw = _Stack.build([copy.deepcopy(m) for m in full], spec.dim)
     world_group = CommGroup(dist.group.WORLD, "ep")
@@ -202,36 +217,37 @@ def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
     bind(mw, world_group)
     out: dict = {"error": "", "times": {}, "losses": {}, "a2a_bytes": {}}
 
-    variants: dict[str, Any] = {"meshweave": mw}
-    if spec.ds:
-        try:
-            import deepspeed
-            from deepspeed.moe.layer import MoE
-            from deepspeed.utils import groups
+    def deepspeed_stack(deepspeed: Any) -> Any:
+        from deepspeed.moe.layer import MoE
+        from deepspeed.utils import groups
 
-            deepspeed.utils.logger.setLevel(logging.WARNING)
-            deepspeed.init_distributed(dist_backend="gloo")
-            ds_moes = []
-            for m in full:
-                layer = MoE(spec.dim, SwiGLU(spec.dim, spec.expert_ffn), num_experts=E, ep_size=world, k=TOP_K,
-                            drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
-                layer.set_deepspeed_parallelism()
-                with torch.no_grad():  # same router and experts as meshweave's layer
-                    layer.deepspeed_moe.gate.wg.weight.copy_(m.gate.weight)
-                    local = E // world
-                    for i, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-                        for name in ("gate_proj", "up_proj", "down_proj"):
-                            getattr(expert, name).weight.copy_(getattr(m.experts, name).weight[rank * local + i])
-                ds_moes.append(layer)
-            ops.register_group(groups._get_expert_parallel_group(ds_moes[0].expert_group_name), "ds_ep")
-            variants["DeepSpeed-MoE"] = _Stack.build(ds_moes, spec.dim)
-        except Exception as e:  # noqa: BLE001 - any failure becomes the table's "skipped" row
-            out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-    flag = torch.tensor([1.0 if out["error"] else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        variants = {"meshweave": mw}
-        out["error"] = out["error"] or "DeepSpeed failed on another rank (see its log)"
+        ds_moes = []
+        for m in full:
+            layer = MoE(
+                spec.dim,
+                SwiGLU(spec.dim, spec.expert_ffn),
+                num_experts=E,
+                ep_size=world,
+                k=TOP_K,
+                drop_tokens=False,
+                use_rts=False,
+                top2_2nd_expert_sampling=False,
+            )
+            layer.set_deepspeed_parallelism()
+            with torch.no_grad():  # same router and experts as meshweave's layer
+                layer.deepspeed_moe.gate.wg.weight.copy_(m.gate.weight)
+                local = E // world
+                for i, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+                    for name in ("gate_proj", "up_proj", "down_proj"):
+                        getattr(expert, name).weight.copy_(getattr(m.experts, name).weight[rank * local + i])
+            ds_moes.append(layer)
+        ops.register_group(groups._get_expert_parallel_group(ds_moes[0].expert_group_name), "ds_ep")
+        return _Stack.build(ds_moes, spec.dim)
+
+    ds_stack, out["error"] = start_peer(deepspeed_stack, "" if spec.ds else spec.ds_skip)
+    variants: dict[str, Any] = {"meshweave": mw}
+    if ds_stack is not None:
+        variants["DeepSpeed-MoE"] = ds_stack
 
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in variants.items()}
     gen = torch.Generator().manual_seed(100 + rank)
@@ -254,7 +270,7 @@ def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
         ops.all_reduce(flat, CommGroup(dist.group.WORLD, "dp"))
         offset = 0
         for p in dense:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
         opt.step()
         return float(loss)
@@ -263,7 +279,7 @@ def ds_vs_meshweave_worker(rank: int, world: int, spec: DSSpec) -> dict:
     for name in names:
         out["times"][name], out["losses"][name], out["a2a_bytes"][name] = [], [], []
     for i in range(spec.warmup + spec.steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             dist.barrier()
             LEDGER.take_step()
             t0 = time.perf_counter()
@@ -285,129 +301,169 @@ def ds_table(res: list[dict], spec: DSSpec) -> tuple[str, dict]:
     rows = []
     for n in names:
         ratio = med["meshweave"] / med[n] if n != "meshweave" else None
-        rows.append([n, fmt_ratio(1e3 * med[n], 1), fmt_ratio(1e3 * min(slowest[n]), 1),
-                     fmt_int(statistics.median(res[0]["a2a_bytes"][n])), fmt_ratio(ratio, 2) if ratio else "-",
-                     f"{res[0]['losses'][n][0]:.5f} -> {res[0]['losses'][n][-1]:.5f}"])
+        rows.append(
+            [
+                n,
+                fmt_ratio(1e3 * med[n], 1),
+                fmt_ratio(1e3 * min(slowest[n]), 1),
+                fmt_int(statistics.median(res[0]["a2a_bytes"][n])),
+                fmt_ratio(ratio, 2) if ratio else "-",
+                f"{res[0]['losses'][n][0]:.5f} -> {res[0]['losses'][n][-1]:.5f}",
+            ]
+        )
     if res[0]["error"]:
         rows.append(["DeepSpeed-MoE", f"skipped: {res[0]['error']}", "", "", "", ""])
-    table = md_table(["variant", "median step ms", "min step ms", "a2a B/step (rank 0)", "meshweave / this",
-                      "loss first -> last (rank 0)"], rows, right=(1, 2, 3, 4))
+    table = md_table(
+        [
+            "variant",
+            "median step ms",
+            "min step ms",
+            "a2a B/step (rank 0)",
+            "meshweave / this",
+            "loss first -> last (rank 0)",
+        ],
+        rows,
+        right=(1, 2, 3, 4),
+    )
     return table, {"median_s": med, "slowest_per_step_s": slowest, "error": res[0]["error"]}
 
 
 # ================================================================================================
 
 
+def table1(args: argparse.Namespace, runs_dir: Path) -> tuple[str, dict]:
+    """All-to-all bytes and time per step at ep = 1, 2, 4, standard vs low-dimension dispatch."""
+    steps = 6 if args.quick else 12
+    common = [
+        "--parallel.dp_shard=4",
+        f"--train.steps={steps}",
+        "--train.global_batch=16",
+        "--log.interval=1",
+        "--checkpoint.interval=0",
+    ]
+    configs = [(ep, low) for ep in (1, 2, 4) for low in (0, args.low_dim)]
+    runs = {f"ep{ep}-low{low}": (4, [*common, f"--parallel.ep={ep}", f"--moe.low_dim={low}"]) for ep, low in configs}
+    records = cli_runs(runs_dir, runs, timeout=900)
+    summary = {(ep, low): summarise(records[f"ep{ep}-low{low}"], ep, low or DIM) for ep, low in configs}
+    caption = (
+        f"configs/tiny-moe.toml shapes, 4 processes, dp_shard=4, 16 sequences of 128 tokens per step "
+        f"(512 tokens per rank), {steps} steps; medians over steps 2..{steps}, rank 0's ledger. "
+        f"'rows moved' = dispatched rows that left or reached rank 0 (sum over the {LAYERS} layers); "
+        f"B/row = all-to-all bytes per row and direction pass (forward + backward), i.e. width x 4 "
+        f"x 2 (dim {DIM} -> 1024, low_dim {args.low_dim} -> {args.low_dim * 8}). 'edp' = expert weights "
+        f"all-gathered / reduce-scattered among the ranks holding the same experts, 'dp_shard' = FSDP "
+        f"of everything else. 'check' = ledger bytes equal the split-size formula at every step."
+    )
+    return caption + "\n\n" + a2a_table(summary, args.low_dim), {
+        f"ep{ep}-low{low}": s for (ep, low), s in summary.items()
+    }
+
+
+def table2(args: argparse.Namespace, report: Report) -> list[dict]:
+    """DeepSpeed-MoE vs meshweave at ep=2, one section per shape; the raw numbers per shape."""
+    skip = deepspeed_missing(args.no_deepspeed)
+    specs = [DSSpec(DIM, EXPERT_FFN, LAYERS, 1024, 2, 6 if args.quick else 16, not skip, skip)]
+    if not args.quick:  # a shape where the experts, not Python, dominate
+        specs.append(DSSpec(512, 1024, 2, 2048, 2, 8, not skip, skip))
+    env = deepspeed_env(args.out / ".cache" / "torch_extensions")
+    raw = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        res = run_ranks(
+            ds_vs_meshweave_worker, 2, spec, timeout=900, env=env, log_dir=args.out / "logs" / f"moe-ds-{spec.dim}"
+        )
+        if isinstance(res, str):
+            report.add(f"## 2. DeepSpeed-MoE vs meshweave (dim {spec.dim})\n\n{res}")
+            continue
+        table, numbers = ds_table(res, spec)
+        raw.append({"spec": asdict(spec), **numbers, "raw": res})
+        report.add(
+            f"## 2. DeepSpeed-MoE vs meshweave: ep=2, top-2, dim {spec.dim} "
+            f"({time.perf_counter() - t0:.0f} s)\n\n"
+            f"{spec.layers} x (RMSNorm -> MoE ({E} SwiGLU experts of width {spec.expert_ffn}) -> residual), "
+            f"{spec.tokens} tokens per rank, 2 processes, torch AdamW; {spec.warmup} warm-up + "
+            f"{spec.steps} timed steps per variant, alternating; step = barrier to optimizer step done, "
+            f"slowest rank. DeepSpeed {package_version('deepspeed')} `deepspeed.moe.layer.MoE` with "
+            f"drop_tokens=False (dispatch tensor [E, C, d], C = the largest expert load over the ep group); "
+            f"meshweave sends exactly the routed rows. Same router and expert weights (copied): the first "
+            f"step's losses agree; the aux losses differ in definition (DeepSpeed's balances top-1 "
+            f"assignments only), so the trajectories drift apart slowly.\n\n" + table
+        )
+    return raw
+
+
+def table3(args: argparse.Namespace, runs_dir: Path) -> tuple[str, dict]:
+    """Eval loss of the low-dimension dispatch against the standard one after the same steps."""
+    steps = 60 if args.quick else 200
+    common = [
+        "--parallel.dp_shard=2",
+        "--parallel.ep=2",
+        f"--train.steps={steps}",
+        f"--train.eval_interval={steps}",
+        "--checkpoint.interval=0",
+        "--log.interval=10",
+    ]
+    lows = [0, args.low_dim, args.low_dim // 2]
+    records = cli_runs(
+        runs_dir, {f"train-low{low}": (2, [*common, f"--moe.low_dim={low}"]) for low in lows}, timeout=1800
+    )
+    rows, numbers = [], {}
+    base = records["train-low0"][-1].get("eval_loss") if records["train-low0"] else None
+    for low in lows:
+        recs = records[f"train-low{low}"]
+        ev = recs[-1].get("eval_loss") if recs else None
+        gap = (ev - base) / base if ev is not None and base else None
+        a2a = _median([r.get("comm_bytes", {}).get("ep/all_to_all", 0) for r in recs[1:]])
+        numbers[low] = {
+            "eval_loss": ev,
+            "gap": gap,
+            "train_loss": recs[-1]["loss"] if recs else None,
+            "a2a_bytes_per_logged_step": a2a,
+        }
+        rows.append(
+            [
+                f"low_dim={low}" if low else "standard",
+                fmt_ratio(ev, 4),
+                f"{100 * gap:+.2f}%" if gap is not None else "-",
+                fmt_ratio(recs[-1]["loss"] if recs else None, 4),
+                fmt_int(a2a),
+            ]
+        )
+    caption = (
+        f"configs/tiny-moe.toml, {steps} steps, 2 processes (dp_shard=2, ep=2), same seed and data; "
+        f"eval loss over 4 held-out batches at step {steps}; gap = relative to the standard dispatch "
+        f"(the issue's bound: within 3%)."
+    )
+    table = md_table(["dispatch", "eval loss", "gap", "train loss", "a2a B/step"], rows, right=(1, 2, 3, 4))
+    return caption + "\n\n" + table, numbers
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps everywhere, Table 3 at 60 steps (~2 min)")
-    ap.add_argument("--tables", default="1,2,3", help="subset of tables to run, e.g. 1,3")
+    ap = options(__doc__, "fewer steps everywhere, Table 3 at 60 steps (~2 min)", tables="1,2,3", deepspeed=True)
     ap.add_argument("--low-dim", type=int, default=64, help="BigMac width for Table 1 (Table 3 adds half of it)")
-    ap.add_argument("--no-deepspeed", action="store_true", help="Table 2 without DeepSpeed")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                    help="where moe.md, moe.json, the run directories and worker logs go")
     args = ap.parse_args(argv)
-    tables = {int(t) for t in args.tables.split(",") if t.strip()}
-    steps1 = 6 if args.quick else 12
-    steps3 = 60 if args.quick else 200
     runs_dir = args.out / "logs" / "moe_runs"
-    env = deepspeed_env(args.out / ".cache" / "torch_extensions")
-    started = time.perf_counter()
     report = Report(args.out, "moe", "meshweave bench: MoE expert parallelism")
-    load0 = os.getloadavg()
-    report.add(f"torch {package_version('torch')}, DeepSpeed {package_version('deepspeed')}, {os.cpu_count()} cores, load average "
-               f"{load0[0]:.2f} at start{', --quick' if args.quick else ''}. fp32, gloo, 1 intra-op thread "
-               "per process.")
-    raw: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-
-    if 1 in tables:
+    report.raw["args"] = {k: str(v) for k, v in vars(args).items()}
+    report.add(
+        f"{report.environment('torch', 'deepspeed')}{', --quick' if args.quick else ''}. fp32, gloo, "
+        "1 intra-op thread per process."
+    )
+    if 1 in args.tables:
         t0 = time.perf_counter()
-        common = ["--parallel.dp_shard=4", f"--train.steps={steps1}", "--train.global_batch=16", "--log.interval=1",
-                  "--checkpoint.interval=0"]
-        runs = {f"ep{ep}-low{low}": (4, [*common, f"--parallel.ep={ep}", f"--moe.low_dim={low}"])
-                for ep in (1, 2, 4) for low in (0, args.low_dim)}
-        records = cli_runs(runs_dir, runs, timeout=900)
-        summary = {(ep, low): summarise(records[f"ep{ep}-low{low}"], ep, low or DIM)
-                   for ep in (1, 2, 4) for low in (0, args.low_dim)}
-        raw["table1"] = {f"ep{ep}-low{low}": s for (ep, low), s in summary.items()}
-        report.add(f"## 1. All-to-all per step: standard vs low-dimension dispatch, ep = 1, 2, 4 "
-                   f"({time.perf_counter() - t0:.0f} s)\n\n"
-                   f"configs/tiny-moe.toml shapes, 4 processes, dp_shard=4, 16 sequences of 128 tokens per step "
-                   f"(512 tokens per rank), {steps1} steps; medians over steps 2..{steps1}, rank 0's ledger. "
-                   f"'rows moved' = dispatched rows that left or reached rank 0 (sum over the {LAYERS} layers); "
-                   f"B/row = all-to-all bytes per row and direction pass (forward + backward), i.e. width x 4 "
-                   f"x 2 (dim {DIM} -> 1024, low_dim {args.low_dim} -> {args.low_dim * 8}). 'edp' = expert weights "
-                   f"all-gathered / reduce-scattered among the ranks holding the same experts, 'dp_shard' = FSDP "
-                   f"of everything else. 'check' = ledger bytes equal the split-size formula at every step.\n\n"
-                   + a2a_table(summary, args.low_dim))
-
-    if 2 in tables:
-        have_ds = importlib.util.find_spec("deepspeed") is not None and not args.no_deepspeed
-        specs = [DSSpec(DIM, EXPERT_FFN, LAYERS, 1024, 2, 6 if args.quick else 16, have_ds)]
-        if not args.quick:  # a shape where the experts, not Python, dominate
-            specs.append(DSSpec(512, 1024, 2, 2048, 2, 8, have_ds))
-        raw["table2"] = []
-        for spec in specs:
-            t0 = time.perf_counter()
-            try:
-                res = spawn(ds_vs_meshweave_worker, 2, spec, timeout=900, env=env,
-                            log_dir=args.out / "logs" / f"moe-ds-{spec.dim}")
-            except WorkerError as e:
-                report.add(f"## 2. DeepSpeed-MoE vs meshweave (dim {spec.dim})\n\nfailed: "
-                           f"{str(e).strip().splitlines()[-1]}")
-                continue
-            table, numbers = ds_table(res, spec)
-            raw["table2"].append({"spec": asdict(spec), **numbers, "raw": res})
-            report.add(f"## 2. DeepSpeed-MoE vs meshweave: ep=2, top-2, dim {spec.dim} "
-                       f"({time.perf_counter() - t0:.0f} s)\n\n"
-                       f"{spec.layers} x (RMSNorm -> MoE ({E} SwiGLU experts of width {spec.expert_ffn}) -> residual), "
-                       f"{spec.tokens} tokens per rank, 2 processes, torch AdamW; {spec.warmup} warm-up + "
-                       f"{spec.steps} timed steps per variant, alternating; step = barrier to optimizer step done, "
-                       f"slowest rank. DeepSpeed {package_version('deepspeed')} `deepspeed.moe.layer.MoE` with drop_tokens=False "
-                       f"(dispatch tensor [E, C, d], C = the largest expert load over the ep group); meshweave "
-                       f"sends exactly the routed rows. Same router and expert weights (copied): the first "
-                       f"step's losses agree; the aux losses differ in definition (DeepSpeed's balances top-1 "
-                       f"assignments only), so the trajectories drift apart slowly.\n\n" + table)
-
-    if 3 in tables:
+        text, report.raw["table1"] = table1(args, runs_dir)
+        report.add(
+            f"## 1. All-to-all per step: standard vs low-dimension dispatch, ep = 1, 2, 4 "
+            f"({time.perf_counter() - t0:.0f} s)\n\n{text}"
+        )
+    if 2 in args.tables:
+        report.raw["table2"] = table2(args, report)
+    if 3 in args.tables:
         t0 = time.perf_counter()
-        common = ["--parallel.dp_shard=2", "--parallel.ep=2", f"--train.steps={steps3}",
-                  f"--train.eval_interval={steps3}", "--checkpoint.interval=0", "--log.interval=10"]
-        lows = [0, args.low_dim, args.low_dim // 2]
-        records = cli_runs(runs_dir, {f"train-low{low}": (2, [*common, f"--moe.low_dim={low}"]) for low in lows},
-                           timeout=1800)
-        rows, numbers = [], {}
-        base = records["train-low0"][-1].get("eval_loss") if records["train-low0"] else None
-        for low in lows:
-            recs = records[f"train-low{low}"]
-            ev = recs[-1].get("eval_loss") if recs else None
-            gap = (ev - base) / base if ev is not None and base else None
-            a2a = _median([r.get("comm_bytes", {}).get("ep/all_to_all", 0) for r in recs[1:]])
-            numbers[low] = {"eval_loss": ev, "gap": gap, "train_loss": recs[-1]["loss"] if recs else None,
-                            "a2a_bytes_per_logged_step": a2a}
-            rows.append([f"low_dim={low}" if low else "standard", fmt_ratio(ev, 4),
-                         f"{100 * gap:+.2f}%" if gap is not None else "-",
-                         fmt_ratio(recs[-1]["loss"] if recs else None, 4), fmt_int(a2a)])
-        raw["table3"] = numbers
-        report.add(f"## 3. Low-dimension dispatch and model quality ({time.perf_counter() - t0:.0f} s)\n\n"
-                   f"configs/tiny-moe.toml, {steps3} steps, 2 processes (dp_shard=2, ep=2), same seed and data; "
-                   f"eval loss over 4 held-out batches at step {steps3}; gap = relative to the standard dispatch "
-                   f"(the issue's bound: within 3%).\n\n"
-                   + md_table(["dispatch", "eval loss", "gap", "train loss", "a2a B/step"], rows, right=(1, 2, 3, 4)))
-
-    load1 = os.getloadavg()
-    raw["total_s"] = time.perf_counter() - started
-    raw["load_average"] = {"start": load0, "end": load1}
-    (args.out / "moe.json").write_text(json.dumps(raw, indent=1, default=str))
-    report.add(f"Total bench time: {raw['total_s']:.0f} s; load average {load1[0]:.2f} at the end. "
-               f"Markdown: {report.write()}; raw numbers: {args.out / 'moe.json'}")
-    return 0
-
-
+        text, report.raw["table3"] = table3(args, runs_dir)
+        report.add(f"## 3. Low-dimension dispatch and model quality ({time.perf_counter() - t0:.0f} s)\n\n{text}")
+    return report.finish()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -46,29 +46,31 @@ raw numbers in ``pipeline.json``):
 
 On a shared 2-core CPU box absolute times mean little; compare columns measured in the same run.
 
-    .venv/bin/python bench/pipeline.py            # ~7-10 min on 2 cores
-    .venv/bin/python bench/pipeline.py --quick    # ~1.5-2 min: seq_len 128, m = 2pp only, 2 timed steps
+    .venv/bin/python -m bench.pipeline            # ~7-10 min on 2 cores
+    .venv/bin/python -m bench.pipeline --quick    # ~1.5-2 min: seq_len 128, m = 2pp only, 2 timed steps
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Report, WorkerError, deepspeed_env, fmt_ratio, md_table, package_version, spawn  # noqa: E402
+from bench._common import Report, fmt_ratio, int_list, md_table, options, package_version, run_ranks
+from bench._peers import deepspeed_env, deepspeed_missing, start_peer
 
 # (schedule, virtual stages per rank)
-SCHEDULES: list[tuple[str, int]] = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2),
-                                    ("zbv", 2)]
+SCHEDULES: list[tuple[str, int]] = [
+    ("gpipe", 1),
+    ("1f1b", 1),
+    ("interleaved_1f1b", 2),
+    ("interleaved_zb", 2),
+    ("zbv", 2),
+]
 MODEL = dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688, vocab_size=512)
 SEED = 1234
 UNIT_COST = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
@@ -145,7 +147,9 @@ def simulate(order: dict[int, list[Action]], cost: Callable[[int, str], float]) 
                 pos[r] += 1
                 progressed = True
         if not progressed:
-            raise RuntimeError(f"schedule deadlocks in simulation at {[order[r][pos[r]] for r in order if pos[r] < len(order[r])]}")
+            raise RuntimeError(
+                f"schedule deadlocks in simulation at {[order[r][pos[r]] for r in order if pos[r] < len(order[r])]}"
+            )
     span = max(clock.values())
     return [1.0 - busy[r] / span for r in sorted(order)], span
 
@@ -168,11 +172,14 @@ def _config(spec: Spec, pp: int, schedule: str, v: int, m: int) -> Any:
     """The run's Config: meshweave's model, pp only, the schedule, m microbatches, no warm-up LR."""
     from meshweave.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 
-    return Config(model=ModelConfig(**spec.model),
-                  parallel=ParallelConfig(pp=pp, dp_shard=1, pp_schedule=schedule, pp_microbatches=m,
-                                          pp_virtual_stages=v if v > 1 else 0),
-                  optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_clip=1.0),
-                  train=TrainConfig(global_batch=spec.batch, seq_len=spec.seq_len, seed=SEED, device="cpu"))
+    return Config(
+        model=ModelConfig(**spec.model),
+        parallel=ParallelConfig(
+            pp=pp, dp_shard=1, pp_schedule=schedule, pp_microbatches=m, pp_virtual_stages=v if v > 1 else 0
+        ),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_clip=1.0),
+        train=TrainConfig(global_batch=spec.batch, seq_len=spec.seq_len, seed=SEED, device="cpu"),
+    )
 
 
 class Meter:
@@ -205,10 +212,12 @@ class Meter:
 
     def take(self) -> dict:
         """This step's totals ({"stage/kind": seconds}), then reset."""
-        out = {"wall": {f"{s}/{k}": t for (s, k), t in self.wall.items()},
-               "cpu": {f"{s}/{k}": t for (s, k), t in self.cpu.items()},
-               "calls": {f"{s}/{k}": n for (s, k), n in self.calls.items()},
-               "sequence": [f"{s}/{k}" for s, k in self.sequence if k != "L"]}
+        out = {
+            "wall": {f"{s}/{k}": t for (s, k), t in self.wall.items()},
+            "cpu": {f"{s}/{k}": t for (s, k), t in self.cpu.items()},
+            "calls": {f"{s}/{k}": n for (s, k), n in self.calls.items()},
+            "sequence": [f"{s}/{k}" for s, k in self.sequence if k != "L"],
+        }
         self.wall, self.cpu, self.calls, self.sequence = {}, {}, {}, []
         return out
 
@@ -222,8 +231,11 @@ def _instrument(schedule: Any, meter: Meter) -> list[Any]:
     for st in stages:
         i = st.stage_index
         meter.wrap(st, "forward_one_chunk", lambda a, k, i=i: (i, "F"))
-        meter.wrap(st, "backward_one_chunk",
-                   lambda a, k, i=i: (i, "B" if k.get("full_backward", a[2] if len(a) > 2 else True) else "I"))
+        meter.wrap(
+            st,
+            "backward_one_chunk",
+            lambda a, k, i=i: (i, "B" if k.get("full_backward", a[2] if len(a) > 2 else True) else "I"),
+        )
         meter.wrap(st, "backward_weight_one_chunk", lambda a, k, i=i: (i, "W"))
     last = next((st.stage_index for st in stages if st.is_last), None)
     if last is not None:
@@ -264,62 +276,61 @@ def _compute_order(schedule: Any) -> dict[int, list[Action]]:
     order = schedule.pipeline_order_with_comms
     out = {}
     for rank, acts in order.items():
-        out[int(rank)] = [(a.stage_index, str(a.computation_type.value), a.microbatch_index) for a in acts
-                          if a is not None and str(a.computation_type.value) in UNIT_COST]
+        out[int(rank)] = [
+            (a.stage_index, str(a.computation_type.value), a.microbatch_index)
+            for a in acts
+            if a is not None and str(a.computation_type.value) in UNIT_COST
+        ]
     return out
 
 
 class MeshweavePipeline:
-    """One trainer-equivalent pipeline: stages, schedule, optimizer and a ``step`` like train_step."""
+    """One trainer-equivalent pipeline: ``parallelize``'s runtime (stages, schedule), the optimizer
+    and a ``step`` as ``Trainer.train_step`` takes it."""
 
     def __init__(self, cfg: Any, dims: Any, mesh: Any, meter: Meter | None) -> None:
         import torch
         import torch.nn.functional as F
 
+        from meshweave.data.datasets import IGNORE_INDEX
         from meshweave.models.llama import build_model
         from meshweave.parallel.parallelize import parallelize
-        from meshweave.parallel.pipeline import build_schedule
-        from meshweave.data.datasets import IGNORE_INDEX
         from meshweave.trainer.optim import build_optimizer
 
-        self.torch, self.cfg = torch, cfg
-        self.device = torch.device("cpu")
+        def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # the trainer's loss
+            flat = logits.flatten(0, 1).float()
+            return F.cross_entropy(flat, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+        self.cfg, self.ignore_index = cfg, IGNORE_INDEX
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
-        self.parts = parallelize(model, dims, mesh, cfg, self.device).pipeline
-        positions = torch.arange(cfg.train.seq_len)
-        for module in [model, *self.parts.stages]:  # Trainer._set_positions
-            module.rope_positions = positions
-        self.pp_group = mesh.group("pp")
-        self.scale = 1.0
-
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # Trainer._pipeline_loss
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum") * self.scale
-
-        self.schedule = build_schedule(self.parts, cfg, self.pp_group.pg, self.device, loss_fn)
+        self.runtime = parallelize(model, dims, mesh, cfg, torch.device("cpu"), token_loss_sum)
+        self.parts, self.schedule = self.runtime.pipeline, self.runtime.schedule
         self.stages = _instrument(self.schedule, meter) if meter is not None else []
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.pipe_s = 0.0
+        step = self.schedule.step
+
+        def timed_step(*args: Any, **kwargs: Any) -> Any:  # the schedule's share of the step
+            t0 = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.pipe_s = time.perf_counter() - t0
+
+        self.schedule.step = timed_step
+        self.optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
         self.model = model
 
     def step(self, inputs: Any, labels: Any) -> tuple[float, float]:
-        """One optimizer step as Trainer.train_step does it; returns (schedule.step seconds, loss)."""
-        from meshweave.comm.ops import all_reduce_scalars
-        from meshweave.parallel.pipeline import clip_pipeline_gradients
-
-        self.scale = 1.0 / max(float((labels != -100).sum()), 1.0)
-        args = (inputs,) if 0 in self.parts.stage_ids else ()
-        target = labels if self.parts.has_last_stage else None
-        losses: list = []
-        t0 = time.perf_counter()
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
-        pipe = time.perf_counter() - t0
-        (loss,) = all_reduce_scalars([sum(float(x) for x in losses)], self.pp_group, self.device)
-        clip_pipeline_gradients(self.params, self.cfg.optim.grad_clip, self.pp_group)
+        """One optimizer step as Trainer.train_step takes it (dp = 1: this rank's tokens are the
+        step's); returns (schedule.step seconds, loss)."""
+        tokens = float((labels != self.ignore_index).sum())
+        loss = self.runtime.forward_backward([(inputs, labels)], tokens)
+        self.runtime.clip_gradients(self.cfg.optim.grad_clip)
         self.optimizer.step()
+        self.runtime.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        return pipe, loss
+        return self.pipe_s, loss
 
 
 def _loader(spec: Spec) -> Any:
@@ -350,8 +361,11 @@ def _sweep_one(spec: Spec, pp: int, schedule: str, v: int, m: int, dims: Any, me
         busy = meter.take()
         if i >= spec.warmup:
             steps.append({"pipe_s": pipe_s, "step_s": step_s, "loss": loss, **busy})
-    out = {"stage_ids": list(pipe.parts.stage_ids), "steps": steps,
-           "order": _compute_order(pipe.schedule) if v > 1 else single_stage_order(schedule, pp, m)}
+    out = {
+        "stage_ids": list(pipe.parts.stage_ids),
+        "steps": steps,
+        "order": _compute_order(pipe.schedule) if v > 1 else single_stage_order(schedule, pp, m),
+    }
     mine = [f"{s}/{k}" for s, k, _ in out["order"][dist.get_rank()]]
     out["order_matches"] = all(step["sequence"] == mine for step in steps)
     for step in steps:
@@ -366,8 +380,8 @@ def pipeline_worker(rank: int, world: int, spec: Spec) -> dict:
     import gc
 
     from meshweave.config import ConfigError
-    from meshweave.validation import validate
     from meshweave.parallel.dims import ParallelDims
+    from meshweave.validation import validate
 
     dims = ParallelDims(pp=world, dp_replicate=1, dp_shard=1, cp=1, tp=1)
     mesh = dims.build_mesh("cpu")
@@ -439,10 +453,18 @@ def _ds_pipe_module(spec: Spec, pp: int) -> Any:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
-    layers = [EmbedPipe(model.embed_tokens), *(DecoderPipe(model.layers[str(i)]) for i in range(mcfg.n_layers)),
-              HeadPipe(model.norm, model.lm_head)]
-    return PipelineModule(layers=layers, num_stages=pp, loss_fn=loss_fn, partition_method="type:DecoderPipe",
-                          activation_checkpoint_interval=0)
+    layers = [
+        EmbedPipe(model.embed_tokens),
+        *(DecoderPipe(model.layers[str(i)]) for i in range(mcfg.n_layers)),
+        HeadPipe(model.norm, model.lm_head),
+    ]
+    return PipelineModule(
+        layers=layers,
+        num_stages=pp,
+        loss_fn=loss_fn,
+        partition_method="type:DecoderPipe",
+        activation_checkpoint_interval=0,
+    )
 
 
 def deepspeed_vs_meshweave(spec: Spec, pp: int, dims: Any, mesh: Any) -> dict:
@@ -454,42 +476,39 @@ def deepspeed_vs_meshweave(spec: Spec, pp: int, dims: Any, mesh: Any) -> dict:
     from meshweave.trainer.optim import build_optimizer
 
     out: dict = {"error": "", "runs": {}}
-    engines, error = {}, ""
-    if not spec.ds:
-        error = spec.ds_skip or "deepspeed is not installed (pip install -e '.[peers]')"
-    else:
-        try:
-            import logging
 
-            import deepspeed
+    def engines_per_m(deepspeed: Any) -> dict[int, Any]:
+        engines = {}
+        for m in spec.ds_ms:
+            module = _ds_pipe_module(spec, pp)
+            opt = build_optimizer(module, _config(spec, pp, "1f1b", 1, m).optim, torch.device("cpu"))
+            config = {
+                "train_batch_size": spec.batch,
+                "train_micro_batch_size_per_gpu": spec.batch // m,
+                "gradient_accumulation_steps": m,
+                "gradient_clipping": 1.0,
+                "steps_per_print": 10**9,
+                "fp16": {"enabled": False},
+                "bf16": {"enabled": False},
+                "wall_clock_breakdown": False,
+                "pipeline": {"activation_checkpoint_interval": 0},
+            }
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config)
+            engines[m] = engine
+        return engines
 
-            deepspeed.utils.logger.setLevel(logging.WARNING)
-            t0 = time.perf_counter()
-            deepspeed.init_distributed(dist_backend="gloo")
-            for m in spec.ds_ms:
-                module = _ds_pipe_module(spec, pp)
-                opt = build_optimizer(module, _config(spec, pp, "1f1b", 1, m).optim, torch.device("cpu"))
-                config = {"train_batch_size": spec.batch, "train_micro_batch_size_per_gpu": spec.batch // m,
-                          "gradient_accumulation_steps": m, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-                          "fp16": {"enabled": False}, "bf16": {"enabled": False}, "wall_clock_breakdown": False,
-                          "pipeline": {"activation_checkpoint_interval": 0}}
-                engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config)
-                engines[m] = engine
-            out["init_s"] = time.perf_counter() - t0
-            out["parts"] = [int(x) for x in engines[spec.ds_ms[0]].module.parts]
-        except Exception as e:  # noqa: BLE001 - any failure becomes the table's "skipped" row
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-    flag = torch.tensor([1.0 if error else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not error:
-        error = "DeepSpeed failed on another rank (see its log)"
+    t0 = time.perf_counter()
+    engines, error = start_peer(engines_per_m, "" if spec.ds else spec.ds_skip)
     out["error"] = error
+    if engines is not None:
+        out["init_s"] = time.perf_counter() - t0
+        out["parts"] = [int(x) for x in engines[spec.ds_ms[0]].module.parts]
     for m in spec.ds_ms:
         mw = MeshweavePipeline(_config(spec, pp, "1f1b", 1, m), dims, mesh, None)
         mw_loader, ds_loader = _loader(spec), _loader(spec)
         variants: list[tuple[str, Callable[[], float]]] = []
 
-        def mw_step() -> float:
+        def mw_step(mw: MeshweavePipeline = mw, mw_loader: Any = mw_loader) -> float:
             ((inputs, labels),) = mw_loader.next_batch()
             return mw.step(inputs, labels)[1]
 
@@ -497,17 +516,17 @@ def deepspeed_vs_meshweave(spec: Spec, pp: int, dims: Any, mesh: Any) -> dict:
         if not error:
             engine = engines[m]
 
-            def ds_step(engine: Any = engine, m: int = m) -> float:
+            def ds_step(engine: Any = engine, m: int = m, ds_loader: Any = ds_loader) -> float:
                 ((inputs, labels),) = ds_loader.next_batch()
                 mb = spec.batch // m
-                it = iter([(inputs[i * mb:(i + 1) * mb], labels[i * mb:(i + 1) * mb]) for i in range(m)])
+                it = iter([(inputs[i * mb : (i + 1) * mb], labels[i * mb : (i + 1) * mb]) for i in range(m)])
                 return float(engine.train_batch(it))
 
             variants.append(("DeepSpeed PipelineEngine", ds_step))
         times: dict[str, list[float]] = {name: [] for name, _ in variants}
         losses: dict[str, list[float]] = {name: [] for name, _ in variants}
         for i in range(spec.ds_warmup + spec.ds_steps):
-            for name, fn in (variants if i % 2 == 0 else variants[::-1]):
+            for name, fn in variants if i % 2 == 0 else variants[::-1]:
                 dist.barrier()
                 t0 = time.perf_counter()
                 loss = fn()
@@ -531,8 +550,13 @@ def analyse_sweep(pp: int, results: list[dict], spec: Spec) -> list[dict]:
         for m in spec.ms:
             key = f"{schedule}/m={m}"
             r0 = results[0]["sweep"][key]
-            row: dict[str, Any] = {"schedule": schedule, "pp": pp, "m": m, "v": v,
-                                   "closed_form": closed_form(schedule, pp, m, v)}
+            row: dict[str, Any] = {
+                "schedule": schedule,
+                "pp": pp,
+                "m": m,
+                "v": v,
+                "closed_form": closed_form(schedule, pp, m, v),
+            }
             if "rejected" in r0:
                 rows.append({**row, "rejected": r0["rejected"]})
                 continue
@@ -540,10 +564,14 @@ def analyse_sweep(pp: int, results: list[dict], spec: Spec) -> list[dict]:
             n = len(per_rank[0])
             t_pipe = [max(per_rank[r][k]["pipe_s"] for r in range(pp)) for k in range(n)]
             t_step = [max(per_rank[r][k]["step_s"] for r in range(pp)) for k in range(n)]
-            idle_wall = [statistics.mean(1 - sum(per_rank[r][k]["wall"].values()) / t_pipe[k] for k in range(n))
-                         for r in range(pp)]
-            idle_cpu = [statistics.mean(1 - sum(per_rank[r][k]["cpu"].values()) / t_pipe[k] for k in range(n))
-                        for r in range(pp)]
+            idle_wall = [
+                statistics.mean(1 - sum(per_rank[r][k]["wall"].values()) / t_pipe[k] for k in range(n))
+                for r in range(pp)
+            ]
+            idle_cpu = [
+                statistics.mean(1 - sum(per_rank[r][k]["cpu"].values()) / t_pipe[k] for k in range(n))
+                for r in range(pp)
+            ]
             wall_busy = sum(sum(s["wall"].values()) for steps in per_rank for s in steps)
             cpu_busy = sum(sum(s["cpu"].values()) for steps in per_rank for s in steps)
             # mean CPU seconds per call of each (stage, kind), over ranks and timed steps
@@ -557,23 +585,34 @@ def analyse_sweep(pp: int, results: list[dict], spec: Spec) -> list[dict]:
             mean = {k: tot[k] / calls[k] for k in tot}
             n_stages = pp * v
 
-            def measured_cost(stage: int, kind: str) -> float:
+            def measured_cost(stage: int, kind: str, mean: dict = mean, n_stages: int = n_stages) -> float:
                 extra = mean.get(f"{stage}/L", 0.0) if kind == "F" and stage == n_stages - 1 else 0.0
                 return mean.get(f"{stage}/{kind}", 0.0) + extra
 
             order = {int(k): [tuple(a) for a in acts] for k, acts in r0["order"].items()}
             ideal, _ = simulate(order, lambda s, k: UNIT_COST[k])
             sim, sim_span = simulate(order, measured_cost)
-            rows.append({**row, "order_matches": all(res["sweep"][key]["order_matches"] for res in results),
-                         "idle_wall": idle_wall, "idle_cpu": idle_cpu,
-                         "bubble_wall": statistics.mean(idle_wall), "bubble_cpu": statistics.mean(idle_cpu),
-                         "ideal_sim": statistics.mean(ideal), "ideal_sim_per_rank": ideal,
-                         "sim_measured": statistics.mean(sim), "sim_measured_per_rank": sim,
-                         "sim_measured_span_s": sim_span, "contention": wall_busy / max(cpu_busy, 1e-12),
-                         "pipe_s": statistics.median(t_pipe), "step_s": statistics.median(t_step),
-                         "op_cpu_ms": {k: 1e3 * t for k, t in sorted(mean.items())},
-                         "stage_ids": [res["sweep"][key]["stage_ids"] for res in results],
-                         "elapsed_s": r0["elapsed_s"]})
+            rows.append(
+                {
+                    **row,
+                    "order_matches": all(res["sweep"][key]["order_matches"] for res in results),
+                    "idle_wall": idle_wall,
+                    "idle_cpu": idle_cpu,
+                    "bubble_wall": statistics.mean(idle_wall),
+                    "bubble_cpu": statistics.mean(idle_cpu),
+                    "ideal_sim": statistics.mean(ideal),
+                    "ideal_sim_per_rank": ideal,
+                    "sim_measured": statistics.mean(sim),
+                    "sim_measured_per_rank": sim,
+                    "sim_measured_span_s": sim_span,
+                    "contention": wall_busy / max(cpu_busy, 1e-12),
+                    "pipe_s": statistics.median(t_pipe),
+                    "step_s": statistics.median(t_step),
+                    "op_cpu_ms": {k: 1e3 * t for k, t in sorted(mean.items())},
+                    "stage_ids": [res["sweep"][key]["stage_ids"] for res in results],
+                    "elapsed_s": r0["elapsed_s"],
+                }
+            )
     return rows
 
 
@@ -590,14 +629,42 @@ def bubble_table(rows: list[dict]) -> str:
         if "rejected" in r:
             out.append([r["schedule"], r["pp"], r["m"], r["v"], cf, "rejected*", "", "", "", "", ""])
             continue
-        out.append([r["schedule"], r["pp"], r["m"], r["v"], cf, _pct(r["ideal_sim"]), _pct(r["sim_measured"]),
-                    _pct(r["bubble_wall"]), f"{r['contention']:.2f}", f"{1e3 * r['pipe_s']:.0f}",
-                    f"{1e3 * r['step_s']:.0f}"])
-    return md_table(["schedule", "pp", "m", "v", "closed form", "ideal sim", "sim @ measured costs",
-                     "measured bubble", "busy wall/CPU", "schedule.step ms", "full step ms"],
-                    out, right=tuple(range(1, 11))) + "".join(
-        f"\n\n\\* {r['schedule']} m={r['m']}: meshweave's config check says: {r['rejected']}" for r in rows
-        if "rejected" in r)
+        out.append(
+            [
+                r["schedule"],
+                r["pp"],
+                r["m"],
+                r["v"],
+                cf,
+                _pct(r["ideal_sim"]),
+                _pct(r["sim_measured"]),
+                _pct(r["bubble_wall"]),
+                f"{r['contention']:.2f}",
+                f"{1e3 * r['pipe_s']:.0f}",
+                f"{1e3 * r['step_s']:.0f}",
+            ]
+        )
+    return md_table(
+        [
+            "schedule",
+            "pp",
+            "m",
+            "v",
+            "closed form",
+            "ideal sim",
+            "sim @ measured costs",
+            "measured bubble",
+            "busy wall/CPU",
+            "schedule.step ms",
+            "full step ms",
+        ],
+        out,
+        right=tuple(range(1, 11)),
+    ) + "".join(
+        f"\n\n\\* {r['schedule']} m={r['m']}: meshweave's config check says: {r['rejected']}"
+        for r in rows
+        if "rejected" in r
+    )
 
 
 def per_stage_table(rows: list[dict], pp: int) -> str:
@@ -606,9 +673,14 @@ def per_stage_table(rows: list[dict], pp: int) -> str:
     for r in rows:
         if "rejected" in r or r["pp"] != pp:
             continue
-        out.append([r["schedule"], r["m"], *(f"{_pct(w)} / {_pct(i)}" for w, i in
-                                            zip(r["idle_wall"], r["sim_measured_per_rank"])),
-                    ", ".join(f"{k} {v:.0f}" for k, v in r["op_cpu_ms"].items())])
+        out.append(
+            [
+                r["schedule"],
+                r["m"],
+                *(f"{_pct(w)} / {_pct(i)}" for w, i in zip(r["idle_wall"], r["sim_measured_per_rank"])),
+                ", ".join(f"{k} {v:.0f}" for k, v in r["op_cpu_ms"].items()),
+            ]
+        )
     heads = [f"rank {i}" for i in range(pp)]
     return md_table(["schedule", "m", *heads, "mean CPU ms per call (stage/kind)"], out, right=tuple(range(1, pp + 2)))
 
@@ -636,15 +708,43 @@ def ds_table(pp: int, res: list[dict], spec: Spec) -> tuple[str, list[dict]]:
         ds, ds_all = med["DeepSpeed PipelineEngine"]
         losses = run["losses"]
         paired = [a / b for a, b in zip(mw_all, ds_all)]  # step k of each ran back to back
-        rows.append([pp, m, f"{mw * 1e3:.0f}", f"{ds * 1e3:.0f}", fmt_ratio(mw / ds),
-                     f"{min(paired):.2f}-{max(paired):.2f}", _pct(theory),
-                     f"{losses['meshweave 1f1b'][0]:.4f} / {losses['DeepSpeed PipelineEngine'][0]:.4f}"])
-        raw.append({"pp": pp, "m": m, "meshweave_s": mw_all, "deepspeed_s": ds_all, "ratio": mw / ds,
-                    "paired_ratios": paired,
-                    "losses": losses})
-    table = md_table(["pp", "m", "meshweave 1F1B ms", "DeepSpeed ms", "meshweave / DeepSpeed",
-                      "paired per-step ratios min-max", "1F1B theory bubble", "step-1 loss mw / DS"], rows,
-                     right=(0, 1, 2, 3, 4, 5, 6))
+        rows.append(
+            [
+                pp,
+                m,
+                f"{mw * 1e3:.0f}",
+                f"{ds * 1e3:.0f}",
+                fmt_ratio(mw / ds),
+                f"{min(paired):.2f}-{max(paired):.2f}",
+                _pct(theory),
+                f"{losses['meshweave 1f1b'][0]:.4f} / {losses['DeepSpeed PipelineEngine'][0]:.4f}",
+            ]
+        )
+        raw.append(
+            {
+                "pp": pp,
+                "m": m,
+                "meshweave_s": mw_all,
+                "deepspeed_s": ds_all,
+                "ratio": mw / ds,
+                "paired_ratios": paired,
+                "losses": losses,
+            }
+        )
+    table = md_table(
+        [
+            "pp",
+            "m",
+            "meshweave 1F1B ms",
+            "DeepSpeed ms",
+            "meshweave / DeepSpeed",
+            "paired per-step ratios min-max",
+            "1F1B theory bubble",
+            "step-1 loss mw / DS",
+        ],
+        rows,
+        right=(0, 1, 2, 3, 4, 5, 6),
+    )
     return table, raw
 
 
@@ -652,13 +752,57 @@ def _order_note(rows: list[dict]) -> str:
     """Whether the simulated action order is the one each rank actually ran (checked per call)."""
     bad = [f"{r['schedule']} m={r['m']}" for r in rows if "rejected" not in r and not r["order_matches"]]
     if not bad:
-        return ("Check: on every rank the sequence of wrapped compute calls equals the replayed action list "
-                "(so the simulations replay the schedule that ran).")
+        return (
+            "Check: on every rank the sequence of wrapped compute calls equals the replayed action list "
+            "(so the simulations replay the schedule that ran)."
+        )
     return f"**Warning**: the executed call sequence differs from the replayed action list for {', '.join(bad)}."
 
 
+def bubble_section(pp: int, rows: list[dict], args: argparse.Namespace, elapsed: float) -> str:
+    """Table 1 for one pp: bubble per schedule, per rank, and whether the replayed order ran."""
+    note = (
+        f"{pp} processes share {os.cpu_count()} cores: when more ranks compute at once than there are "
+        "cores they are time-sliced ('busy wall/CPU' > 1), stretching busy time, while ranks waiting for a "
+        "descheduled neighbour idle longer; the measured bubble here mostly describes CPU oversubscription, "
+        "'sim @ measured costs' estimates one core per stage."
+        if pp > (os.cpu_count() or 1)
+        else "One core per rank if the machine is otherwise idle ('busy wall/CPU' near 1); other users' load "
+        "slows all compute alike and largely cancels out of busy / T."
+    )
+
+    def stage_ids(pick: Callable[[dict], bool]) -> Any:
+        return next((r["stage_ids"] for r in rows if "stage_ids" in r and pick(r)), "-")
+
+    return (
+        f"## pp={pp}: bubble per schedule ({elapsed:.0f} s incl. Table 2 for this pp)\n\n"
+        f"Idle fraction = 1 - busy / T per rank, mean over ranks and {args.steps} timed steps; T = slowest "
+        f"rank's schedule.step. {note}\n\n"
+        + bubble_table(rows)
+        + "\n\nPer rank: measured idle / sim @ measured costs; stage ids per "
+        f"rank: {stage_ids(lambda r: r['v'] == 1)} (single-stage), "
+        f"{stage_ids(lambda r: r['schedule'] == 'interleaved_1f1b')} (interleaved), "
+        f"{stage_ids(lambda r: r['schedule'] == 'zbv')} "
+        "(zbv). CPU ms per call: F forward, B full backward, I input-grad, W weight-grad, L loss.\n\n"
+        + per_stage_table(rows, pp)
+        + "\n\n"
+        + _order_note(rows)
+    )
 
 
+def ds_section(pp: int, ds: dict, table: str, args: argparse.Namespace, cache: str) -> str:
+    """Table 2 for one pp: DeepSpeed's PipelineEngine against meshweave's 1F1B."""
+    init = ds.get("init_s")
+    return (
+        f"## pp={pp}: DeepSpeed PipelineEngine vs meshweave 1F1B\n\n"
+        f"Same model, init and data; DeepSpeed {package_version('deepspeed')} PipelineModule "
+        f"(layer boundaries {ds.get('parts')}: embedding, decoder layers, norm + head), train_batch with "
+        f"gradient_accumulation_steps = m, torch AdamW (meshweave's build_optimizer), clip 1.0. "
+        f"Median over {args.ds_steps} alternating steps (slowest rank, barrier to optimizer step done)"
+        + (f"; DeepSpeed init {init:.1f} s (incl. any JIT op build, cached in {cache})." if init is not None else ".")
+        + " DeepSpeed's loss is the mean over microbatches of per-microbatch mean cross entropy; "
+        "meshweave's the token sum over the step's tokens (equal here: no ignored labels).\n\n" + table
+    )
 
 
 # ================================================================================================
@@ -666,96 +810,73 @@ def _order_note(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep and the DeepSpeed comparison per pp; print and write the tables and the JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="seq_len 128, m = 2pp only, 2 timed steps (~1.5-2 min)")
+    ap = options(__doc__, "seq_len 128, m = 2pp only, 2 timed steps (~1.5-2 min)", deepspeed=True)
     ap.add_argument("--pp", default="2,4", help="pipeline degrees to run, e.g. 2 or 2,4")
     ap.add_argument("--schedules", default=",".join(s for s, _ in SCHEDULES), help="subset, e.g. 1f1b,zbv")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per (schedule, m)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per (schedule, m)")
     ap.add_argument("--ds-steps", type=int, default=None, help="timed steps per variant in Table 2")
-    ap.add_argument("--no-deepspeed", action="store_true", help="skip Table 2's DeepSpeed runs")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                    help="where pipeline.md, pipeline.json, the worker logs and the torch-extension cache go")
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 3)
     args.warmup = args.warmup if args.warmup is not None else 1
     args.ds_steps = args.ds_steps or (2 if args.quick else 4)
     seq_len = 128 if args.quick else 256
-    pps = [int(x) for x in args.pp.split(",") if x.strip()]
-    have_ds = importlib.util.find_spec("deepspeed") is not None and not args.no_deepspeed
+    ds_skip = deepspeed_missing(args.no_deepspeed)
     env = deepspeed_env(args.out / ".cache" / "torch_extensions")
 
-    started = time.perf_counter()
-    report = Report(args.out, "pipeline", "meshweave bench: pipeline bubble and DeepSpeed PipelineEngine")
-    load0 = os.getloadavg()
-    report.add(f"torch {package_version('torch')}, DeepSpeed {package_version('deepspeed')}, {os.cpu_count()} cores, load average {load0[0]:.2f} at start; "
-               f"{'--quick, ' if args.quick else ''}model {MODEL}, seq_len {seq_len}, {16} sequences per step, fp32, "
-               f"{args.warmup} warm-up + {args.steps} timed steps per (schedule, m); Table 2: {args.warmup} warm-up + "
-               f"{args.ds_steps} timed steps per variant, alternating. One gloo process per stage, 1 intra-op "
-               "thread each.")
-    raw: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "model": MODEL, "seq_len": seq_len,
-                           "batch": 16, "pp": {}}
-    all_rows, ds_parts = [], []
-    for pp in pps:
+    report = Report(
+        args.out, "pipeline", "meshweave bench: pipeline bubble and DeepSpeed PipelineEngine", json_indent=None
+    )
+    report.raw.update(args={k: str(v) for k, v in vars(args).items()}, model=MODEL, seq_len=seq_len, batch=16, pp={})
+    report.add(
+        f"{report.environment('torch', 'deepspeed')}; "
+        f"{'--quick, ' if args.quick else ''}model {MODEL}, seq_len {seq_len}, {16} sequences per step, fp32, "
+        f"{args.warmup} warm-up + {args.steps} timed steps per (schedule, m); Table 2: {args.warmup} warm-up + "
+        f"{args.ds_steps} timed steps per variant, alternating. One gloo process per stage, 1 intra-op "
+        "thread each."
+    )
+    for pp in int_list(args.pp):
         ms = [2 * pp] if args.quick else [pp, 2 * pp, 4 * pp]
-        chosen = [(s, v) for s, v in SCHEDULES if s in args.schedules.split(",")]
-        spec = Spec(model=MODEL, seq_len=seq_len, batch=16, ms=ms, schedules=chosen, warmup=args.warmup,
-                    steps=args.steps, ds_ms=[2 * pp] if args.quick else ms, ds_warmup=args.warmup,
-                    ds_steps=args.ds_steps, ds=have_ds,
-                    ds_skip="--no-deepspeed" if args.no_deepspeed else "")
+        spec = Spec(
+            model=MODEL,
+            seq_len=seq_len,
+            batch=16,
+            ms=ms,
+            schedules=[(s, v) for s, v in SCHEDULES if s in args.schedules.split(",")],
+            warmup=args.warmup,
+            steps=args.steps,
+            ds_ms=[2 * pp] if args.quick else ms,
+            ds_warmup=args.warmup,
+            ds_steps=args.ds_steps,
+            ds=not ds_skip,
+            ds_skip=ds_skip,
+        )
         t0 = time.perf_counter()
-        try:
-            res = spawn(pipeline_worker, pp, spec, timeout=1500, env=env, log_dir=args.out / "logs" / f"pp{pp}")
-        except WorkerError as e:
-            report.add(f"## pp={pp}\n\nfailed: {str(e).strip().splitlines()[-1]} "
-                       f"(logs in {args.out / 'logs' / f'pp{pp}'})")
+        res = run_ranks(pipeline_worker, pp, spec, timeout=1500, env=env, log_dir=args.out / "logs" / f"pp{pp}")
+        if isinstance(res, str):
+            report.add(f"## pp={pp}\n\n{res}")
             continue
         elapsed = time.perf_counter() - t0
         rows = analyse_sweep(pp, res, spec)
-        all_rows += rows
         dtab, draw = ds_table(pp, res, spec)
-        raw["pp"][pp] = {"spec": asdict(spec), "rows": rows, "deepspeed": draw, "ds_error": res[0]["ds"]["error"],
-                         "ds_init_s": res[0]["ds"].get("init_s"), "ds_parts": res[0]["ds"].get("parts"),
-                         "raw": res, "elapsed_s": elapsed}
-        note = (f"{pp} processes share {os.cpu_count()} cores: when more ranks compute at once than there are "
-                "cores they are time-sliced ('busy wall/CPU' > 1), stretching busy time, while ranks waiting for a "
-                "descheduled neighbour idle longer; the measured bubble here mostly describes CPU oversubscription, "
-                "'sim @ measured costs' estimates one core per stage." if pp > (os.cpu_count() or 1) else
-                "One core per rank if the machine is otherwise idle ('busy wall/CPU' near 1); other users' load "
-                "slows all compute alike and largely cancels out of busy / T.")
-        report.add(f"## pp={pp}: bubble per schedule ({elapsed:.0f} s incl. Table 2 for this pp)\n\n"
-                   f"Idle fraction = 1 - busy / T per rank, mean over ranks and {args.steps} timed steps; T = slowest "
-                   f"rank's schedule.step. {note}\n\n" + bubble_table(rows) +
-                   f"\n\nPer rank: measured idle / sim @ measured costs; stage ids per "
-                   f"rank: {next((r['stage_ids'] for r in rows if 'stage_ids' in r and r['v'] == 1), '-')} "
-                   f"(single-stage), {next((r['stage_ids'] for r in rows if 'stage_ids' in r and r['schedule'] == 'interleaved_1f1b'), '-')} "
-                   f"(interleaved), {next((r['stage_ids'] for r in rows if 'stage_ids' in r and r['schedule'] == 'zbv'), '-')} "
-                   f"(zbv). CPU ms per call: F forward, B full backward, I input-grad, W weight-grad, L loss.\n\n"
-                   + per_stage_table(rows, pp) + "\n\n" + _order_note(rows))
-        ds_init = res[0]["ds"].get("init_s")
-        parts = res[0]["ds"].get("parts")
-        report.add(f"## pp={pp}: DeepSpeed PipelineEngine vs meshweave 1F1B\n\n"
-                   f"Same model, init and data; DeepSpeed {package_version('deepspeed')} PipelineModule "
-                   f"(layer boundaries {parts}: embedding, decoder layers, norm + head), train_batch with "
-                   f"gradient_accumulation_steps = m, torch AdamW (meshweave's build_optimizer), clip 1.0. "
-                   f"Median over {args.ds_steps} alternating steps (slowest rank, barrier to optimizer step done)"
-                   + (f"; DeepSpeed init {ds_init:.1f} s (incl. any JIT op build, cached in {env['TORCH_EXTENSIONS_DIR']})."
-                      if ds_init is not None else ".")
-                   + " DeepSpeed's loss is the mean over microbatches of per-microbatch mean cross entropy; "
-                   "meshweave's the token sum over the step's tokens (equal here: no ignored labels).\n\n" + dtab)
-        ds_parts += draw
-    load1 = os.getloadavg()
-    raw["total_s"] = time.perf_counter() - started
-    raw["load_average"] = {"start": load0, "end": load1}
-    for run in raw["pp"].values():  # every rank holds every rank's action list: keep rank 0's
-        for res in run["raw"][1:]:
-            for one in res["sweep"].values():
+        for later in res[1:]:  # every rank holds every rank's action list: keep rank 0's
+            for one in later["sweep"].values():
                 one.pop("order", None)
-    (args.out / "pipeline.json").write_text(json.dumps(raw, default=str))
-    report.add(f"Total bench time: {raw['total_s']:.0f} s; load average {load1[0]:.2f} at the end. "
-               f"Markdown: {report.write()}; raw numbers: {args.out / 'pipeline.json'}")
-    return 0
+        ds = res[0]["ds"]
+        report.raw["pp"][pp] = {
+            "spec": asdict(spec),
+            "rows": rows,
+            "deepspeed": draw,
+            "ds_error": ds["error"],
+            "ds_init_s": ds.get("init_s"),
+            "ds_parts": ds.get("parts"),
+            "raw": res,
+            "elapsed_s": elapsed,
+        }
+        report.add(bubble_section(pp, rows, args, elapsed))
+        report.add(ds_section(pp, ds, dtab, args, env["TORCH_EXTENSIONS_DIR"]))
+    return report.finish()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
