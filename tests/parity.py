@@ -1,18 +1,22 @@
 """The parity harness: train a layout through the real CLI and compare its losses with another.
 
-``train_run`` launches ``meshweave run --nproc N`` (torchrun, gloo, spawned workers) or a plain
-``meshweave train`` for one process, and returns the per-step records of metrics.jsonl. Every
-parallel layout is proven against the one-process trajectory with :func:`assert_losses_match`.
+``train_run`` runs ``meshweave train`` as N gloo ranks with the variables ``meshweave run`` gives
+its torchrun workers (or as one process, like a plain ``meshweave train``) and returns the per-step
+records of metrics.jsonl. The ranks are forked from the harness's warm server, so a run costs its
+steps, not N interpreters importing torch; the launchers themselves (``meshweave run``, torchrun,
+sbatch) are exercised by tests/e2e and tests/slurm. Every parallel layout is proven against the
+one-process trajectory with :func:`assert_losses_match`.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from meshweave.launch.harness import read_metrics
+from meshweave.cli import main
+from meshweave.launch.harness import launch, read_metrics
 
 MESHWEAVE = [sys.executable, "-m", "meshweave"]
 
@@ -35,16 +39,27 @@ TINY = [
 ]
 
 
-def train_run(
-    out: Path, nproc: int, *overrides: str, steps: int = 20, check: bool = True, timeout: float = 600
-) -> list[dict]:
-    """Train ``steps`` steps of the tiny model under ``nproc`` processes; returns metrics records."""
+def _meshweave_train(args: list[str]) -> None:
+    """What a torchrun worker of ``meshweave run`` executes: ``meshweave train <args>``."""
+    raise SystemExit(main(["train", *args]))
+
+
+def train_run(out: Path, nproc: int, *overrides: str, steps: int = 20, timeout: float = 600) -> list[dict]:
+    """Train ``steps`` steps of the tiny model under ``nproc`` ranks; returns metrics records.
+
+    Raises AssertionError with the tail of each failed rank's output when a rank exits non-zero.
+    """
     args = [*TINY, f"--train.steps={steps}", f"--out={out}", *overrides]
-    cmd = [*MESHWEAVE, "run", f"--nproc={nproc}", *args] if nproc > 1 else [*MESHWEAVE, "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    with tempfile.TemporaryDirectory(prefix="meshweave-ranks-") as logs:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        codes = launch(_meshweave_train, nproc, args, log_dir=logs, env=env, timeout=timeout)
+        if any(codes):
+            tails = "".join(
+                f"--- rank {r} (exit {c}) ---\n{(Path(logs) / f'rank{r}.log').read_text()[-4000:]}\n"
+                for r, c in enumerate(codes)
+                if c
+            )
+            raise AssertionError(f"meshweave train {' '.join(args)} on {nproc} ranks exited {codes}\n{tails}")
     return read_metrics(out)
 
 
