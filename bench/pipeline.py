@@ -416,13 +416,14 @@ def _ds_pipe_module(spec: Spec, pp: int) -> Any:
     from torch import nn
 
     from meshweave.config import ModelConfig
-    from meshweave.models.llama import build_model, rotary_tables
+    from meshweave.models.llama import build_model
+    from meshweave.models.rope import rotary_tables
     from meshweave.parallel.parallelize import materialize
 
     mcfg = ModelConfig(**spec.model)
     model = build_model(mcfg)
     materialize(model, torch.device("cpu"), SEED)
-    cos, sin = rotary_tables(torch.arange(spec.seq_len), mcfg.dim // mcfg.n_heads, mcfg.rope_theta, torch.float32)
+    cos, sin = rotary_tables(torch.arange(spec.seq_len), *model.rope_table(torch.device("cpu")), torch.float32)
 
     class EmbedPipe(nn.Module):
         def __init__(self, embed: nn.Module) -> None:

@@ -33,19 +33,41 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder shape. Parameter names follow Hugging Face Llama one-to-one."""
+    """Llama-style decoder shape and the architecture features of the families built on it (Llama
+    1-3.x, Mistral, Qwen2/2.5, Qwen3), one key per feature. Parameter names follow Hugging Face's."""
 
     dim: int = opt(128, "hidden size")
     n_layers: int = opt(4, "decoder layers")
     n_heads: int = opt(4, "attention heads")
     n_kv_heads: int = opt(2, "key/value heads (grouped-query attention; divides n_heads)")
+    head_dim: int = opt(0, "width of one attention head; 0 = dim / n_heads (Qwen3 sets it independently)")
     ffn_dim: int = opt(384, "SwiGLU hidden width")
     vocab_size: int = opt(320, "embedding rows; must cover the tokenizer's vocabulary")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    qkv_bias: bool = opt(False, "biases on the q, k and v projections (Qwen2 / Qwen2.5)")
+    qk_norm: bool = opt(False, "RMSNorm over each head of q and k before the rotary embedding (Qwen3)")
     rope_theta: float = opt(10000.0, "rotary embedding base")
+    rope_scaling: str = opt(
+        "none", "rotary frequency scaling for long context (Llama 3.1+: llama3)", ("none", "linear", "llama3", "yarn")
+    )
+    rope_factor: float = opt(1.0, "rope_scaling: context extension factor")
+    rope_low_freq_factor: float = opt(1.0, "rope_scaling=llama3: wavelengths above original_max_len/this are scaled")
+    rope_high_freq_factor: float = opt(4.0, "rope_scaling=llama3: wavelengths below original_max_len/this are kept")
+    rope_original_max_len: int = opt(0, "rope_scaling=llama3/yarn: pretraining context length; 0 = max_seq_len")
+    rope_beta_fast: float = opt(32.0, "rope_scaling=yarn: rotations where extrapolation ends")
+    rope_beta_slow: float = opt(1.0, "rope_scaling=yarn: rotations where interpolation begins")
+    rope_attention_factor: float = opt(0.0, "rope_scaling=yarn: cos/sin scale; 0 = 0.1 ln(rope_factor) + 1")
+    sliding_window: int = opt(0, "attention window of Mistral-style models; 0 = none; must be >= train.seq_len")
     max_seq_len: int = opt(2048, "longest sequence the model is built for")
     tie_embeddings: bool = opt(False, "share one matrix between the embedding and the head")
     init_std: float = opt(0.02, "std of the normal initialisation (residual outputs scaled by 1/sqrt(2 n_layers))")
+    hf_family: str = opt(
+        "llama", "Hugging Face architecture `ckpt export-hf` writes", ("llama", "mistral", "qwen2", "qwen3")
+    )
+
+    def attention_head_dim(self) -> int:
+        """The width of one attention head (``head_dim``, or ``dim / n_heads`` when 0)."""
+        return self.head_dim or self.dim // self.n_heads
 
 
 @dataclass
@@ -427,6 +449,24 @@ def divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+def check_rope(m: ModelConfig) -> None:
+    """ConfigError for rotary scaling settings that would not give a well-defined frequency table."""
+    require(m.rope_theta > 1, "model.rope_theta", f"must be > 1, got {m.rope_theta}")
+    if m.rope_scaling == "none":
+        return
+    require(m.rope_factor >= 1, "model.rope_factor", f"must be >= 1 with rope_scaling={m.rope_scaling}")
+    require(m.rope_original_max_len >= 0, "model.rope_original_max_len", "must be >= 0 (0: max_seq_len)")
+    if m.rope_scaling == "llama3":
+        require(
+            0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+            "model.rope_low_freq_factor",
+            f"must be > 0 and < rope_high_freq_factor={m.rope_high_freq_factor}",
+        )
+    if m.rope_scaling == "yarn":
+        require(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "must be > rope_beta_slow > 0")
+        require(m.rope_attention_factor >= 0, "model.rope_attention_factor", "must be >= 0 (0: from rope_factor)")
+
+
 def check_sections(cfg: Config) -> None:
     """Raise ConfigError for the first value its own section rules out (types were checked on load):
     ranges, choices, finiteness. Checks between sections, against the world size or the file system
@@ -442,10 +482,11 @@ def check_sections(cfg: Config) -> None:
                 raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    require(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0: dim / n_heads), got {m.head_dim}")
     require(
-        m.dim % m.n_heads == 0,
+        m.head_dim > 0 or m.dim % m.n_heads == 0,
         "model.dim",
-        f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole)",
+        f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole; or set model.head_dim)",
     )
     require(
         m.n_heads % m.n_kv_heads == 0,
@@ -453,8 +494,12 @@ def check_sections(cfg: Config) -> None:
         f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})",
     )
     require(
-        (m.dim // m.n_heads) % 2 == 0, "model.dim", f"head_dim={m.dim // m.n_heads} must be even for rotary embeddings"
+        m.attention_head_dim() % 2 == 0,
+        "model.head_dim",
+        f"head_dim={m.attention_head_dim()} must be even for rotary embeddings",
     )
+    check_rope(m)
+    require(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: no window)")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require(cfg.moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {cfg.moe.num_experts}")

@@ -27,6 +27,12 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
     if cfg.moe.num_experts:
         check_moe(cfg.moe, m.dim)
     require(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    require(
+        not m.sliding_window or m.sliding_window >= t.seq_len,
+        "model.sliding_window",
+        f"sliding-window attention shorter than train.seq_len={t.seq_len} is not supported (window "
+        f"{m.sliding_window}); train with --train.seq_len<={m.sliding_window}",
+    )
     if cfg.comm.diloco.enabled:
         require(
             cfg.optim.name != "onebit_adam",

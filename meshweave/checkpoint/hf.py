@@ -1,8 +1,9 @@
-"""Hugging Face interop for Llama-family dense models: config translation and safetensors weights.
+"""Hugging Face interop: safetensors weights in and out of meshweave checkpoints and models.
 
-meshweave parameter names are Hugging Face Llama's without the ``model.`` prefix (the family's
-``hf_name``, models/family.py), and rotary embeddings use the same half-split layout, so weights
-move with a rename only — no permutation, bit-exact both ways.
+The config translation is the families' (models/hf_config.py). meshweave parameter names are
+Hugging Face's without the ``model.`` prefix (the family's ``hf_name``, models/family.py), and
+rotary embeddings use the same half-split layout, so dense weights move with a rename only — no
+permutation, bit-exact both ways.
 
 - :func:`import_hf` turns a HF model directory into a meshweave checkpoint (``step-0``, model only)
   plus a ``config.toml`` holding the translated model section;
@@ -17,6 +18,7 @@ import contextlib
 import json
 import warnings
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,8 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
 from meshweave.config import Config, ConfigError, ModelConfig, to_toml
+from meshweave.models.hf_config import hf_config_from_model, read_hf_config
 from meshweave.models.llama import Transformer, build_model
-
-_SUPPORTED = ("LlamaForCausalLM",)
 
 
 @contextlib.contextmanager
@@ -40,67 +41,6 @@ def _single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """meshweave's model section for a HF ``config.json`` dict (Llama family)."""
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in _SUPPORTED or hf.get("model_type", "llama") != "llama":
-        raise ConfigError(
-            f"config.json: architecture {arch} / model_type {hf.get('model_type')} is not "
-            f"supported (supported: {', '.join(_SUPPORTED)})"
-        )
-    if hf.get("rope_scaling"):
-        raise ConfigError("config.json: rope_scaling is not supported yet (plain RoPE only)")
-    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", dim // heads) != dim // heads:
-        raise ConfigError(f"config.json: head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError("config.json: attention/MLP biases are not supported (Llama has none)")
-    return ModelConfig(
-        dim=dim,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-
-
-def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
-    """A HF ``LlamaForCausalLM`` ``config.json`` dict for meshweave's model section."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "intermediate_size": cfg.ffn_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-        "head_dim": cfg.dim // cfg.n_heads,
-    }
-
-
-def read_hf_config(hf_dir: str | Path) -> ModelConfig:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    return model_config_from_hf(json.loads(path.read_text()))
 
 
 def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -198,7 +138,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     return out
 
 
-_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings")
+# Everything that shapes the weights or the forward pass; not the initialisation, the export
+# family, or max_seq_len (scaled RoPE keeps its original length explicitly, models/hf_config.py).
+_SHAPE_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("init_std", "hf_family", "max_seq_len"))
 
 
 def initial_weights_config(source: str | Path) -> ModelConfig:
@@ -226,11 +168,16 @@ def check_init_from(cfg: Config) -> None:
 def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     """Overwrite ``model`` (any layout) with the full weights ``checkpoint.init_from`` names.
 
-    Every rank reads the source and keeps its own shard (collective through DCP's state-dict API).
+    Every rank reads the source and keeps its own shard of the entries its stage holds (collective
+    through DCP's state-dict API).
     """
     source = Path(cfg.checkpoint.init_from)
     if (source / "config.json").is_file():
         state = load_hf_weights(source)
     else:
         _, state = read_model_weights(source)
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+    # A pipeline stage holds some of the blocks: it takes its own entries (the source was checked
+    # complete against the whole model when it was read).
+    held = set(model.state_dict())
+    state = {k: v for k, v in state.items() if k in held}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))

@@ -34,6 +34,8 @@ from meshweave.config import ModelConfig
 #   colwise            output features sharded (q/k/v, gate/up)
 #   rowwise            input features sharded; output reduce-scattered onto sequence shards (o, down)
 #   sequence_parallel  runs on the sequence shard (norms)
+#   head_norm          a per-head norm inside column-parallel attention: runs on this rank's heads,
+#                      its weight replicated (Qwen3's q/k norms)
 #   gather_sequence    the module's first input is all-gathered from sequence shards to the full sequence
 #   replicated_block   the whole block runs replicated over tp on the full sequence and returns its
 #                      sequence shard; its weights are replicated (MoE blocks: experts split over ep)
@@ -43,6 +45,7 @@ TP_STYLES = (
     "colwise",
     "rowwise",
     "sequence_parallel",
+    "head_norm",
     "gather_sequence",
     "replicated_block",
     "vocab_embedding",

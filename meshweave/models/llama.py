@@ -34,6 +34,7 @@ from meshweave.config import ModelConfig, MoEConfig
 from meshweave.kernels.attention import attention
 from meshweave.models.family import ModelFamily
 from meshweave.models.moe import MoEFeedForward, is_moe_layer
+from meshweave.models.rope import apply_rotary, rope_frequencies, rotary_tables
 
 Tensor = torch.Tensor
 AttentionOp = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
@@ -52,33 +53,20 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[seq, head_dim]`` for integer ``positions`` ``[seq]`` (half-split layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[b, s, h, d]`` by the tables ``[s, d]``; pairs are (i, i + d/2) as in HF."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    # In x's dtype: under autocast q/k come out of the projections in bf16 while the tables are
-    # built from fp32 activations, and attention needs q, k, v in one dtype.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-
-
 class Attention(nn.Module):
+    """Grouped-query attention with optional q/k/v biases (Qwen2) and per-head q/k RMSNorm
+    before the rotation (Qwen3); ``[b, s, dim] -> [b, s, dim]``."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.attention_head_dim()
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_op: AttentionOp = attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -87,6 +75,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, _ = self.attn_op(q, k, v, True)
         return self.o_proj(out.reshape(b, s, -1))
@@ -141,6 +131,8 @@ class Transformer(nn.Module):
         # Global positions of the tokens this model sees, when they are not 0..s-1 of its input:
         # context parallelism (a shard of the sequence) and pipeline stages (hidden-state input).
         self.rope_positions: Tensor | None = None
+        # The frequency table, made on first use per device (the model is built on meta).
+        self._rope: dict[torch.device, tuple[Tensor, float]] = {}
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -158,7 +150,7 @@ class Transformer(nn.Module):
         if positions is None:
             # From the input, not h: sequence parallelism leaves h a shard of the sequence.
             positions = torch.arange(tokens.shape[1], device=h.device)
-        cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
+        cos, sin = rotary_tables(positions, *self.rope_table(positions.device), h.dtype)
         for layer in self.layers.values():
             if self.checkpoint_layers and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
@@ -167,6 +159,13 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
+
+    def rope_table(self, device: torch.device) -> tuple[Tensor, float]:
+        """The rotary ``(inv_freq, cos/sin scale)`` of the config's scaling rule, on ``device``."""
+        if device not in self._rope:
+            inv_freq, scale = rope_frequencies(self.cfg)
+            self._rope[device] = (inv_freq.to(device), scale)
+        return self._rope[device]
 
     def set_attention_op(self, op: AttentionOp) -> None:
         """Route every layer's attention through ``op`` (same contract as kernels.attention)."""
@@ -185,8 +184,10 @@ def init_value(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> Ten
     ends in two scaled projections; that only shrinks its initial contribution, which the router's
     gate weights (< 1) shrink anyway, and keeps every residual-writing matrix on one rule.
     """
-    if name.endswith("layernorm.weight") or name == "norm.weight":
+    if name.endswith(("layernorm.weight", "_norm.weight")) or name == "norm.weight":
         return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
     std = cfg.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight", "ascend.weight")):
         std = std / math.sqrt(2 * cfg.n_layers)
@@ -231,6 +232,9 @@ def block_tp_plan(block: nn.Module) -> dict[str, str]:
         "self_attn.o_proj": "rowwise",
         "post_attention_layernorm": "sequence_parallel",
     }
+    assert isinstance(block, DecoderLayer)
+    if block.self_attn.q_norm is not None:
+        plan |= {"self_attn.q_norm": "head_norm", "self_attn.k_norm": "head_norm"}
     if isinstance(block.mlp, MoEFeedForward):
         return {**plan, "mlp": "replicated_block"}
     return {

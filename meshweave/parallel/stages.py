@@ -29,7 +29,7 @@ def stages_per_rank(cfg: Config) -> int:
 
 def layer_cost(m: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one decoder layer: projections, SwiGLU, attention scores."""
-    head_dim = m.dim // m.n_heads
+    head_dim = m.attention_head_dim()
     projections = m.dim * (2 * m.n_heads + 2 * m.n_kv_heads) * head_dim
     return 2 * (projections + 3 * m.dim * m.ffn_dim) + 4 * seq_len * m.dim
 

@@ -54,6 +54,8 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
         return RowwiseParallel(output_layouts=Shard(1))
     if name == "sequence_parallel":
         return SequenceParallel()
+    if name == "head_norm":  # input [b, s, heads, d] holds this rank's heads: dim 2 is the sharded one
+        return SequenceParallel(sequence_dim=2, use_local_output=True)
     if name == "gather_sequence":
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     if name == "vocab_embedding":

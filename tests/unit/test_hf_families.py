@@ -1,0 +1,163 @@
+"""Each Hugging Face family in and out: tiny models built here by transformers (random init,
+``save_pretrained``, nothing downloaded), imported, compared against transformers' own forward.
+
+Tolerance: logits within 1e-5 relative to their largest magnitude (fp32). Both sides run the same
+ops on the same weights, so what is left is kernel-order rounding (~1e-6 here); ``init_std`` 0.1
+makes attention far from uniform, so a wrong rotary table, a swapped head or a dropped bias
+shows at 1e-2 or more. Import -> export is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshweave.checkpoint.hf import export_hf, import_hf, read_model_weights
+from meshweave.config import ConfigError, ModelConfig
+from meshweave.models.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
+from meshweave.models.llama import build_model
+from tests.hf_models import CASES, save_tiny
+
+transformers = pytest.importorskip("transformers")
+
+# Odd widths on purpose: 6 heads of 10 over 2 KV heads, an FFN of 84, a vocabulary of 97.
+SHAPE = dict(
+    hidden_size=60,
+    intermediate_size=84,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=128,
+)
+
+
+def _save_tiny(case: str, path: Path) -> torch.nn.Module:
+    return save_tiny(case, path, **SHAPE)
+
+
+def _meshweave_from(ckpt) -> torch.nn.Module:
+    cfg, state = read_model_weights(ckpt)
+    model = build_model(cfg, "cpu")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _tokens(seq: int = 40) -> torch.Tensor:
+    return torch.randint(0, SHAPE["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def imported(request, tmp_path_factory):
+    """(case, transformers model, its directory, the meshweave checkpoint imported from it)."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf = _save_tiny(request.param, root / "hf")
+    return request.param, hf, root, import_hf(root / "hf", root / "imported")
+
+
+def test_imported_logits_equal_transformers(imported):
+    _, hf, _, ckpt = imported
+    tokens = _tokens()
+    with torch.no_grad():
+        assert _rel(_meshweave_from(ckpt)(tokens), hf(tokens).logits) <= 1e-5
+
+
+def test_export_loads_in_transformers_with_equal_logits(imported):
+    case, _, root, ckpt = imported
+    exported = export_hf(ckpt, root / f"exported-{case}")
+    reloaded = getattr(transformers, CASES[case][1]).from_pretrained(exported).eval()
+    tokens = _tokens(24)
+    with torch.no_grad():
+        assert _rel(_meshweave_from(ckpt)(tokens), reloaded(tokens).logits) <= 1e-5
+
+
+def test_import_then_export_is_bit_exact(imported):
+    case, _, root, ckpt = imported
+    from safetensors.torch import load_file
+
+    exported = export_hf(ckpt, root / f"roundtrip-{case}")
+    original, again = load_file(root / "hf" / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    assert read_hf_config(exported) == read_hf_config(root / "hf")
+
+
+def test_the_feature_under_test_reaches_the_model_config(imported):
+    case, _, root, _ = imported
+    cfg = read_hf_config(root / "hf")
+    expected = {
+        "llama": {"hf_family": "llama"},
+        "llama-tied": {"tie_embeddings": True},
+        "llama3.1-rope": {"rope_scaling": "llama3", "rope_theta": 500000.0, "rope_factor": 8.0},
+        "llama-linear-rope": {"rope_scaling": "linear", "rope_factor": 4.0},
+        "llama-yarn-rope": {"rope_scaling": "yarn", "rope_original_max_len": 32},
+        "mistral": {"hf_family": "mistral", "sliding_window": 4096},
+        "qwen2": {"qkv_bias": True, "hf_family": "qwen2"},
+        "qwen2-tied": {"qkv_bias": True, "tie_embeddings": True},
+        "qwen3": {"qk_norm": True, "head_dim": 24, "hf_family": "qwen3"},
+    }[case]
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# config translation: what is not understood is an error
+
+
+def _llama_json(**changes) -> dict:
+    hf = json.loads(transformers.LlamaConfig(**SHAPE).to_json_string())
+    return {**hf, **changes}
+
+
+def test_rope_theta_under_rope_parameters_is_read():
+    hf = _llama_json(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert model_config_from_hf(hf).rope_theta == 500000.0
+
+
+def test_legacy_top_level_rope_theta_and_rope_scaling_are_read():
+    hf = _llama_json(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    hf.pop("rope_parameters")
+    cfg = model_config_from_hf(hf)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor) == (500000.0, "linear", 2.0)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"some_new_switch": True}, "some_new_switch"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope": [1]}}, "mrope"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial"),
+        ({"model_type": "gemma2"}, "gemma2"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_key_that_changes_the_math_and_is_not_understood_is_a_one_line_error(changes, key):
+    with pytest.raises(ConfigError, match=key) as err:
+        model_config_from_hf(_llama_json(**changes))
+    assert "\n" not in str(err.value)
+
+
+def test_export_refuses_a_feature_the_family_cannot_express():
+    with pytest.raises(ConfigError, match="qk_norm"):
+        hf_config_from_model(ModelConfig(qk_norm=True, hf_family="llama"))
+
+
+def test_sliding_window_shorter_than_seq_len_is_rejected_before_launch():
+    from meshweave.config import Config
+    from meshweave.validation import validate
+
+    cfg = Config()
+    cfg.model.sliding_window = cfg.train.seq_len - 1
+    with pytest.raises(ConfigError, match="sliding-window"):
+        validate(cfg, world_size=1)
