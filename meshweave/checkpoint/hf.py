@@ -179,5 +179,5 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     # A pipeline stage holds some of the blocks: it takes its own entries (the source was checked
     # complete against the whole model when it was read).
     held = set(model.state_dict())
-    state = {k: v for k, v in state.items() if k in held}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    own: dict[str, Any] = {k: v for k, v in state.items() if k in held}
+    set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True, strict=True))
