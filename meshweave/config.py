@@ -62,7 +62,9 @@ class ModelConfig:
     tie_embeddings: bool = opt(False, "share one matrix between the embedding and the head")
     init_std: float = opt(0.02, "std of the normal initialisation (residual outputs scaled by 1/sqrt(2 n_layers))")
     hf_family: str = opt(
-        "llama", "Hugging Face architecture `ckpt export-hf` writes", ("llama", "mistral", "qwen2", "qwen3")
+        "llama",
+        "Hugging Face architecture `ckpt export-hf` writes",
+        ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"),
     )
 
     def attention_head_dim(self) -> int:
@@ -82,6 +84,7 @@ class MoEConfig:
     every: int = opt(1, "every k-th layer is MoE (the last of each k); 1 = every layer")
     expert_ffn_dim: int = opt(128, "SwiGLU hidden width of one expert (and of each shared expert)")
     shared_experts: int = opt(0, "always-on experts per MoE layer (DeepSeekMoE), overlapping the dispatch")
+    shared_expert_gate: bool = opt(False, "scale the shared experts' output by sigmoid(x w), w: dim -> 1 (Qwen2-MoE)")
     score: str = opt("softmax", "router scores (sigmoid: weights renormalised over the top-k)", ("softmax", "sigmoid"))
     renormalize: bool = opt(False, "softmax only: rescale the top-k weights to sum 1 (Mixtral)")
     capacity_factor: float = opt(0.0, "expert capacity ceil(k*T/E * cf), tokens over it dropped; 0 = dropless")
@@ -548,6 +551,7 @@ def check_moe(moe: MoEConfig, dim: int) -> None:
     check(moe.every >= 1, "every", "must be >= 1 (1 = every layer is MoE)")
     check(moe.expert_ffn_dim >= 1, "expert_ffn_dim", "must be >= 1")
     check(moe.shared_experts >= 0, "shared_experts", "must be >= 0")
+    check(not moe.shared_expert_gate or moe.shared_experts > 0, "shared_expert_gate", "needs moe.shared_experts >= 1")
     scores = _choices(MoEConfig, "score")
     check(moe.score in (scores or ()), "score", f"must be one of {scores}")
     check(moe.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0 = dropless)")

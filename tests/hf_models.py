@@ -32,6 +32,24 @@ CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # layer 0 dense (decoder_sparse_step 2), a shared expert twice an expert's width behind its gate
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "decoder_sparse_step": 2,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
+    ),
 }
 
 
@@ -56,7 +74,8 @@ def save_tiny(case: str, path: str | Path, **shape: int) -> torch.nn.Module:
 
 
 def model_overrides(hf_dir: str | Path) -> list[str]:
-    """``--model.key=value`` for every model key of ``hf_dir``'s config (init_from needs them equal)."""
+    """``--model.key=value`` (and ``--moe.key=value`` for an MoE family) for every key of
+    ``hf_dir``'s config: init_from needs them equal."""
     from dataclasses import asdict
 
     from meshweave.models.hf_config import read_hf_config
@@ -64,4 +83,6 @@ def model_overrides(hf_dir: str | Path) -> list[str]:
     def text(value: object) -> str:
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    return [f"--model.{k}={text(v)}" for k, v in asdict(read_hf_config(hf_dir)).items()]
+    model, moe = read_hf_config(hf_dir)
+    sections = [("model", model)] + ([("moe", moe)] if moe.num_experts else [])
+    return [f"--{name}.{k}={text(v)}" for name, section in sections for k, v in asdict(section).items()]

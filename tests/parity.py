@@ -55,12 +55,15 @@ def train_run(out: Path, nproc: int, *overrides: str, steps: int = 20, timeout: 
         codes = launch(_meshweave_train, nproc, args, log_dir=logs, env=env, timeout=timeout)
         if any(codes):
             tails = "".join(
-                f"--- rank {r} (exit {c}) ---\n{(Path(logs) / f'rank{r}.log').read_text()[-4000:]}\n"
-                for r, c in enumerate(codes)
-                if c
+                f"--- rank {r} (exit {c}) ---\n{_tail(Path(logs) / f'rank{r}.log')}\n" for r, c in enumerate(codes) if c
             )
             raise AssertionError(f"meshweave train {' '.join(args)} on {nproc} ranks exited {codes}\n{tails}")
     return read_metrics(out)
+
+
+def _tail(log: Path) -> str:
+    """The end of a rank's output (a rank that died before starting left none)."""
+    return log.read_text()[-4000:] if log.exists() else "(no output: the rank died before it started)"
 
 
 def final_weights(out: Path) -> dict:

@@ -1,13 +1,13 @@
 """Hugging Face interop: safetensors weights in and out of meshweave checkpoints and models.
 
-The config translation is the families' (models/hf_config.py). meshweave parameter names are
-Hugging Face's without the ``model.`` prefix (the family's ``hf_name``, models/family.py), and
-rotary embeddings use the same half-split layout, so dense weights move with a rename only — no
-permutation, bit-exact both ways.
+The config translation and the weight-name tables are the families' (models/hf_config.py). Dense
+parameter names are Hugging Face's without the ``model.`` prefix, experts are HF's per-expert
+tensors stacked on dim 0, and rotary embeddings use the same half-split layout: weights move by
+rename and stack only — no permutation, bit-exact both ways.
 
 - :func:`import_hf` turns a HF model directory into a meshweave checkpoint (``step-0``, model only)
   plus a ``config.toml`` holding the translated model section;
-- :func:`export_hf` writes a checkpoint's model as ``config.json`` + ``model.safetensors``;
+- :func:`export_hf` writes a checkpoint's model as ``config.json`` + safetensors shards, streaming;
 - :func:`load_hf_weights` reads a HF directory into meshweave-named full tensors, for
   ``--checkpoint.init_from``.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import fields
@@ -24,15 +25,17 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
-from meshweave.config import Config, ConfigError, ModelConfig, to_toml
-from meshweave.models.hf_config import hf_config_from_model, read_hf_config
-from meshweave.models.llama import Transformer, build_model
+from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig, to_toml
+from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
+from meshweave.models.llama import build_model
 
 
 @contextlib.contextmanager
@@ -43,35 +46,59 @@ def _single_process() -> Iterator[None]:
         yield
 
 
-def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of a HF directory (single or sharded safetensors), renamed to meshweave's names.
+def _weight_files(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: hf_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        single = hf_dir / "model.safetensors"
+        if not single.is_file():
+            raise FileNotFoundError(f"{single}: missing (safetensors weights required)")
+        with safe_open(single, "pt") as f:
+            files = {k: single for k in f.keys()}
+    for path in set(files.values()):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (safetensors weights required)")
+    return files
 
-    Checks that the names are exactly the model's: a missing or unexpected tensor is an error.
+
+def hf_sources(cfg: ModelConfig, moe: MoEConfig) -> dict[str, tuple[list[str], bool]]:
+    """meshweave parameter name -> (the HF tensor names it is made of, whether they are experts
+    stacked on dim 0), for the whole model ``cfg`` / ``moe`` describe; a tied head has none."""
+    family = FAMILIES[cfg.hf_family]
+    names = build_model(cfg, moe=moe).state_dict()
+    return {
+        n: hf_names(family, n, moe.num_experts) for n in names if not (cfg.tie_embeddings and n == "lm_head.weight")
+    }
+
+
+def load_hf_weights(hf_dir: str | Path, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Weights of a HF directory under meshweave's names (experts stacked), read tensor by tensor.
+
+    Checks that the directory holds exactly the model's tensors: a missing or unexpected one is
+    an error. With ``only``, reads just those meshweave names (a rank reading what it keeps).
     """
     hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    hf_state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (hf_dir / name).is_file():
-            raise FileNotFoundError(f"{hf_dir / name}: missing (safetensors weights required)")
-        hf_state.update(load_file(hf_dir / name))
-    cfg = read_hf_config(hf_dir)
-    wanted = {Transformer.family.hf_name(n): n for n in build_model(cfg).state_dict()}
-    missing = sorted(set(wanted) - set(hf_state))
-    if cfg.tie_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-    unexpected = sorted(
-        set(hf_state) - set(wanted) - {"lm_head.weight"} if cfg.tie_embeddings else set(hf_state) - set(wanted)
-    )
+    cfg, moe = read_hf_config(hf_dir)
+    files = _weight_files(hf_dir)
+    sources = hf_sources(cfg, moe)
+    wanted = {h for hs, _ in sources.values() for h in hs}
+    missing, unexpected = sorted(wanted - set(files)), sorted(set(files) - wanted)
+    if cfg.tie_embeddings:  # some tied checkpoints carry the head anyway
+        unexpected = [u for u in unexpected if u != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(
             f"{hf_dir}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
-    state = {wanted[k]: v for k, v in hf_state.items() if k in wanted}
-    if cfg.tie_embeddings:
+    state: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in sorted(set(files.values()))}
+        for name, (hf, stacked) in sources.items():
+            if only is None or name in only:
+                parts = [handles[files[h]].get_tensor(h) for h in hf]
+                state[name] = torch.stack(parts) if stacked else parts[0]
+    if cfg.tie_embeddings and "embed_tokens.weight" in state and (only is None or "lm_head.weight" in only):
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
 
@@ -81,7 +108,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
     Returns the checkpoint directory; usable as ``--checkpoint.init_from``.
     """
-    cfg = Config(model=read_hf_config(hf_dir), out=str(out))
+    model_cfg, moe = read_hf_config(hf_dir)
+    cfg = Config(model=model_cfg, moe=moe, out=str(out))
     state = load_hf_weights(hf_dir)
     ckpt = Path(out) / "checkpoints" / "step-0"
     ckpt.mkdir(parents=True, exist_ok=False)
@@ -92,12 +120,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     return ckpt
 
 
-def read_checkpoint(ckpt: str | Path, prefix: str = "") -> dict[str, Any]:
-    """The entries of a verified checkpoint whose dotted names start with ``prefix``, as full
-    tensors under those names; needs no process group and no model."""
-    verify(Path(ckpt))
-    reader = SafeFileSystemReader(str(ckpt))
-    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+def _read_entries(reader: SafeFileSystemReader, keys: set[str]) -> dict[str, Any]:
+    """The checkpoint entries ``keys`` (dotted names) as full tensors; only those are read."""
     state: dict[str, Any] = {}
     # The private loader, as torch's own dcp_to_torch_save uses: the public one only fills keys
     # the caller's dict already has.
@@ -116,52 +140,120 @@ def read_checkpoint(ckpt: str | Path, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def read_checkpoint(ckpt: str | Path, prefix: str = "") -> dict[str, Any]:
+    """The entries of a verified checkpoint whose dotted names start with ``prefix``, as full
+    tensors under those names; needs no process group and no model."""
+    verify(Path(ckpt))
+    reader = SafeFileSystemReader(str(ckpt))
+    return _read_entries(reader, {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)})
+
+
+def read_model_config(ckpt: str | Path) -> tuple[ModelConfig, MoEConfig]:
+    """The model and MoE sections a meshweave checkpoint's manifest records (MoE: dense when a
+    manifest predates the ``moe`` entry)."""
+    manifest = read_manifest(Path(ckpt))
+    return ModelConfig(**manifest["model"]), MoEConfig(**manifest.get("moe", {}))
+
+
 def read_model_weights(ckpt: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A verified meshweave checkpoint's model config and full model tensors (no process group)."""
-    cfg = ModelConfig(**read_manifest(Path(ckpt))["model"])
+    cfg, _ = read_model_config(ckpt)
     flat = read_checkpoint(ckpt, prefix="model.")
     return cfg, {k.removeprefix("model."): v for k, v in flat.items()}
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint's model as a HF directory (``config.json`` + ``model.safetensors``)."""
-    cfg, state = read_model_weights(ckpt)
-    hf_state = {
-        Transformer.family.hf_name(k): v.contiguous()
-        for k, v in state.items()
-        if not (cfg.tie_embeddings and k == "lm_head.weight")
-    }
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names whose sizes add up to at most ``max_bytes`` (a tensor larger
+    than that gets a shard of its own)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
+    """Write a checkpoint's model as a HF directory of ``cfg.hf_family``: ``config.json`` and
+    ``model.safetensors``, or shards of at most ``max_shard_bytes`` with
+    ``model.safetensors.index.json``. Streams shard by shard: peak memory is about one shard."""
+    verify(Path(ckpt))
+    cfg, moe = read_model_config(ckpt)
+    config = hf_config_from_model(cfg, moe)  # a family that cannot express the model fails first
+    sources = hf_sources(cfg, moe)
+    reader = SafeFileSystemReader(str(ckpt))
+    meta = reader.read_metadata().state_dict_metadata
+    sizes = {}
+    for name in sources:
+        entry = meta[f"model.{name}"]
+        sizes[name] = math.prod(entry.size) * entry.properties.dtype.itemsize  # type: ignore[union-attr]
+    groups = _shards(sizes, max_shard_bytes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=2) + "\n")
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        file = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        state = _read_entries(reader, {f"model.{n}" for n in group})
+        tensors: dict[str, torch.Tensor] = {}
+        for name in group:
+            hf, stacked = sources[name]
+            value = state[f"model.{name}"]
+            parts = value.unbind(0) if stacked else [value]
+            tensors |= {h: t.contiguous() for h, t in zip(hf, parts, strict=True)}
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        del state, tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
 # Everything that shapes the weights or the forward pass; not the initialisation, the export
 # family, or max_seq_len (scaled RoPE keeps its original length explicitly, models/hf_config.py).
 _SHAPE_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("init_std", "hf_family", "max_seq_len"))
+# The MoE keys that shape the weights or the forward pass (not the training-only ones).
+_MOE_KEYS = (
+    "num_experts",
+    "top_k",
+    "every",
+    "expert_ffn_dim",
+    "shared_experts",
+    "shared_expert_gate",
+    "score",
+    "renormalize",
+    "bias_balancing",
+    "low_dim",
+)
 
 
-def initial_weights_config(source: str | Path) -> ModelConfig:
-    """The model config of an ``init_from`` source: a HF directory or a meshweave checkpoint."""
+def initial_weights_config(source: str | Path) -> tuple[ModelConfig, MoEConfig]:
+    """The model and MoE sections of an ``init_from`` source: a HF directory or a checkpoint."""
     source = Path(source)
     if (source / "config.json").is_file():
         return read_hf_config(source)
-    return ModelConfig(**read_manifest(source)["model"])
+    return read_model_config(source)
 
 
 def check_init_from(cfg: Config) -> None:
     """ConfigError if ``checkpoint.init_from`` holds a differently shaped model (no process group)."""
     if not cfg.checkpoint.init_from:
         return
-    source = initial_weights_config(cfg.checkpoint.init_from)
-    for key in _SHAPE_KEYS:
-        if getattr(source, key) != getattr(cfg.model, key):
+    model, moe = initial_weights_config(cfg.checkpoint.init_from)
+    pairs: list[tuple[str, str, Any, Any]] = [("model", k, model, cfg.model) for k in _SHAPE_KEYS]
+    if moe.num_experts or cfg.moe.num_experts:
+        pairs += [("moe", k, moe, cfg.moe) for k in _MOE_KEYS]
+    for section, key, source, ours in pairs:
+        if getattr(source, key) != getattr(ours, key):
+            value = getattr(source, key)
+            text = str(value).lower() if isinstance(value, bool) else value
             raise ConfigError(
-                f"model.{key}={getattr(cfg.model, key)} but checkpoint.init_from "
-                f"{cfg.checkpoint.init_from} has {key}={getattr(source, key)}; set "
-                f"--model.{key}={getattr(source, key)} (or use its config.toml)"
+                f"{section}.{key}={getattr(ours, key)} but checkpoint.init_from {cfg.checkpoint.init_from} has "
+                f"{key}={value}; set --{section}.{key}={text} (or use its config.toml)"
             )
 
 
@@ -181,3 +273,18 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
     held = set(model.state_dict())
     own: dict[str, Any] = {k: v for k, v in state.items() if k in held}
     set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a HF directory or a meshweave checkpoint with its weights, in eval mode on
+    ``device``, in this process (no process group); MoE models included. Built on ``meta`` and
+    filled by assignment, so the weights are held once."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        (cfg, moe), state = read_hf_config(path), load_hf_weights(path)
+    else:
+        (cfg, moe), (_, state) = read_model_config(path), read_model_weights(path)
+    model = build_model(cfg, moe=moe)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()

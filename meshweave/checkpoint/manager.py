@@ -350,13 +350,20 @@ def _to_tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_info(cfg: Config, world_size: int, **extra: Any) -> dict[str, Any]:
-    """What every manifest records besides files: model shape, layout, world size."""
+    """What every manifest records besides files: model and MoE sections, layout, world size."""
     layout = {
         k: v for k, v in asdict(cfg.parallel).items() if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp", "ep")
     }
     if world_size == 1:
         layout = {k: 1 for k in layout}
-    return {"format": 1, "model": asdict(cfg.model), "layout": layout, "world_size": world_size, **extra}
+    return {
+        "format": 1,
+        "model": asdict(cfg.model),
+        "moe": asdict(cfg.moe),
+        "layout": layout,
+        "world_size": world_size,
+        **extra,
+    }
 
 
 def describe(ckpt: str | Path) -> str:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshweave.config import ConfigError, ModelConfig
+from meshweave.config import ConfigError, ModelConfig, MoEConfig
+from meshweave.models.llama import Transformer
 
 # Keys that never change the forward pass: bookkeeping, generation defaults, output switches.
 _METADATA = {
@@ -44,25 +45,75 @@ _METADATA = {
 
 @dataclass(frozen=True)
 class HFFamily:
-    """One Hugging Face architecture meshweave reads and writes."""
+    """One Hugging Face architecture meshweave reads and writes.
+
+    ``renames`` is the family's weight-name table inside a decoder block, meshweave name -> HF
+    name, for the names that differ; ``{e}`` marks a per-expert HF tensor that meshweave stacks on
+    dim 0 (``mlp.experts.gate_proj.weight [E, ffn, dim]`` <- ``...experts.{e}.w1.weight``).
+    Names not in the table are the same on both sides (HF adds ``model.`` outside ``lm_head``).
+    """
 
     name: str  # model.hf_family
     model_type: str
     architecture: str
     fixed: dict[str, Any] = field(default_factory=dict)  # ModelConfig features always on
-    bias_key: str | None = None  # the config key of q/k/v(/o) biases, when the family has one
+    bias_key: str | None = None  # q/k/v/o biases: the family can express only their absence
+    qkv_bias_key: str | None = None  # the key that turns q/k/v biases on (Qwen2-MoE's qkv_bias)
     head_dim_key: bool = True  # whether config.json carries head_dim
-    sliding_window: bool = True  # whether the family has a sliding-window setting
-    rope_key: str = "rope_parameters"
+    # the family's sliding-window keys: None, "window" (sliding_window) or "qwen" (+ use_sliding_window)
+    sliding_window: str | None = "window"
+    moe: str | None = None  # "mixtral" or "qwen": which MoE config keys the family uses
+    renames: tuple[tuple[str, str], ...] = ()
 
+
+_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+_QWEN_MOE_NAMES = tuple((f"mlp.experts.{p}.weight", f"mlp.experts.{{e}}.{p}.weight") for p in _EXPERTS)
+_MIXTRAL_NAMES = (
+    ("mlp.gate.weight", "block_sparse_moe.gate.weight"),
+    *(
+        (f"mlp.experts.{p}.weight", f"block_sparse_moe.experts.{{e}}.{w}.weight")
+        for p, w in zip(_EXPERTS, "w1 w3 w2".split())
+    ),
+)
+_SHARED_NAMES = tuple((f"mlp.shared_experts.{p}.weight", f"mlp.shared_expert.{p}.weight") for p in _EXPERTS)
 
 FAMILIES = {
     f.name: f
     for f in (
-        HFFamily("llama", "llama", "LlamaForCausalLM", bias_key="attention_bias", sliding_window=False),
+        HFFamily("llama", "llama", "LlamaForCausalLM", bias_key="attention_bias", sliding_window=None),
         HFFamily("mistral", "mistral", "MistralForCausalLM"),
-        HFFamily("qwen2", "qwen2", "Qwen2ForCausalLM", fixed={"qkv_bias": True}, head_dim_key=False),
-        HFFamily("qwen3", "qwen3", "Qwen3ForCausalLM", fixed={"qk_norm": True}, bias_key="attention_bias"),
+        HFFamily(
+            "qwen2", "qwen2", "Qwen2ForCausalLM", fixed={"qkv_bias": True}, head_dim_key=False, sliding_window="qwen"
+        ),
+        HFFamily(
+            "qwen3",
+            "qwen3",
+            "Qwen3ForCausalLM",
+            fixed={"qk_norm": True},
+            bias_key="attention_bias",
+            sliding_window="qwen",
+        ),
+        HFFamily("mixtral", "mixtral", "MixtralForCausalLM", moe="mixtral", renames=_MIXTRAL_NAMES),
+        HFFamily(
+            "qwen2_moe",
+            "qwen2_moe",
+            "Qwen2MoeForCausalLM",
+            qkv_bias_key="qkv_bias",
+            head_dim_key=False,
+            sliding_window="qwen",
+            moe="qwen",
+            renames=_QWEN_MOE_NAMES + _SHARED_NAMES,
+        ),
+        HFFamily(
+            "qwen3_moe",
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            fixed={"qk_norm": True},
+            bias_key="attention_bias",
+            sliding_window="qwen",
+            moe="qwen",
+            renames=_QWEN_MOE_NAMES,
+        ),
     )
 }
 
@@ -147,9 +198,10 @@ def _read_rope(r: _Reader, out: dict[str, Any]) -> None:
     sub.finish()
 
 
-def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """meshweave's model section for a HF ``config.json`` dict; ConfigError for anything that
-    would change the forward pass and that meshweave does not implement."""
+def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
+    """meshweave's model and MoE sections for a HF ``config.json`` dict (the MoE section is dense,
+    ``num_experts = 0``, for dense families); ConfigError for anything that would change the
+    forward pass and that meshweave does not implement."""
     family = family_of_hf(hf)
     r = _Reader(hf, f"config.json ({family.architecture})")
     dim, heads = int(r.require("hidden_size")), int(r.require("num_attention_heads"))
@@ -171,6 +223,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     out["head_dim"] = 0 if head_dim in (0, dim // heads) and dim % heads == 0 else head_dim
     if family.bias_key:
         r.expect(family.bias_key, lambda v: v is False, "no attention biases in this family")
+    if family.qkv_bias_key:
+        out["qkv_bias"] = bool(r.take(family.qkv_bias_key, True))
     r.expect("mlp_bias", lambda v: v is False, "bias-free MLPs")
     r.expect("hidden_act", lambda v: v == "silu", "SwiGLU with silu")
     r.expect("attention_dropout", lambda v: v == 0.0, "attention without dropout")
@@ -184,18 +238,59 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         window = r.take("sliding_window")
         enabled = r.take("use_sliding_window", True)
         out["sliding_window"] = int(window) if window and enabled else 0
+    moe = _read_moe(r, family, out["ffn_dim"]) if family.moe else MoEConfig()
     r.finish()
-    return ModelConfig(**out)
+    return ModelConfig(**out), moe
 
 
-def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
+    """The MoE section of a Mixtral or Qwen-MoE config. Routing is softmax over all experts, top-k,
+    dropless; HF trains with a load-balancing loss and no z-loss, so the import does too."""
+    r.expect("output_router_logits", lambda v: True, "")  # whether HF returns router logits
+    moe: dict[str, Any] = dict(
+        top_k=int(r.require("num_experts_per_tok")),
+        score="softmax",
+        aux_loss_coeff=float(r.take("router_aux_loss_coef", 0.001)),
+        z_loss_coeff=0.0,
+    )
+    if family.moe == "mixtral":
+        r.expect("router_jitter_noise", lambda v: v == 0.0, "routing without jitter noise")
+        return MoEConfig(
+            num_experts=int(r.require("num_local_experts")), expert_ffn_dim=ffn_dim, renormalize=True, **moe
+        )
+    experts = r.take("num_experts") or r.require("num_local_experts")
+    r.expect("mlp_only_layers", lambda v: not v, "MoE layers chosen by decoder_sparse_step only")
+    expert_ffn = int(r.require("moe_intermediate_size"))
+    shared = 0
+    if family.name == "qwen2_moe":
+        width = int(r.take("shared_expert_intermediate_size", 0))
+        if width % expert_ffn:
+            raise ConfigError(
+                f"{r.where}: shared_expert_intermediate_size={width} is not a multiple of "
+                f"moe_intermediate_size={expert_ffn} (meshweave's shared experts are whole experts)"
+            )
+        shared = width // expert_ffn
+    return MoEConfig(
+        num_experts=int(experts),
+        expert_ffn_dim=expert_ffn,
+        every=int(r.take("decoder_sparse_step", 1)),
+        renormalize=bool(r.take("norm_topk_prob", False)),
+        shared_experts=shared,
+        shared_expert_gate=shared > 0,
+        **moe,
+    )
+
+
+def hf_config_from_model(cfg: ModelConfig, moe: MoEConfig | None = None) -> dict[str, Any]:
     """The ``config.json`` dict of ``cfg.hf_family``; ConfigError for a feature it cannot express."""
     family = FAMILIES[cfg.hf_family]
+    moe = moe or MoEConfig()
     for key, value in family.fixed.items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model.{key}={getattr(cfg, key)}: {family.architecture} always has {key}={value}")
     for key in ("qkv_bias", "qk_norm"):
-        if getattr(cfg, key) and key not in family.fixed:
+        expressible = key in family.fixed or (key == "qkv_bias" and family.qkv_bias_key)
+        if getattr(cfg, key) and not expressible:
             raise ConfigError(f"model.{key}: {family.architecture} cannot express it; export with another hf_family")
     if cfg.head_dim and not family.head_dim_key:
         raise ConfigError(f"model.head_dim={cfg.head_dim}: {family.architecture} has no head_dim setting")
@@ -223,13 +318,53 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         hf["head_dim"] = cfg.attention_head_dim()
     if family.bias_key:
         hf[family.bias_key] = False
+    if family.qkv_bias_key:
+        hf[family.qkv_bias_key] = cfg.qkv_bias
     if family.name == "llama":
         hf["mlp_bias"] = False
     if family.sliding_window:
         hf["sliding_window"] = cfg.sliding_window or None
-        if family.name != "mistral":
-            hf["use_sliding_window"] = bool(cfg.sliding_window)
-    return hf
+    if family.sliding_window == "qwen":
+        hf["use_sliding_window"] = bool(cfg.sliding_window)
+    return hf | _moe_keys(family, cfg, moe)
+
+
+def _moe_keys(family: HFFamily, cfg: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
+    """The MoE keys of ``family``'s config.json; ConfigError for a MoE feature it cannot express."""
+    if not family.moe:
+        if moe.num_experts:
+            raise ConfigError(
+                f"moe.num_experts={moe.num_experts}: {family.architecture} is dense; export as an MoE family"
+            )
+        return {}
+    if not moe.num_experts:
+        raise ConfigError(f"model.hf_family={family.name} is an MoE family but moe.num_experts=0")
+    unsupported = {
+        "score": moe.score != "softmax",
+        "bias_balancing": moe.bias_balancing,
+        "low_dim": moe.low_dim > 0,
+        "shared_experts": bool(moe.shared_experts) != (family.name == "qwen2_moe"),
+        "shared_expert_gate": moe.shared_expert_gate != (family.name == "qwen2_moe"),
+        "renormalize": family.moe == "mixtral" and not moe.renormalize,
+        "every": family.moe == "mixtral" and moe.every != 1,
+        "expert_ffn_dim": family.moe == "mixtral" and moe.expert_ffn_dim != cfg.ffn_dim,
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ConfigError(f"moe.{key}={getattr(moe, key)!r}: {family.architecture} cannot express it")
+    keys: dict[str, Any] = {"num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coeff}
+    if family.moe == "mixtral":
+        return keys | {"num_local_experts": moe.num_experts, "router_jitter_noise": 0.0}
+    keys |= {
+        "num_experts": moe.num_experts,
+        "moe_intermediate_size": moe.expert_ffn_dim,
+        "decoder_sparse_step": moe.every,
+        "norm_topk_prob": moe.renormalize,
+        "mlp_only_layers": [],
+    }
+    if family.name == "qwen2_moe":
+        keys["shared_expert_intermediate_size"] = moe.shared_experts * moe.expert_ffn_dim
+    return keys
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
@@ -248,9 +383,23 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     return rope
 
 
-def read_hf_config(hf_dir: str | Path) -> ModelConfig:
-    """The model section of a HF model directory's ``config.json``."""
+def read_hf_config(hf_dir: str | Path) -> tuple[ModelConfig, MoEConfig]:
+    """The model and MoE sections of a HF model directory's ``config.json``."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     return model_config_from_hf(json.loads(path.read_text()))
+
+
+def hf_names(family: HFFamily, name: str, num_experts: int) -> tuple[list[str], bool]:
+    """The HF tensor names meshweave parameter ``name`` is made of, and whether they are experts
+    stacked on dim 0 in expert order: the family's ``renames`` inside a block, then the model
+    family's ``hf_name`` (models/family.py) for the prefix."""
+    renamed = name
+    if name.startswith("layers."):  # layers.<i>.<block-relative name>
+        index, _, rest = name.removeprefix("layers.").partition(".")
+        renamed = f"layers.{index}.{dict(family.renames).get(rest, rest)}"
+    base = Transformer.family.hf_name(renamed)
+    if "{e}" in base:
+        return [base.format(e=e) for e in range(num_experts)], True
+    return [base], False

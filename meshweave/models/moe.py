@@ -3,7 +3,8 @@
 :class:`MoEFeedForward` is a drop-in for the dense ``FeedForward`` (``[b, s, d] -> [b, s, d]``).
 Per token the :class:`Router` picks ``top_k`` of ``num_experts`` experts and a gate weight for
 each; the routed experts' outputs are gate-weighted and summed, and the shared experts (a dense
-SwiGLU every token passes through, DeepSeekMoE) are added.
+SwiGLU every token passes through, DeepSeekMoE) are added, scaled per token by a sigmoid gate
+when ``shared_expert_gate`` is set (Qwen2-MoE).
 
 The model knows nothing about meshes. Moving tokens to experts goes through one seam,
 ``MoEFeedForward.dispatch_op`` (a :data:`DispatchOp`)::
@@ -254,19 +255,28 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = (
             SwiGLU(dim, settings.shared_experts * settings.expert_ffn_dim) if settings.shared_experts else None
         )
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if settings.shared_expert_gate else None
         self.descend = nn.Linear(dim, width, bias=False) if settings.low_dim else None
         self.ascend = nn.Linear(width, dim, bias=False) if settings.low_dim else None
         self.dispatch_op: DispatchOp = local_dispatch
         self.aux_loss_scale: float | None = None
+
+    def _shared_branch(self, flat: Tensor) -> Callable[[], Tensor]:
+        """The shared experts on ``flat`` (gated by sigmoid when the family has a gate), as the
+        callable the dispatch op runs while its all-to-all is in flight."""
+        shared, gate = self.shared_experts, self.shared_expert_gate
+        assert shared is not None
+        if gate is None:
+            return lambda: shared(flat)
+        return lambda: shared(flat) * torch.sigmoid(gate(flat))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         expert_idx, weights = self.gate(flat)
         tokens = self.descend(flat) if self.descend is not None else flat
-        shared = self.shared_experts
         routed, side = self.dispatch_op(
-            tokens, expert_idx, weights, self.experts, (lambda: shared(flat)) if shared is not None else None
+            tokens, expert_idx, weights, self.experts, self._shared_branch(flat) if self.shared_experts else None
         )
         if self.ascend is not None:
             routed = self.ascend(routed)

@@ -1,10 +1,11 @@
 """Training starts from an imported Hugging Face model the same way on every layout.
 
-For each dense family, ``--checkpoint.init_from=HF_DIR`` onto tp2 x dp_shard2 (and, for Qwen3,
-whose per-head q/k norms and independent head_dim are the most layout-sensitive, onto pp2)
-follows one process's first 5 losses within 1e-4 relative (fp32; observed ~1e-7: the layouts
-differ by summation order only). A weight loaded onto the wrong shard, a q/k norm whose gradient
-is not summed over tp, or a bias sharded off its heads shows within the first steps at > 1e-3.
+For each family, ``--checkpoint.init_from=HF_DIR`` onto tp2 x dp_shard2 (x ep2 for the MoE
+families; and, for Qwen3, whose per-head q/k norms and independent head_dim are the most
+layout-sensitive, onto pp2) follows one process's first 5 losses within 1e-4 relative (fp32;
+the layouts differ by summation order only). A weight loaded onto the wrong shard, an expert
+loaded onto the wrong rank, a q/k norm whose gradient is not summed over tp, or a bias sharded off
+its heads shows within the first steps at > 1e-3.
 """
 
 import pytest
@@ -26,7 +27,10 @@ TINY_SHAPE = dict(
 )
 
 
-@pytest.fixture(scope="module", params=["llama3.1-rope", "mistral", "qwen2", "qwen3"])
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+@pytest.fixture(scope="module", params=["llama3.1-rope", "mistral", "qwen2", "qwen3", *MOE])
 def family(request, tmp_path_factory):
     """(case, the run options that start from its HF directory, one process's losses)."""
     root = tmp_path_factory.mktemp(request.param)
@@ -36,8 +40,9 @@ def family(request, tmp_path_factory):
 
 
 def test_init_from_onto_tp2_fsdp2_follows_one_process(tmp_path, family):
-    _, start, one = family
-    four = losses(train_run(tmp_path, 4, *start, "--parallel.tp=2", "--parallel.dp_shard=2", steps=STEPS))
+    case, start, one = family
+    layout = ["--parallel.tp=2", "--parallel.dp_shard=2", *(["--parallel.ep=2"] if case in MOE else [])]
+    four = losses(train_run(tmp_path, 4, *start, *layout, steps=STEPS))
     assert_losses_match(one, four, rtol=1e-4)
 
 

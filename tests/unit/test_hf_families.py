@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from meshweave.checkpoint.hf import export_hf, import_hf, read_model_weights
-from meshweave.config import ConfigError, ModelConfig
+from meshweave.checkpoint.hf import export_hf, import_hf
+from meshweave.config import ConfigError, ModelConfig, MoEConfig
+from meshweave.models import from_pretrained
 from meshweave.models.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
-from meshweave.models.llama import build_model
 from tests.hf_models import CASES, save_tiny
 
 transformers = pytest.importorskip("transformers")
@@ -37,13 +37,6 @@ SHAPE = dict(
 
 def _save_tiny(case: str, path: Path) -> torch.nn.Module:
     return save_tiny(case, path, **SHAPE)
-
-
-def _meshweave_from(ckpt) -> torch.nn.Module:
-    cfg, state = read_model_weights(ckpt)
-    model = build_model(cfg, "cpu")
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def _tokens(seq: int = 40) -> torch.Tensor:
@@ -66,7 +59,7 @@ def test_imported_logits_equal_transformers(imported):
     _, hf, _, ckpt = imported
     tokens = _tokens()
     with torch.no_grad():
-        assert _rel(_meshweave_from(ckpt)(tokens), hf(tokens).logits) <= 1e-5
+        assert _rel(from_pretrained(ckpt)(tokens), hf(tokens).logits) <= 1e-5
 
 
 def test_export_loads_in_transformers_with_equal_logits(imported):
@@ -75,7 +68,7 @@ def test_export_loads_in_transformers_with_equal_logits(imported):
     reloaded = getattr(transformers, CASES[case][1]).from_pretrained(exported).eval()
     tokens = _tokens(24)
     with torch.no_grad():
-        assert _rel(_meshweave_from(ckpt)(tokens), reloaded(tokens).logits) <= 1e-5
+        assert _rel(from_pretrained(ckpt)(tokens), reloaded(tokens).logits) <= 1e-5
 
 
 def test_import_then_export_is_bit_exact(imported):
@@ -89,21 +82,39 @@ def test_import_then_export_is_bit_exact(imported):
     assert read_hf_config(exported) == read_hf_config(root / "hf")
 
 
-def test_the_feature_under_test_reaches_the_model_config(imported):
+def test_the_feature_under_test_reaches_the_config(imported):
     case, _, root, _ = imported
-    cfg = read_hf_config(root / "hf")
+    model, moe = read_hf_config(root / "hf")
     expected = {
-        "llama": {"hf_family": "llama"},
-        "llama-tied": {"tie_embeddings": True},
-        "llama3.1-rope": {"rope_scaling": "llama3", "rope_theta": 500000.0, "rope_factor": 8.0},
-        "llama-linear-rope": {"rope_scaling": "linear", "rope_factor": 4.0},
-        "llama-yarn-rope": {"rope_scaling": "yarn", "rope_original_max_len": 32},
-        "mistral": {"hf_family": "mistral", "sliding_window": 4096},
-        "qwen2": {"qkv_bias": True, "hf_family": "qwen2"},
-        "qwen2-tied": {"qkv_bias": True, "tie_embeddings": True},
-        "qwen3": {"qk_norm": True, "head_dim": 24, "hf_family": "qwen3"},
+        "llama": {"model.hf_family": "llama"},
+        "llama-tied": {"model.tie_embeddings": True},
+        "llama3.1-rope": {"model.rope_scaling": "llama3", "model.rope_theta": 500000.0, "model.rope_factor": 8.0},
+        "llama-linear-rope": {"model.rope_scaling": "linear", "model.rope_factor": 4.0},
+        "llama-yarn-rope": {"model.rope_scaling": "yarn", "model.rope_original_max_len": 32},
+        "mistral": {"model.hf_family": "mistral", "model.sliding_window": 4096},
+        "qwen2": {"model.qkv_bias": True, "model.hf_family": "qwen2"},
+        "qwen2-tied": {"model.qkv_bias": True, "model.tie_embeddings": True},
+        "qwen3": {"model.qk_norm": True, "model.head_dim": 24, "model.hf_family": "qwen3"},
+        "mixtral": {"moe.num_experts": 4, "moe.top_k": 2, "moe.renormalize": True, "moe.expert_ffn_dim": 84},
+        "qwen2_moe": {
+            "model.qkv_bias": True,
+            "moe.every": 2,
+            "moe.shared_experts": 2,
+            "moe.shared_expert_gate": True,
+            "moe.renormalize": False,
+        },
+        "qwen3_moe": {"model.qk_norm": True, "moe.renormalize": True, "moe.expert_ffn_dim": 32},
     }[case]
-    assert {k: getattr(cfg, k) for k in expected} == expected
+    sections = {"model": model, "moe": moe}
+    assert {k: getattr(sections[k.split(".")[0]], k.split(".")[1]) for k in expected} == expected
+
+
+def test_a_dense_family_imports_a_dense_model(imported):
+    case, _, root, _ = imported
+    if case in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        assert read_hf_config(root / "hf")[1].num_experts == 4
+    else:
+        assert read_hf_config(root / "hf")[1] == MoEConfig()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,13 +128,13 @@ def _llama_json(**changes) -> dict:
 
 def test_rope_theta_under_rope_parameters_is_read():
     hf = _llama_json(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    assert model_config_from_hf(hf).rope_theta == 500000.0
+    assert model_config_from_hf(hf)[0].rope_theta == 500000.0
 
 
 def test_legacy_top_level_rope_theta_and_rope_scaling_are_read():
     hf = _llama_json(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
     hf.pop("rope_parameters")
-    cfg = model_config_from_hf(hf)
+    cfg, _ = model_config_from_hf(hf)
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor) == (500000.0, "linear", 2.0)
 
 
