@@ -167,18 +167,39 @@ def cmd_plot(args: list[str]) -> int:
     return 0
 
 
+def _byte_size(text: str) -> int:
+    """``5GB`` / ``500MB`` / ``1024`` -> bytes (decimal units, as Hugging Face's max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    value = text.strip().upper()
+    unit = next((u for u in units if value.endswith(u)), "")
+    try:
+        size = int(float(value.removesuffix(unit)) * units.get(unit, 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 5GB, 500MB)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return size
+
+
 def cmd_ckpt(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshweave ckpt", description="Inspect and convert checkpoints.")
     sub = parser.add_subparsers(dest="action", required=True)
     inspect = sub.add_parser("inspect", help="step, layout, tensors, sizes and validity of a step-N dir")
     inspect.add_argument("path")
-    imp = sub.add_parser("import-hf", help="a Hugging Face Llama directory -> OUT/checkpoints/step-0")
+    imp = sub.add_parser("import-hf", help="a Hugging Face model directory -> OUT/checkpoints/step-0")
     imp.add_argument("hf_dir")
     imp.add_argument("out")
     exp = sub.add_parser("export-hf", help="a step-N checkpoint -> a Hugging Face directory")
     exp.add_argument("ckpt")
     exp.add_argument("out")
+    exp.add_argument(
+        "--max-shard-size",
+        type=_byte_size,
+        default=5 * 10**9,
+        help="largest safetensors file, e.g. 5GB (default), 500MB; larger models get an index",
+    )
     ns = parser.parse_args(args)
+
     from meshweave.checkpoint import hf
     from meshweave.checkpoint.manager import CheckpointError, describe
 
@@ -192,7 +213,9 @@ def cmd_ckpt(args: list[str]) -> int:
                 f"--config {Path(ns.out) / 'config.toml'} --checkpoint.init_from={ckpt}"
             )
         else:
-            print(f"wrote {hf.export_hf(ns.ckpt, ns.out)} (config.json + model.safetensors)")
+            out = hf.export_hf(ns.ckpt, ns.out, max_shard_bytes=ns.max_shard_size)
+            files = sorted(p.name for p in out.glob("*.safetensors"))
+            print(f"wrote {out}: config.json + {len(files)} safetensors file(s)")
     except (ConfigError, CheckpointError, OSError, ValueError) as e:
         return _fail(str(e))
     return 0

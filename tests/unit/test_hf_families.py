@@ -172,3 +172,31 @@ def test_sliding_window_shorter_than_seq_len_is_rejected_before_launch():
     cfg.model.sliding_window = cfg.train.seq_len - 1
     with pytest.raises(ConfigError, match="sliding-window"):
         validate(cfg, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded checkpoints
+
+
+def test_export_in_shards_writes_an_index_that_transformers_and_the_import_read(tmp_path):
+    from safetensors.torch import load_file
+
+    hf = _save_tiny("qwen2_moe", tmp_path / "hf")
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "imported")
+    out = export_hf(ckpt, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert all(load_file(out / f).keys() == {k for k, v in index["weight_map"].items() if v == f} for f in files)
+    reloaded = transformers.Qwen2MoeForCausalLM.from_pretrained(out).eval()
+    again = import_hf(out, tmp_path / "reimported")
+    tokens = _tokens(24)
+    with torch.no_grad():
+        assert _rel(reloaded(tokens).logits, hf(tokens).logits) <= 1e-5
+        assert torch.equal(from_pretrained(again)(tokens), from_pretrained(ckpt)(tokens))
+
+
+def test_max_shard_size_reads_decimal_units():
+    from meshweave.cli import _byte_size
+
+    assert [_byte_size(s) for s in ("5GB", "500MB", "1.5kb", "1024")] == [5 * 10**9, 5 * 10**8, 1500, 1024]
