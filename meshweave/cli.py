@@ -135,7 +135,13 @@ def cmd_data(args: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize text files into tokens.bin + index.json")
     prep.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
-    prep.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path")
+    prep.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="'bytes', a Hugging Face model directory (its tokenizer.json, with the bos/eos/pad ids of "
+        "generation_config.json and tokenizer_config.json) or a tokenizer.json path; train with the same "
+        "--data.tokenizer",
+    )
     prep.add_argument("--out", required=True, help="output directory")
     ns = parser.parse_args(args)
     from meshweave.data.prepare import prepare
@@ -199,7 +205,6 @@ def cmd_ckpt(args: list[str]) -> int:
         help="largest safetensors file, e.g. 5GB (default), 500MB; larger models get an index",
     )
     ns = parser.parse_args(args)
-
     from meshweave.checkpoint import hf
     from meshweave.checkpoint.manager import CheckpointError, describe
 

@@ -102,9 +102,10 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from. ``embedded`` is Python's own pydoc topics, byte-tokenized."""
+    """Where tokens come from. ``embedded`` is Python's own pydoc topics, tokenized by ``tokenizer``."""
 
     source: str = opt("embedded", "'embedded' or a directory written by `meshweave data prepare`")
+    tokenizer: str = opt("bytes", "'bytes', a Hugging Face model directory or a tokenizer.json; must match source's")
     eval_fraction: float = opt(0.05, "share of documents held out for eval")
 
 

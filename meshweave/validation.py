@@ -59,7 +59,8 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
 
 
 def preflight(cfg: Config) -> None:
-    """Checks that read files but need no process group: the data's vocabulary fits the model,
+    """Checks that read files but need no process group: ``data.tokenizer`` loads and (for a
+    prepared ``data.source``) is the tokenizer that wrote its tokens, the data's vocabulary fits the model,
     ``checkpoint.init_from`` has the model's shape, an explicit ``checkpoint.resume`` path verifies.
     ConfigError otherwise. Imports the checkpoint code (and torch) only when a run names one."""
     if cfg.checkpoint.init_from:
@@ -73,16 +74,24 @@ def preflight(cfg: Config) -> None:
             verify(Path(cfg.checkpoint.resume))
         except CheckpointError as e:
             raise ConfigError(f"checkpoint.resume: {e} (use auto to fall back to the newest valid one)") from None
-    if cfg.data.source == "embedded":
-        from meshweave.data.tokenizers import ByteTokenizer
+    from meshweave.data.tokenizers import load_tokenizer, tokenizer_mismatch
 
-        vocab = ByteTokenizer().vocab_size
-    else:
-        vocab = json.loads((Path(cfg.data.source) / "index.json").read_text())["vocab_size"]
+    spec = cfg.data.tokenizer
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {' '.join(str(e).split())}") from None
+    vocab, where = tok.vocab_size, f"tokenizer {spec}"
+    if cfg.data.source != "embedded":
+        index = json.loads((Path(cfg.data.source) / "index.json").read_text())
+        why = tokenizer_mismatch(index, spec, tok)
+        if why:
+            raise ConfigError(f"data.tokenizer={spec} did not write the tokens of data.source={cfg.data.source}: {why}")
+        vocab, where = index["vocab_size"], cfg.data.source
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-            f"({vocab} tokens in {cfg.data.source}); set model.vocab_size >= {vocab}"
+            f"({vocab} token ids from {where}); use --model.vocab_size={vocab} or larger"
         )
 
 

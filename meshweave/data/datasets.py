@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshweave.data.prepare import INDEX_FORMAT
-from meshweave.data.tokenizers import ByteTokenizer
+from meshweave.data.prepare import INDEX_FORMAT, token_dtype
+from meshweave.data.tokenizers import ByteTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # the label of a position that has no target (the loss skips it)
 # Fixed salt for the split hash: the held-out set must not move when the training seed does.
@@ -66,16 +66,27 @@ class TokenCorpus:
         return self.tokens[self.doc_offsets[d] : self.doc_offsets[d + 1]]
 
     @classmethod
-    def embedded(cls) -> TokenCorpus:
-        """The pydoc topics, byte-tokenized in memory, eos after each."""
-        tok = ByteTokenizer()
-        docs = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in embedded_documents()]
+    def embedded(cls, tokenizer: str = "bytes") -> TokenCorpus:
+        """The pydoc topics tokenized in memory by ``tokenizer`` (see :func:`load_tokenizer`), eos
+        after each. The same ids :func:`prepare` would write for the topics as documents."""
+        tok = load_tokenizer(tokenizer)
+        texts = embedded_documents()
+        if isinstance(tok, ByteTokenizer):  # the bytes themselves, without a Python list per byte
+            docs = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
+        else:
+            docs = [np.asarray(tok.encode(text), dtype=np.int64) for text in texts]
+        return cls.from_documents(docs, tok.vocab_size, tok.eos_id)
+
+    @classmethod
+    def from_documents(cls, docs: Sequence[np.ndarray], vocab_size: int, eos_id: int) -> TokenCorpus:
+        """A corpus of the token arrays ``docs`` in order, eos appended to each, stored in the
+        narrowest dtype that holds ``vocab_size`` ids."""
         offsets = np.cumsum([0] + [len(d) + 1 for d in docs])
-        tokens = np.empty(offsets[-1], dtype=np.uint16)
+        tokens = np.empty(offsets[-1], dtype=token_dtype(vocab_size))
         for d, ids in enumerate(docs):
             tokens[offsets[d] : offsets[d + 1] - 1] = ids
-            tokens[offsets[d + 1] - 1] = tok.eos_id
-        return cls(tokens, offsets, tok.vocab_size, tok.eos_id)
+            tokens[offsets[d + 1] - 1] = eos_id
+        return cls(tokens, offsets, vocab_size, eos_id)
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> TokenCorpus:
@@ -91,9 +102,10 @@ class TokenCorpus:
         return cls(tokens, np.asarray(index["doc_offsets"]), index["vocab_size"], index["eos_id"])
 
 
-def corpus_from_source(source: str) -> TokenCorpus:
-    """``"embedded"`` -> the in-memory pydoc corpus; anything else -> the prepared directory."""
-    return TokenCorpus.embedded() if source == "embedded" else TokenCorpus.open(source)
+def corpus_from_source(source: str, tokenizer: str = "bytes") -> TokenCorpus:
+    """``"embedded"`` -> the in-memory pydoc corpus tokenized by ``tokenizer``; anything else -> the
+    prepared directory, whose tokens are already ids (preflight checks ``tokenizer`` wrote them)."""
+    return TokenCorpus.embedded(tokenizer) if source == "embedded" else TokenCorpus.open(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,14 +213,15 @@ class PackedSequences:
 
 
 def build_datasets(data_cfg: Any, seq_len: int, seed: int) -> tuple[PackedSequences, PackedSequences, TokenCorpus]:
-    """``(train, eval, corpus)`` for ``data_cfg.source`` split by ``data_cfg.eval_fraction``.
+    """``(train, eval, corpus)`` for ``data_cfg.source`` (tokenized by ``data_cfg.tokenizer`` when
+    embedded) split by ``data_cfg.eval_fraction``.
 
     ``seed`` does not enter the split: held-out documents are a property of the corpus, so runs
     with different seeds are evaluated on the same text. Train always has at least one sequence,
     and eval does whenever ``eval_fraction > 0``; otherwise this raises ValueError.
     """
     del seed
-    corpus = corpus_from_source(data_cfg.source)
+    corpus = corpus_from_source(data_cfg.source, data_cfg.tokenizer)
     train_ids, eval_ids = split_documents(corpus.num_documents, data_cfg.eval_fraction)
     train = PackedSequences(corpus, train_ids, seq_len)
     evals = PackedSequences(corpus, eval_ids, seq_len)

@@ -1,8 +1,10 @@
 """`meshweave data prepare`: documents -> ``tokens.bin`` + ``index.json`` (the prepared format).
 
 ``index.json`` holds the format version, the token dtype (uint16 when the vocabulary fits, else
-uint32), the document offsets into ``tokens.bin``, the vocabulary size and the eos id; the
-directory is what ``data.source`` names and :class:`meshweave.data.datasets.TokenCorpus` reads.
+uint32), the document offsets into ``tokens.bin``, the vocabulary size, the eos id and which
+tokenizer wrote the tokens (:func:`meshweave.data.tokenizers.tokenizer_record`: its path, the
+tokenizer.json's sha256, every special id); the directory is what ``data.source`` names and
+:class:`meshweave.data.datasets.TokenCorpus` reads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from meshweave.data.tokenizers import load_tokenizer
+from meshweave.data.tokenizers import load_tokenizer, tokenizer_record
 
 INDEX_FORMAT = 1
 
@@ -23,7 +25,8 @@ INDEX_FORMAT = 1
 # prepared token files
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest stored dtype that holds every id below ``vocab_size``."""
     return np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
 
 
@@ -59,7 +62,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str) -> dict[str, Any]:
     if not inputs:
         raise ValueError("prepare: no input files given")
     tok = load_tokenizer(tokenizer)
-    dtype = _token_dtype(tok.vocab_size)
+    dtype = token_dtype(tok.vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp_tokens = out / f".tokens.bin.tmp-{os.getpid()}"
@@ -84,7 +87,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str) -> dict[str, Any]:
             "doc_offsets": offsets,
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
-            "tokenizer": tokenizer,
+            **tokenizer_record(tokenizer, tok),
         }
         with open(tmp_index, "w", encoding="utf-8") as f:
             json.dump(index, f)
