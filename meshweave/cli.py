@@ -1,4 +1,4 @@
-"""The ``meshweave`` command: train | run | data prepare | plot | ckpt.
+"""The ``meshweave`` command: train | run | data prepare | plot | ckpt | generate | slurm.
 
 Configuration errors are one line on stderr and exit code 2, before any process group exists.
 """
@@ -226,6 +226,51 @@ def cmd_ckpt(args: list[str]) -> int:
     return 0
 
 
+def cmd_generate(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="meshweave generate", description="Continue a prompt with a model, in this process (KV cache)."
+    )
+    parser.add_argument("model", help="a Hugging Face model directory or a meshweave step-N checkpoint")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, encoded with --tokenizer")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,450,3681")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="'bytes' or a HF directory / tokenizer.json (default: the model's own)")
+    parser.add_argument("--device", default="cpu")
+    ns = parser.parse_args(args)
+    spec = ns.tokenizer or (ns.model if (Path(ns.model) / "tokenizer.json").is_file() else "bytes")
+    try:
+        ids = [int(i) for i in ns.prompt_ids.split(",")] if ns.prompt_ids else None
+    except ValueError:
+        return _fail(f"--prompt-ids={ns.prompt_ids!r}: expected comma-separated integers")
+    from meshweave.checkpoint.manager import CheckpointError
+    from meshweave.data.tokenizers import load_tokenizer
+    from meshweave.models import from_pretrained
+    from meshweave.models.generate import generate
+
+    try:
+        tok = load_tokenizer(spec)
+        model = from_pretrained(ns.model, ns.device)
+        prompt_ids = ids if ids is not None else tok.encode(ns.prompt)
+        out = generate(
+            model,
+            prompt_ids,
+            ns.max_new_tokens,
+            temperature=ns.temperature,
+            top_p=ns.top_p,
+            eos_ids=getattr(tok, "eos_ids", [tok.eos_id]),
+            seed=ns.seed,
+        )
+    except (ConfigError, CheckpointError, OSError, ValueError) as e:
+        return _fail(" ".join(str(e).split()))
+    print(tok.decode(prompt_ids) + tok.decode(out))
+    print(f"ids: {','.join(map(str, out))}", file=sys.stderr)
+    return 0
+
+
 def cmd_slurm(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshweave slurm", description="Render or submit the sbatch script.")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -272,6 +317,7 @@ COMMANDS = {
     "data": cmd_data,
     "plot": cmd_plot,
     "ckpt": cmd_ckpt,
+    "generate": cmd_generate,
     "slurm": cmd_slurm,
 }
 
@@ -280,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(
-            "usage: meshweave {train,run,data,plot,ckpt,slurm} ...\n"
+            "usage: meshweave {train,run,data,plot,ckpt,generate,slurm} ...\n"
             "  train   train in this process (or per torchrun worker)\n"
             "  run     train with N local processes (starts torchrun)\n"
             "  data    prepare token shards: meshweave data prepare --input FILES --out DIR\n"
             "  plot    write PNGs of a run's loss, throughput and comm bytes\n"
             "  ckpt    inspect a checkpoint; import-hf / export-hf Hugging Face weights\n"
+            "  generate  continue a prompt with a HF directory or a checkpoint (greedy or top-p)\n"
             "  slurm   render / submit the sbatch script (one torchrun per node, requeue on preemption)",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )

@@ -53,6 +53,33 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class LayerCache:
+    """One layer's keys and values ``[b, s, kv_heads, head_dim]`` of the tokens seen so far."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new tokens' rotated keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding in one process (``generate``):
+    ``model(tokens, cache=c)`` attends over the cached tokens too and places the new ones after
+    them (positions ``c.length ..``)."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self._layers: dict[int, LayerCache] = {}
+
+    def layer(self, index: int) -> LayerCache:
+        return self._layers.setdefault(index, LayerCache())
+
+
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k/v biases (Qwen2) and per-head q/k RMSNorm
     before the rotation (Qwen3); ``[b, s, dim] -> [b, s, dim]``."""
@@ -69,7 +96,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_op: AttentionOp = attention
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         b, s, _ = x.shape
         # -1 instead of n_heads: tensor parallelism leaves each rank a slice of the heads.
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
@@ -78,6 +105,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # the new queries see every cached key (the causal mask aligns bottom-right)
+            k, v = cache.extend(k, v)
         out, _ = self.attn_op(q, k, v, True)
         return self.o_proj(out.reshape(b, s, -1))
 
@@ -103,9 +132,9 @@ class DecoderLayer(nn.Module):
         if moe is not None and moe.enabled and is_moe_layer(layer_idx, moe):
             self.mlp = MoEFeedForward(cfg.dim, moe)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
-        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,7 +142,8 @@ class Transformer(nn.Module):
     """Decoder-only LM. ``forward(tokens [b, s]) -> logits [b, s, vocab]`` on the last stage.
 
     A stage without ``embed_tokens`` takes hidden states ``[b, s, dim]`` instead of tokens; one
-    without ``lm_head`` returns hidden states. ``positions`` ``[s]`` default to
+    without ``lm_head`` returns hidden states. With a :class:`KVCache` the tokens continue the
+    cached ones (decoding). ``positions`` ``[s]`` default to
     ``rope_positions`` if set, else ``0..s-1``: context parallelism and pipeline stages set the
     global positions of the tokens they see.
     """
@@ -143,19 +173,24 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        start = cache.length if cache is not None else 0
         if positions is None:
             positions = self.rope_positions
         if positions is None:
             # From the input, not h: sequence parallelism leaves h a shard of the sequence.
-            positions = torch.arange(tokens.shape[1], device=h.device)
+            positions = torch.arange(start, start + tokens.shape[1], device=h.device)
         cos, sin = rotary_tables(positions, *self.rope_table(positions.device), h.dtype)
-        for layer in self.layers.values():
-            if self.checkpoint_layers and torch.is_grad_enabled():
+        for key, layer in self.layers.items():
+            if cache is not None:
+                h = layer(h, cos, sin, cache=cache.layer(int(key)))
+            elif self.checkpoint_layers and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
