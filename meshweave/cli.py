@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from meshweave.config import ConfigError, options_help
+from meshweave.config import ConfigError
+from meshweave.options import options_help
 from meshweave.validation import preflight, resolve
 
 TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]

@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from meshweave.config import Config, ConfigError, check_moe, check_sections, load, require
+from meshweave.config import Config, ConfigError, check_moe, check_sections, require
+from meshweave.options import load
 from meshweave.parallel.dims import ParallelDims, resolve_degrees
 
 

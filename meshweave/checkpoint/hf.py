@@ -33,9 +33,10 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
-from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig, to_toml
+from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
 from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
 from meshweave.models.llama import build_model
+from meshweave.options import to_toml
 
 
 @contextlib.contextmanager

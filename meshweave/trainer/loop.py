@@ -27,7 +27,7 @@ from meshweave.checkpoint.hf import load_initial_weights
 from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup
-from meshweave.config import Config, to_toml
+from meshweave.config import Config
 from meshweave.data.datasets import IGNORE_INDEX, build_datasets
 from meshweave.data.loader import ShardedLoader
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
@@ -35,6 +35,7 @@ from meshweave.launch.preemption import StopRequest
 from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
 from meshweave.metrics.sinks import MetricsLogger
 from meshweave.models.llama import Transformer, build_model, num_params
+from meshweave.options import to_toml
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
 from meshweave.parallel.runtime import ParallelRuntime

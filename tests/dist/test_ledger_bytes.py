@@ -9,7 +9,8 @@ a whole bucket.
 import pytest
 
 from tests.parity import TINY, train_run
-from meshweave.config import Config, parse_overrides
+from meshweave.config import Config
+from meshweave.options import parse_overrides
 from meshweave.models.llama import build_model, num_params
 
 pytestmark = pytest.mark.dist

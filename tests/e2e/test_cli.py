@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from meshweave.config import load_toml
+from meshweave.options import load_toml
 from tests.parity import MESHWEAVE, train_run
 
 REQUIRED_KEYS = {

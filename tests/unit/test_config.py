@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from meshweave.config import SECTIONS, Config, ConfigError, leaves, load_toml, option_name, parse_overrides, to_toml
+from meshweave.config import SECTIONS, Config, ConfigError, leaves, option_name
+from meshweave.options import load_toml, parse_overrides, to_toml
 from meshweave.validation import resolve, validate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from meshweave.config import Config, ConfigError, load_toml, to_toml
+from meshweave.config import Config, ConfigError
 from meshweave.models.llama import FeedForward, build_model, init_value, num_params
 from meshweave.models.moe import MoEFeedForward, aux_loss, moe_layers, set_aux_loss_scale
+from meshweave.options import load_toml, to_toml
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import aux_loss_scale
 from meshweave.validation import validate
