@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
@@ -74,13 +76,9 @@ def hf_sources(cfg: ModelConfig, moe: MoEConfig) -> dict[str, tuple[list[str], b
     }
 
 
-def load_hf_weights(hf_dir: str | Path, only: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Weights of a HF directory under meshweave's names (experts stacked), read tensor by tensor.
-
-    Checks that the directory holds exactly the model's tensors: a missing or unexpected one is
-    an error. With ``only``, reads just those meshweave names (a rank reading what it keeps).
-    """
-    hf_dir = Path(hf_dir)
+def _complete_sources(hf_dir: Path) -> tuple[ModelConfig, MoEConfig, dict[str, Path], dict]:
+    """``(cfg, moe, tensor -> file, parameter -> sources)`` of a HF directory whose tensors are
+    exactly the model's: a missing or unexpected tensor is an error (names only, nothing is read)."""
     cfg, moe = read_hf_config(hf_dir)
     files = _weight_files(hf_dir)
     sources = hf_sources(cfg, moe)
@@ -92,16 +90,57 @@ def load_hf_weights(hf_dir: str | Path, only: set[str] | None = None) -> dict[st
         raise ValueError(
             f"{hf_dir}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
+    return cfg, moe, files, sources
+
+
+def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a HF directory under meshweave's names (experts stacked), read tensor by
+    tensor; the directory must hold exactly the model's tensors."""
+    hf_dir = Path(hf_dir)
+    cfg, _, files, sources = _complete_sources(hf_dir)
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         handles = {p: stack.enter_context(safe_open(p, "pt")) for p in sorted(set(files.values()))}
         for name, (hf, stacked) in sources.items():
-            if only is None or name in only:
-                parts = [handles[files[h]].get_tensor(h) for h in hf]
-                state[name] = torch.stack(parts) if stacked else parts[0]
-    if cfg.tie_embeddings and "embed_tokens.weight" in state and (only is None or "lm_head.weight" in only):
+            parts = [handles[files[h]].get_tensor(h) for h in hf]
+            state[name] = torch.stack(parts) if stacked else parts[0]
+    if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state
+
+
+def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """This rank's piece of ``param`` (the tensor to fill) and where it sits in the full tensor."""
+    if isinstance(param, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+    return param, tuple(slice(0, n) for n in param.shape)
+
+
+def fill_from_hf(model: nn.Module, hf_dir: str | Path) -> None:
+    """Copy into each parameter of ``model`` (any layout: DTensor shards, a pipeline stage, a
+    rank's experts) just its own region of the HF tensors, read with ``safe_open(...).get_slice``:
+    a rank never reads the whole model. No communication; every rank calls it on its own model."""
+    hf_dir = Path(hf_dir)
+    _, _, files, sources = _complete_sources(hf_dir)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in sorted(set(files.values()))}
+        for name, param in model.named_parameters():
+            hf, stacked = sources[name]
+            local, region = _local_region(param)
+            if local.numel() == 0:
+                continue
+            if stacked:
+                # Dim 0 indexes experts. A parameter whose full shape holds this module's experts
+                # only (expert parallelism keeps a block of them) starts at the module's offset.
+                experts = model.get_submodule(name.rsplit(".", 2)[0])
+                held_only = param.shape[0] != len(hf)
+                first = region[0].start + (experts.offset if held_only else 0)
+                ids = range(first, first + region[0].stop - region[0].start)
+                value = torch.stack([handles[files[hf[e]]].get_slice(hf[e])[region[1:]] for e in ids])
+            else:
+                value = handles[files[hf[0]]].get_slice(hf[0])[region]
+            local.copy_(value)
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -258,17 +297,18 @@ def check_init_from(cfg: Config) -> None:
             )
 
 
-def load_initial_weights(model: torch.nn.Module, cfg: Config) -> None:
-    """Overwrite ``model`` (any layout) with the full weights ``checkpoint.init_from`` names.
+def load_initial_weights(model: nn.Module, cfg: Config) -> None:
+    """Overwrite ``model`` (any layout) with the weights ``checkpoint.init_from`` names.
 
-    Every rank reads the source and keeps its own shard of the entries its stage holds (collective
-    through DCP's state-dict API).
+    A HF directory: each rank reads only the regions its parameters hold (:func:`fill_from_hf`).
+    A meshweave checkpoint: every rank reads the full model and keeps the entries its stage holds
+    (collective through DCP's state-dict API).
     """
     source = Path(cfg.checkpoint.init_from)
     if (source / "config.json").is_file():
-        state = load_hf_weights(source)
-    else:
-        _, state = read_model_weights(source)
+        fill_from_hf(model, source)
+        return
+    _, state = read_model_weights(source)
     # A pipeline stage holds some of the blocks: it takes its own entries (the source was checked
     # complete against the whole model when it was read).
     held = set(model.state_dict())

@@ -200,3 +200,21 @@ def test_max_shard_size_reads_decimal_units():
     from meshweave.cli import _byte_size
 
     assert [_byte_size(s) for s in ("5GB", "500MB", "1.5kb", "1024")] == [5 * 10**9, 5 * 10**8, 1500, 1024]
+
+
+def test_fill_from_hf_gives_a_rank_holding_some_experts_exactly_those(tmp_path):
+    from meshweave.checkpoint.hf import fill_from_hf, load_hf_weights
+    from meshweave.models.llama import build_model
+    from meshweave.models.moe import Experts
+
+    _save_tiny("qwen3_moe", tmp_path / "hf")
+    model_cfg, moe = read_hf_config(tmp_path / "hf")
+    model = build_model(model_cfg, "cpu", moe=moe)
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.keep(2, 2)  # what expert parallelism leaves the second of two ranks
+    fill_from_hf(model, tmp_path / "hf")
+    full = load_hf_weights(tmp_path / "hf")
+    for name, p in model.named_parameters():
+        expected = full[name][2:4] if ".experts." in name else full[name]
+        assert torch.equal(p, expected), name
