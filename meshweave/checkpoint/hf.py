@@ -117,14 +117,20 @@ def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]
     return param, tuple(slice(0, n) for n in param.shape)
 
 
+def _read_region(files: dict[str, Path], name: str, region: tuple[slice, ...]) -> torch.Tensor:
+    """``region`` of HF tensor ``name``. The file is opened for this read only: its mapped pages
+    are released at once, so a rank's resident memory never accumulates the files it reads."""
+    with safe_open(files[name], "pt") as f:
+        return f.get_slice(name)[region]
+
+
 def fill_from_hf(model: nn.Module, hf_dir: str | Path) -> None:
     """Copy into each parameter of ``model`` (any layout: DTensor shards, a pipeline stage, a
     rank's experts) just its own region of the HF tensors, read with ``safe_open(...).get_slice``:
     a rank never reads the whole model. No communication; every rank calls it on its own model."""
     hf_dir = Path(hf_dir)
     _, _, files, sources = _complete_sources(hf_dir)
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in sorted(set(files.values()))}
+    with torch.no_grad():
         for name, param in model.named_parameters():
             hf, stacked = sources[name]
             local, region = _local_region(param)
@@ -136,11 +142,10 @@ def fill_from_hf(model: nn.Module, hf_dir: str | Path) -> None:
                 experts = model.get_submodule(name.rsplit(".", 2)[0])
                 held_only = param.shape[0] != len(hf)
                 first = region[0].start + (experts.offset if held_only else 0)
-                ids = range(first, first + region[0].stop - region[0].start)
-                value = torch.stack([handles[files[hf[e]]].get_slice(hf[e])[region[1:]] for e in ids])
+                for i, e in enumerate(range(first, first + region[0].stop - region[0].start)):
+                    local[i].copy_(_read_region(files, hf[e], region[1:]))
             else:
-                value = handles[files[hf[0]]].get_slice(hf[0])[region]
-            local.copy_(value)
+                local.copy_(_read_region(files, hf[0], region))
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
