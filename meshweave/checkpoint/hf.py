@@ -15,6 +15,7 @@ rename and stack only — no permutation, bit-exact both ways.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import warnings
@@ -26,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
@@ -35,6 +36,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
+from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
 from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
 from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
 from meshweave.models.llama import build_model
@@ -185,6 +187,57 @@ def _read_entries(reader: SafeFileSystemReader, keys: set[str]) -> dict[str, Any
     return flat
 
 
+class _FileView(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of an open file as a seekable stream of their own."""
+
+    def __init__(self, file: io.BufferedReader, offset: int, length: int) -> None:
+        self.file, self.offset, self.length, self.pos = file, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: pos, io.SEEK_CUR: self.pos + pos, io.SEEK_END: self.length + pos}[whence]
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        self.file.seek(self.offset + self.pos)
+        got = self.file.readinto(memoryview(buffer)[:n])
+        self.pos += got or 0
+        return got or 0
+
+
+def _read_tensor(ckpt: Path, metadata: Metadata, key: str) -> torch.Tensor:
+    """Checkpoint entry ``key`` as one full tensor, each saved chunk loaded straight into it.
+
+    DCP's own reader holds every tensor twice on the way (the loaded chunk and the planner's
+    copy); exporting a model tensor by tensor, that doubled the peak. Falls back to DCP for
+    entries stored through a transform (compression)."""
+    entry = metadata.state_dict_metadata[key]
+    infos = [metadata.storage_data[MetadataIndex(key, chunk.offsets)] for chunk in entry.chunks]  # type: ignore[union-attr]
+    if any(info.transform_descriptors for info in infos):
+        return _read_entries(SafeFileSystemReader(str(ckpt)), {key})[key]
+    full = None
+    for chunk, info in zip(entry.chunks, infos, strict=True):  # type: ignore[union-attr]
+        with open(ckpt / info.relative_path, "rb") as f:
+            part = torch.load(io.BufferedReader(_FileView(f, info.offset, info.length)), weights_only=True)
+        if tuple(chunk.sizes) == tuple(entry.size):  # type: ignore[union-attr]
+            return part
+        if full is None:
+            full = torch.empty(tuple(entry.size), dtype=part.dtype)  # type: ignore[union-attr]
+        full[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = part
+        del part
+    assert full is not None
+    return full
+
+
 def read_checkpoint(ckpt: str | Path, prefix: str = "") -> dict[str, Any]:
     """The entries of a verified checkpoint whose dotted names start with ``prefix``, as full
     tensors under those names; needs no process group and no model."""
@@ -224,33 +277,35 @@ def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
     """Write a checkpoint's model as a HF directory of ``cfg.hf_family``: ``config.json`` and
     ``model.safetensors``, or shards of at most ``max_shard_bytes`` with
-    ``model.safetensors.index.json``. Streams shard by shard: peak memory is about one shard."""
+    ``model.safetensors.index.json``. Streams tensor by tensor (each read alone from the
+    checkpoint, written straight into its shard): peak memory is about the largest tensor."""
     verify(Path(ckpt))
     cfg, moe = read_model_config(ckpt)
     config = hf_config_from_model(cfg, moe)  # a family that cannot express the model fails first
     sources = hf_sources(cfg, moe)
-    reader = SafeFileSystemReader(str(ckpt))
-    meta = reader.read_metadata().state_dict_metadata
-    sizes = {}
-    for name in sources:
+    metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
+    meta = metadata.state_dict_metadata
+    layouts: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]] = {}
+    for name, (hf, stacked) in sources.items():
         entry = meta[f"model.{name}"]
-        sizes[name] = math.prod(entry.size) * entry.properties.dtype.itemsize  # type: ignore[union-attr]
+        dtype, shape = entry.properties.dtype, tuple(entry.size)  # type: ignore[union-attr]
+        layouts[name] = [(h, dtype, shape[1:] if stacked else shape) for h in hf]
+    sizes = {n: sum(math.prod(s) * d.itemsize for _, d, s in parts) for n, parts in layouts.items()}
     groups = _shards(sizes, max_shard_bytes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         file = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        state = _read_entries(reader, {f"model.{n}" for n in group})
-        tensors: dict[str, torch.Tensor] = {}
-        for name in group:
-            hf, stacked = sources[name]
-            value = state[f"model.{name}"]
-            parts = value.unbind(0) if stacked else [value]
-            tensors |= {h: t.contiguous() for h, t in zip(hf, parts, strict=True)}
-        save_file(tensors, out / file, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(tensors, file)
-        del state, tensors
+        layout = [entry for name in group for entry in layouts[name]]
+        with SafetensorsWriter(out / file, layout, {"format": "pt"}) as writer:
+            for name in group:
+                value = _read_tensor(Path(ckpt), metadata, f"model.{name}")
+                hf, stacked = sources[name]
+                for h, part in zip(hf, value.unbind(0) if stacked else [value], strict=True):
+                    writer.write(h, part)
+                del value
+        weight_map |= dict.fromkeys((h for h, _, _ in layout), file)
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -110,3 +110,14 @@ def test_init_from_a_differently_shaped_model_is_a_one_line_error(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "model.dim" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_of_a_checkpoint_saved_in_fsdp_shards_holds_its_full_weights(tmp_path):
+    from meshweave.checkpoint.hf import load_hf_weights
+
+    train_run(tmp_path / "run", 2, "--parallel.dp_shard=2", "--checkpoint.save_final=true", steps=2)
+    ckpt = max((tmp_path / "run" / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    exported = export_hf(ckpt, tmp_path / "hf", max_shard_bytes=100_000)
+    _, saved = read_model_weights(ckpt)
+    again = load_hf_weights(exported)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)

@@ -218,3 +218,25 @@ def test_fill_from_hf_gives_a_rank_holding_some_experts_exactly_those(tmp_path):
     for name, p in model.named_parameters():
         expected = full[name][2:4] if ".experts." in name else full[name]
         assert torch.equal(p, expected), name
+
+
+def test_the_streaming_writer_writes_what_safetensors_reads_back(tmp_path):
+    from safetensors.torch import load_file
+
+    from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
+
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7, dtype=torch.int64), "c": torch.ones(2, 2, 2)}
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with SafetensorsWriter(tmp_path / "x.safetensors", layout, {"format": "pt"}) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_the_streaming_writer_refuses_a_tensor_out_of_its_declared_layout(tmp_path):
+    from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
+
+    with pytest.raises(ValueError, match="expected"):
+        with SafetensorsWriter(tmp_path / "x.safetensors", [("a", torch.float32, (2,))], {}) as w:
+            w.write("a", torch.ones(3))
