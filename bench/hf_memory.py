@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         shape |= dict(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, ffn_dim=5632)
     report = Report(args.out, "hf_memory", "meshweave bench: Hugging Face checkpoints without big memory")
-    work = args.out / "hf_memory-work"
+    work = args.out / "logs" / "hf_memory"
     subprocess.run(["rm", "-rf", str(work)], check=True)
     size = write_hf_model(work / "hf", shape, args.shard_mb * MB)
     files = sorted((work / "hf").glob("*.safetensors"))
