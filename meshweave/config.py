@@ -29,7 +29,8 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 @dataclass
 class ModelConfig:
     """Llama-style decoder shape and the architecture features of the families built on it (Llama
-    1-3.x, Mistral, Qwen2/2.5, Qwen3), one key per feature. Parameter names follow Hugging Face's."""
+    1-3.x, Mistral, Qwen2/2.5, Qwen3, OLMoE; the MoE ones with [moe]), one key per feature.
+    Parameter names follow Hugging Face's."""
 
     dim: int = opt(128, "hidden size")
     n_layers: int = opt(4, "decoder layers")
@@ -40,7 +41,11 @@ class ModelConfig:
     vocab_size: int = opt(320, "embedding rows; must cover the tokenizer's vocabulary")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     qkv_bias: bool = opt(False, "biases on the q, k and v projections (Qwen2 / Qwen2.5)")
-    qk_norm: bool = opt(False, "RMSNorm over each head of q and k before the rotary embedding (Qwen3)")
+    qk_norm: str = opt(
+        "none",
+        "RMSNorm of q and k before the rotary embedding: per head (Qwen3) or over the full projection (OLMoE)",
+        ("none", "head", "full"),
+    )
     rope_theta: float = opt(10000.0, "rotary embedding base")
     rope_scaling: str = opt(
         "none", "rotary frequency scaling for long context (Llama 3.1+: llama3)", ("none", "linear", "llama3", "yarn")
@@ -59,7 +64,7 @@ class ModelConfig:
     hf_family: str = opt(
         "llama",
         "Hugging Face architecture `ckpt export-hf` writes",
-        ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"),
+        ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
     )
 
     def attention_head_dim(self) -> int:

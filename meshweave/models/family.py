@@ -36,6 +36,8 @@ from meshweave.config import ModelConfig
 #   sequence_parallel  runs on the sequence shard (norms)
 #   head_norm          a per-head norm inside column-parallel attention: runs on this rank's heads,
 #                      its weight replicated (Qwen3's q/k norms)
+#   feature_norm       a norm over a column-parallel projection's full output: its weight sharded
+#                      like the features, the mean square summed over tp (OLMoE's q/k norms)
 #   gather_sequence    the module's first input is all-gathered from sequence shards to the full sequence
 #   replicated_block   the whole block runs replicated over tp on the full sequence and returns its
 #                      sequence shard; its weights are replicated (MoE blocks: experts split over ep)
@@ -46,6 +48,7 @@ TP_STYLES = (
     "rowwise",
     "sequence_parallel",
     "head_norm",
+    "feature_norm",
     "gather_sequence",
     "replicated_block",
     "vocab_embedding",

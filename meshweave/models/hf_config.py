@@ -62,7 +62,7 @@ class HFFamily:
     head_dim_key: bool = True  # whether config.json carries head_dim
     # the family's sliding-window keys: None, "window" (sliding_window) or "qwen" (+ use_sliding_window)
     sliding_window: str | None = "window"
-    moe: str | None = None  # "mixtral" or "qwen": which MoE config keys the family uses
+    moe: str | None = None  # "mixtral", "qwen" or "olmoe": which MoE config keys the family uses
     renames: tuple[tuple[str, str], ...] = ()
 
 
@@ -89,7 +89,7 @@ FAMILIES = {
             "qwen3",
             "qwen3",
             "Qwen3ForCausalLM",
-            fixed={"qk_norm": True},
+            fixed={"qk_norm": "head"},
             bias_key="attention_bias",
             sliding_window="qwen",
         ),
@@ -108,10 +108,21 @@ FAMILIES = {
             "qwen3_moe",
             "qwen3_moe",
             "Qwen3MoeForCausalLM",
-            fixed={"qk_norm": True},
+            fixed={"qk_norm": "head"},
             bias_key="attention_bias",
             sliding_window="qwen",
             moe="qwen",
+            renames=_QWEN_MOE_NAMES,
+        ),
+        HFFamily(
+            "olmoe",
+            "olmoe",
+            "OlmoeForCausalLM",
+            fixed={"qk_norm": "full"},
+            bias_key="attention_bias",
+            head_dim_key=False,
+            sliding_window=None,
+            moe="olmoe",
             renames=_QWEN_MOE_NAMES,
         ),
     )
@@ -244,8 +255,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
 
 
 def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
-    """The MoE section of a Mixtral or Qwen-MoE config. Routing is softmax over all experts, top-k,
-    dropless; HF trains with a load-balancing loss and no z-loss, so the import does too."""
+    """The MoE section of a Mixtral, Qwen-MoE or OLMoE config. Routing is softmax over all experts,
+    top-k, dropless; HF trains with a load-balancing loss and no z-loss, so the import does too."""
     r.expect("output_router_logits", lambda v: True, "")  # whether HF returns router logits
     moe: dict[str, Any] = dict(
         top_k=int(r.require("num_experts_per_tok")),
@@ -259,6 +270,10 @@ def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
             num_experts=int(r.require("num_local_experts")), expert_ffn_dim=ffn_dim, renormalize=True, **moe
         )
     experts = r.take("num_experts") or r.require("num_local_experts")
+    if family.moe == "olmoe":  # every layer is MoE, its experts as wide as intermediate_size
+        r.expect("clip_qkv", lambda v: False, "attention without q/k/v clipping")
+        renormalize = bool(r.take("norm_topk_prob", False))
+        return MoEConfig(num_experts=int(experts), expert_ffn_dim=ffn_dim, renormalize=renormalize, **moe)
     r.expect("mlp_only_layers", lambda v: not v, "MoE layers chosen by decoder_sparse_step only")
     expert_ffn = int(r.require("moe_intermediate_size"))
     shared = 0
@@ -288,9 +303,9 @@ def hf_config_from_model(cfg: ModelConfig, moe: MoEConfig | None = None) -> dict
     for key, value in family.fixed.items():
         if getattr(cfg, key) != value:
             raise ConfigError(f"model.{key}={getattr(cfg, key)}: {family.architecture} always has {key}={value}")
-    for key in ("qkv_bias", "qk_norm"):
+    for key, off in (("qkv_bias", False), ("qk_norm", "none")):
         expressible = key in family.fixed or (key == "qkv_bias" and family.qkv_bias_key)
-        if getattr(cfg, key) and not expressible:
+        if getattr(cfg, key) != off and not expressible:
             raise ConfigError(f"model.{key}: {family.architecture} cannot express it; export with another hf_family")
     if cfg.head_dim and not family.head_dim_key:
         raise ConfigError(f"model.head_dim={cfg.head_dim}: {family.architecture} has no head_dim setting")
@@ -346,8 +361,8 @@ def _moe_keys(family: HFFamily, cfg: ModelConfig, moe: MoEConfig) -> dict[str, A
         "shared_experts": bool(moe.shared_experts) != (family.name == "qwen2_moe"),
         "shared_expert_gate": moe.shared_expert_gate != (family.name == "qwen2_moe"),
         "renormalize": family.moe == "mixtral" and not moe.renormalize,
-        "every": family.moe == "mixtral" and moe.every != 1,
-        "expert_ffn_dim": family.moe == "mixtral" and moe.expert_ffn_dim != cfg.ffn_dim,
+        "every": family.moe in ("mixtral", "olmoe") and moe.every != 1,
+        "expert_ffn_dim": family.moe in ("mixtral", "olmoe") and moe.expert_ffn_dim != cfg.ffn_dim,
     }
     for key, bad in unsupported.items():
         if bad:
@@ -355,6 +370,8 @@ def _moe_keys(family: HFFamily, cfg: ModelConfig, moe: MoEConfig) -> dict[str, A
     keys: dict[str, Any] = {"num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coeff}
     if family.moe == "mixtral":
         return keys | {"num_local_experts": moe.num_experts, "router_jitter_noise": 0.0}
+    if family.moe == "olmoe":
+        return keys | {"num_experts": moe.num_experts, "norm_topk_prob": moe.renormalize, "clip_qkv": None}
     keys |= {
         "num_experts": moe.num_experts,
         "moe_intermediate_size": moe.expert_ffn_dim,

@@ -81,8 +81,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k/v biases (Qwen2) and per-head q/k RMSNorm
-    before the rotation (Qwen3); ``[b, s, dim] -> [b, s, dim]``."""
+    """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm before the
+    rotation, per head (Qwen3) or over the projection (OLMoE); ``[b, s, dim] -> [b, s, dim]``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -92,17 +92,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # Per head (Qwen3: one weight of head_dim shared by the heads) or over the whole
+        # projection (OLMoE: a weight per feature, normalised across all heads).
+        self.qk_norm = cfg.qk_norm
+        q_width, k_width = (
+            (self.head_dim, self.head_dim)
+            if cfg.qk_norm == "head"
+            else (
+                cfg.n_heads * self.head_dim,
+                cfg.n_kv_heads * self.head_dim,
+            )
+        )
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
         self.attn_op: AttentionOp = attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         b, s, _ = x.shape
         # -1 instead of n_heads: tensor parallelism leaves each rank a slice of the heads.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, -1, self.head_dim)
+        k = k.view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # the new queries see every cached key (the causal mask aligns bottom-right)
@@ -268,8 +282,9 @@ def block_tp_plan(block: nn.Module) -> dict[str, str]:
         "post_attention_layernorm": "sequence_parallel",
     }
     assert isinstance(block, DecoderLayer)
-    if block.self_attn.q_norm is not None:
-        plan |= {"self_attn.q_norm": "head_norm", "self_attn.k_norm": "head_norm"}
+    if block.self_attn.qk_norm != "none":
+        style = "head_norm" if block.self_attn.qk_norm == "head" else "feature_norm"
+        plan |= {"self_attn.q_norm": style, "self_attn.k_norm": style}
     if isinstance(block.mlp, MoEFeedForward):
         return {**plan, "mlp": "replicated_block"}
     return {

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -56,6 +56,8 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
         return SequenceParallel()
     if name == "head_norm":  # input [b, s, heads, d] holds this rank's heads: dim 2 is the sharded one
         return SequenceParallel(sequence_dim=2, use_local_output=True)
+    if name == "feature_norm":
+        return FeatureNorm()
     if name == "gather_sequence":
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     if name == "vocab_embedding":
@@ -75,6 +77,26 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
             use_local_output=True,
         )
     raise ValueError(f"unknown tensor-parallel style {name!r}")
+
+
+class FeatureNorm(ParallelStyle):
+    """A norm over the features a column-parallel projection left sharded on the last dim: its
+    weight is sharded the same way, and it runs on DTensors, so the mean square over the full
+    width is all-reduced over tp (forward) and the weight's gradient stays on its shard."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard_weights(name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
+            for param_name, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(param_name, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
+
+        def to_dtensor(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+            return (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False), *inputs[1:])
+
+        def to_local(mod: nn.Module, output: DTensor, mesh: DeviceMesh) -> object:
+            return output.redistribute(mesh, [Shard(-1)]).to_local()
+
+        # distribute_module's hooks may return a replacement input / output (its annotation says None).
+        return distribute_module(module, device_mesh, shard_weights, to_dtensor, to_local)  # type: ignore[arg-type]
 
 
 def _apply_plan(root: nn.Module, plan: Mapping[str, str], tp_mesh: DeviceMesh) -> None:

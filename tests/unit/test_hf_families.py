@@ -94,7 +94,7 @@ def test_the_feature_under_test_reaches_the_config(imported):
         "mistral": {"model.hf_family": "mistral", "model.sliding_window": 4096},
         "qwen2": {"model.qkv_bias": True, "model.hf_family": "qwen2"},
         "qwen2-tied": {"model.qkv_bias": True, "model.tie_embeddings": True},
-        "qwen3": {"model.qk_norm": True, "model.head_dim": 24, "model.hf_family": "qwen3"},
+        "qwen3": {"model.qk_norm": "head", "model.head_dim": 24, "model.hf_family": "qwen3"},
         "mixtral": {"moe.num_experts": 4, "moe.top_k": 2, "moe.renormalize": True, "moe.expert_ffn_dim": 84},
         "qwen2_moe": {
             "model.qkv_bias": True,
@@ -103,7 +103,8 @@ def test_the_feature_under_test_reaches_the_config(imported):
             "moe.shared_expert_gate": True,
             "moe.renormalize": False,
         },
-        "qwen3_moe": {"model.qk_norm": True, "moe.renormalize": True, "moe.expert_ffn_dim": 32},
+        "qwen3_moe": {"model.qk_norm": "head", "moe.renormalize": True, "moe.expert_ffn_dim": 32},
+        "olmoe": {"model.qk_norm": "full", "moe.num_experts": 4, "moe.renormalize": False, "moe.expert_ffn_dim": 84},
     }[case]
     sections = {"model": model, "moe": moe}
     assert {k: getattr(sections[k.split(".")[0]], k.split(".")[1]) for k in expected} == expected
@@ -111,7 +112,7 @@ def test_the_feature_under_test_reaches_the_config(imported):
 
 def test_a_dense_family_imports_a_dense_model(imported):
     case, _, root, _ = imported
-    if case in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if case in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         assert read_hf_config(root / "hf")[1].num_experts == 4
     else:
         assert read_hf_config(root / "hf")[1] == MoEConfig()
@@ -161,7 +162,7 @@ def test_a_key_that_changes_the_math_and_is_not_understood_is_a_one_line_error(c
 
 def test_export_refuses_a_feature_the_family_cannot_express():
     with pytest.raises(ConfigError, match="qk_norm"):
-        hf_config_from_model(ModelConfig(qk_norm=True, hf_family="llama"))
+        hf_config_from_model(ModelConfig(qk_norm="head", hf_family="llama"))
 
 
 def test_sliding_window_shorter_than_seq_len_is_rejected_before_launch():
