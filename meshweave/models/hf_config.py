@@ -128,6 +128,17 @@ FAMILIES = {
     )
 }
 
+# Features of other architectures, named in the error when their key shows up.
+_KNOWN_UNSUPPORTED = {
+    "attn_logit_softcapping": "attention soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+    "kv_lora_rank": "multi-head latent attention (MLA)",
+    "q_lora_rank": "multi-head latent attention (MLA)",
+    "query_pre_attn_scalar": "a custom attention scale",
+    "embedding_multiplier": "scaled embeddings",
+    "logits_scaling": "scaled logits",
+}
+
 _ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 
 
@@ -155,7 +166,9 @@ class _Reader:
 
     def finish(self) -> None:
         if self.left:
-            key = sorted(self.left)[0]
+            key = min(self.left, key=lambda k: (k not in _KNOWN_UNSUPPORTED, k))
+            if key in _KNOWN_UNSUPPORTED:
+                raise ConfigError(f"{self.where}: {_KNOWN_UNSUPPORTED[key]} ({key}={self.hf[key]!r}) is not supported")
             raise ConfigError(
                 f"{self.where}: {key}={self.hf[key]!r} is not understood by meshweave and may change the "
                 f"model's math, so it is not ignored (unknown keys: {', '.join(sorted(self.left))})"
