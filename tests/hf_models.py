@@ -32,6 +32,9 @@ CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
+    "qwen3-tied": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "tie_word_embeddings": True}),
+    # Llama 3.2 1B / 3B: llama3 rope scaling and a tied head
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     # layer 0 dense (decoder_sparse_step 2), a shared expert twice an expert's width behind its gate
     "qwen2_moe": (

@@ -95,6 +95,8 @@ def test_the_feature_under_test_reaches_the_config(imported):
         "qwen2": {"model.qkv_bias": True, "model.hf_family": "qwen2"},
         "qwen2-tied": {"model.qkv_bias": True, "model.tie_embeddings": True},
         "qwen3": {"model.qk_norm": "head", "model.head_dim": 24, "model.hf_family": "qwen3"},
+        "qwen3-tied": {"model.qk_norm": "head", "model.tie_embeddings": True},
+        "llama3.2": {"model.rope_scaling": "llama3", "model.tie_embeddings": True},
         "mixtral": {"moe.num_experts": 4, "moe.top_k": 2, "moe.renormalize": True, "moe.expert_ffn_dim": 84},
         "qwen2_moe": {
             "model.qkv_bias": True,
