@@ -48,6 +48,13 @@ def generate(
         raise ValueError("generate: the prompt needs at least one token")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    window = getattr(getattr(model, "cfg", None), "sliding_window", 0)
+    if window and len(prompt) + max_new_tokens > window:
+        # meshweave attends over the whole context: past the window that is not the model's math
+        raise ValueError(
+            f"generate: prompt + max_new_tokens = {len(prompt) + max_new_tokens} exceeds the model's sliding "
+            f"window of {window} tokens, which meshweave does not implement; generate fewer tokens"
+        )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     cache = KVCache()

@@ -90,3 +90,9 @@ def test_cli_generate_from_a_missing_model_is_a_one_line_error(tmp_path, capsys)
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err
+
+
+def test_generating_past_a_sliding_window_is_refused(tmp_path):
+    save_tiny("mistral", tmp_path / "hf", **{**SHAPE, "sliding_window": 10})
+    with pytest.raises(ValueError, match="sliding"):
+        generate(from_pretrained(tmp_path / "hf"), PROMPT, 8)
