@@ -93,6 +93,6 @@ def test_cli_generate_from_a_missing_model_is_a_one_line_error(tmp_path, capsys)
 
 
 def test_generating_past_a_sliding_window_is_refused(tmp_path):
-    save_tiny("mistral", tmp_path / "hf", **{**SHAPE, "sliding_window": 10})
-    with pytest.raises(ValueError, match="sliding"):
-        generate(from_pretrained(tmp_path / "hf"), PROMPT, 8)
+    save_tiny("mistral", tmp_path / "hf", **SHAPE)  # a window of 4096 tokens
+    with pytest.raises(ValueError, match="sliding window of 4096"):
+        generate(from_pretrained(tmp_path / "hf"), PROMPT, 4096)
