@@ -270,6 +270,7 @@ class TrainConfig:
         0, "exit (checkpointed) after this step without changing the schedule; 0: run to train.steps"
     )
     device: str = opt("auto", "auto picks CUDA when present", ("auto", "cpu", "cuda"))
+    compile: bool = opt(False, "torch.compile each decoder block (inductor, CPU or CUDA); the first steps pay for it")
 
 
 @dataclass

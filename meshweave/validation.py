@@ -56,7 +56,15 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             f"{source} is neither a Hugging Face model directory (config.json) "
             "nor a meshweave checkpoint (manifest.json)",
         )
-    return resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    dims = resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    if t.compile:
+        # Compiled blocks are proven with data parallelism (FSDP / HSDP / replicas), activation
+        # checkpointing and the pipeline; with TP's DTensor hooks inside a block, CP's attention
+        # collectives and MoE dispatch they are not yet, so those are refused, not run unproven.
+        untested = {"parallel.tp > 1": dims.tp > 1, "parallel.cp > 1": dims.cp > 1, "moe": cfg.moe.num_experts > 0}
+        for what, present in untested.items():
+            require(not present, "train.compile", f"compiled blocks are not supported with {what} yet; drop one")
+    return dims
 
 
 def preflight(cfg: Config) -> None:

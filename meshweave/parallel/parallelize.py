@@ -57,6 +57,8 @@ def parallelize(
     experts = expert_parallel(model, dims, mesh, cfg)
     for root in {id(r): r for r in [model, *roots]}.values():
         seam(root).checkpoint_layers = cfg.parallel.activation_checkpointing
+    if cfg.train.compile:
+        compile_blocks(model)
     apart = replica_mode(cfg) != "dp"
     if fsdp_inside_replicas(dims, cfg):
         apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart, ignored=experts)
@@ -70,6 +72,14 @@ def parallelize(
     if pipeline is not None:
         runtime.schedule = build_schedule(pipeline, cfg, mesh.group("pp").pg, device, runtime.pipeline_loss)
     return runtime
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` every decoder block in place (after TP and activation checkpointing,
+    before FSDP, as TorchTitan orders them). In place (``Module.compile``), so parameter names,
+    checkpoints and the HF name map are unchanged; blocks of one shape share their compiled code."""
+    for block in family_of(model).block_dict(model).values():
+        block.compile()
 
 
 def replica_exchange(cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model: nn.Module) -> ReplicaExchange:

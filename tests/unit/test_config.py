@@ -559,3 +559,17 @@ def test_validation_imports_no_torch():
         "assert 'torch' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, world",
+    [("parallel", "tp", 2, 2), ("parallel", "cp", 2, 2), ("moe", "num_experts", 4, 1)],
+    ids=["tp", "cp", "moe"],
+)
+def test_compiled_blocks_are_refused_where_they_are_not_proven(section, key, value, world):
+    cfg = Config()
+    cfg.train.compile = True
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match="train.compile") as err:
+        validate(cfg, world_size=world)
+    assert "\n" not in str(err.value)
