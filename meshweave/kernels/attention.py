@@ -32,12 +32,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Ten
     """Scaled dot-product attention returning ``(out, lse_fp32)``; see the module contract."""
     _check_shapes(q, k, v)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # the kernels want [b, h, s, d]
-    # Causal masks align bottom-right (query i sees keys up to i + s_k - s_q); the fused kernels
-    # align top-left, so unequal lengths take the reference path.
-    aligned = not causal or q.shape[1] == k.shape[1]
-    if q.device.type == "cpu" and aligned:
+    kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
+    if kernel == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, is_causal=causal)
-    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and aligned and _flash_ok(q):
+    elif kernel == "cuda_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             qh, _expand_kv(kh, qh), _expand_kv(vh, qh), is_causal=causal
         )[:2]
@@ -61,8 +59,21 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
 
 
-def _flash_ok(q: Tensor) -> bool:
-    return q.shape[-1] <= 256
+def kernel_for(device_type: str, dtype: torch.dtype, head_dim: int, aligned: bool) -> str:
+    """The kernel that runs an attention block, forward and backward alike: ``cpu_flash``,
+    ``cuda_flash`` (fp16 / bf16, head_dim <= 256) or ``reference`` (the plain twin).
+
+    ``aligned``: not causal, or as many keys as queries. Causal masks align bottom-right (query i
+    sees keys up to i + s_k - s_q); the fused kernels align top-left, so unequal lengths take the
+    reference path.
+    """
+    if not aligned:
+        return "reference"
+    if device_type == "cpu":
+        return "cpu_flash"
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256:
+        return "cuda_flash"
+    return "reference"
 
 
 def _expand_kv(kv: Tensor, q: Tensor) -> Tensor:
@@ -108,8 +119,10 @@ def attention_backward(
     """
     _check_shapes(q, k, v)
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))
-    aligned = not causal or q.shape[1] == k.shape[1]
-    if q.device.type == "cpu" and aligned:
+    kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
+    if kernel == "cuda_flash":
+        dq, dk, dv = _cuda_flash_backward(doh, qh, kh, vh, oh, lse, causal)
+    elif kernel == "cpu_flash":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             doh.to(q.dtype),
             qh,
@@ -125,11 +138,44 @@ def attention_backward(
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _cuda_flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The CUDA flash kernel's backward in ``[b, h, s, d]`` from the final ``out`` / ``lse``; KV
+    heads are expanded for the kernel and their gradients summed back per group."""
+    ke, ve = _expand_kv(k, q), _expand_kv(v, q)
+    no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # the RNG state it would replay
+    empty = torch.empty(0, dtype=torch.int32, device=q.device)  # cumulative lengths: not varlen
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.to(q.dtype).contiguous(),
+        q,
+        ke,
+        ve,
+        out.to(q.dtype).contiguous(),
+        lse.float().contiguous(),
+        empty,
+        empty,
+        q.shape[-2],
+        k.shape[-2],
+        0.0,
+        causal,
+        no_dropout,
+        no_dropout,
+    )
+    return dq, _sum_kv_groups(dk, k), _sum_kv_groups(dv, v)
+
+
+def _sum_kv_groups(grad: Tensor, kv: Tensor) -> Tensor:
+    """Gradients of expanded KV heads ``[b, h, s, d]`` summed back onto ``kv``'s heads."""
+    b, h, s, d = grad.shape
+    groups = h // kv.shape[1]
+    return grad if groups == 1 else grad.view(b, h // groups, groups, s, d).sum(2).to(kv.dtype)
+
+
 def _reference_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Plain-torch block backward in ``[b, h, s, d]`` (fp32 math), GQA gradients summed per group."""
-    groups = q.shape[1] // k.shape[1]
     acc = accumulation_dtype(q.dtype)
     ke, ve = _expand_kv(k, q).to(acc), _expand_kv(v, q).to(acc)
     qf, dof = q.to(acc), dout.to(acc)
@@ -146,11 +192,7 @@ def _reference_backward(
     dscores = probs * (dprobs - delta) * scale
     dq = torch.matmul(dscores, ke)
     dk = torch.matmul(dscores.transpose(-1, -2), qf)
-    if groups > 1:
-        b, h, s, d = dk.shape
-        dk = dk.view(b, h // groups, groups, s, d).sum(2)
-        dv = dv.view(b, h // groups, groups, s, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), _sum_kv_groups(dk, k).to(k.dtype), _sum_kv_groups(dv, v).to(v.dtype)
 
 
 def merge_partial(

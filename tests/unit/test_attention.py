@@ -276,3 +276,38 @@ def test_lse_is_fp32_for_bf16_inputs():
     q, k, v = qkv(4, 2, dtype=torch.bfloat16)
     out, lse = attention(q, k, v, True)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "device, dtype, head_dim, aligned, kernel",
+    [
+        ("cpu", torch.float32, 64, True, "cpu_flash"),
+        ("cpu", torch.float32, 64, False, "reference"),
+        ("cuda", torch.bfloat16, 128, True, "cuda_flash"),
+        ("cuda", torch.float16, 256, True, "cuda_flash"),
+        ("cuda", torch.float32, 64, True, "reference"),
+        ("cuda", torch.bfloat16, 512, True, "reference"),
+        ("cuda", torch.bfloat16, 64, False, "reference"),
+    ],
+)
+def test_one_dispatch_picks_the_kernel_for_forward_and_backward(device, dtype, head_dim, aligned, kernel):
+    from meshweave.kernels.attention import kernel_for
+
+    assert kernel_for(device, dtype, head_dim, aligned) == kernel
+
+
+def test_forward_and_backward_both_follow_the_dispatch(monkeypatch):
+    import meshweave.kernels.attention as attn
+
+    q, k, v = (torch.randn(1, 12, h, 16, dtype=torch.float64) for h in (4, 2, 2))
+    dout = torch.randn_like(q)
+    fused = attn.attention(q, k, v, True)
+    fused_grads = attn.attention_backward(dout, q, k, v, *fused, True)
+    calls = []
+    monkeypatch.setattr(attn, "kernel_for", lambda *a: calls.append(a) or "reference")
+    plain = attn.attention(q, k, v, True)
+    plain_grads = attn.attention_backward(dout, q, k, v, *plain, True)
+    assert len(calls) == 2  # the forward and the backward asked the same question
+    # fp64: the fused CPU kernel and the plain twin agree to rounding
+    for a, b in zip((*fused, *fused_grads), (*plain, *plain_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
