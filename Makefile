@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_CPU_VERSION := 2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo lint test test-fast clean
+.PHONY: venv demo lint test test-fast gpu-check clean
 
 venv: $(VENV)/.stamp
 
@@ -15,11 +15,10 @@ $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then \
-	    $(PIP) install --quiet "torch>=2.13"; \
+	    $(PIP) install --quiet "torch>=2.13" && $(PIP) install --quiet -e ".[dev,gpu]"; \
 	else \
-	    $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"; \
+	    $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)" && $(PIP) install --quiet -e ".[dev]"; \
 	fi
-	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
 demo: venv
@@ -40,6 +39,10 @@ test: venv
 # The in-process specifications only: no test that starts a process.
 test-fast: venv
 	$(PY) -m pytest -q -m "not procs"
+
+# The GPU path in one command (tests/gpu, NCCL parity, MFU); on a machine without CUDA: one line, exit 0.
+gpu-check: venv
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

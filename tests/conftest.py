@@ -1,6 +1,6 @@
 """Test-wide set-up: which tests start processes, and one memoised run per distinct tiny-model run.
 
-Tests under ``tests/dist``, ``tests/e2e`` and ``tests/slurm`` start processes (gloo workers, the CLI,
+Tests under ``tests/dist``, ``tests/e2e``, ``tests/slurm`` and ``tests/gpu`` start processes (gloo workers, the CLI,
 torchrun, SLURM) and are marked ``procs``; the few unit tests that do are marked by hand. ``make
 test-fast`` deselects them, so it runs in-process specifications only.
 """
@@ -14,7 +14,7 @@ import pytest
 from tests.parity import train_run
 
 TESTS = Path(__file__).resolve().parent
-PROCESS_DIRS = ("dist", "e2e", "slurm")
+PROCESS_DIRS = ("dist", "e2e", "slurm", "gpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
