@@ -28,10 +28,21 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> tuple[Tensor, Tensor]:
-    """Scaled dot-product attention returning ``(out, lse_fp32)``; see the module contract."""
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, q_docs: Tensor | None = None, k_docs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention returning ``(out, lse_fp32)``; see the module contract.
+
+    With document ids ``q_docs [b, s_q]`` / ``k_docs [b, s_k]`` (both or neither) a query sees
+    only keys of its own document (packed sequences); a row that sees no key in this block gets a
+    zero output and ``lse = -inf``, which :func:`merge_partial` skips.
+    """
     _check_shapes(q, k, v)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # the kernels want [b, h, s, d]
+    docs = _documents(q, k, q_docs, k_docs)
+    if docs is not None:
+        out, lse = _reference(qh, kh, vh, causal, docs)
+        return out.transpose(1, 2), lse.to(accumulation_dtype(q.dtype))
     kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
     if kernel == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, is_causal=causal)
@@ -76,24 +87,48 @@ def kernel_for(device_type: str, dtype: torch.dtype, head_dim: int, aligned: boo
     return "reference"
 
 
+def _documents(q: Tensor, k: Tensor, q_docs: Tensor | None, k_docs: Tensor | None) -> Tensor | None:
+    """``[b, 1, s_q, s_k]`` True where query and key share a document, or None without ids."""
+    if (q_docs is None) != (k_docs is None):
+        raise ValueError("attention: give document ids for both queries and keys, or for neither")
+    if q_docs is None or k_docs is None:
+        return None
+    if q_docs.shape != q.shape[:2] or k_docs.shape != k.shape[:2]:
+        raise ValueError(
+            f"attention: document ids {tuple(q_docs.shape)} / {tuple(k_docs.shape)} do not match "
+            f"q {tuple(q.shape[:2])} / k {tuple(k.shape[:2])} ([batch, seq])"
+        )
+    return (q_docs[:, :, None] == k_docs[:, None, :]).unsqueeze(1)
+
+
+def _keep(q: Tensor, k: Tensor, causal: bool, docs: Tensor | None) -> Tensor | None:
+    """The mask of visible (query, key) pairs in ``[b, h, s, d]`` layout (None: all visible):
+    causal aligned bottom-right, and within a document when ``docs`` is given."""
+    keep = docs
+    if causal:
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        tri = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
 def _expand_kv(kv: Tensor, q: Tensor) -> Tensor:
     """Repeat KV heads to the query head count for kernels without native GQA support."""
     groups = q.shape[1] // kv.shape[1]
     return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+def _reference(q: Tensor, k: Tensor, v: Tensor, causal: bool, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain-torch attention in ``[b, h, s, d]`` with an fp32 lse; the path any device can run.
 
-    Rows with every key masked (only possible when ``s_k < s_q`` under causal masking) get
-    ``lse = -inf`` and a zero output, never NaN, so mergers can skip them.
+    Rows with every key masked (``s_k < s_q`` under causal masking, or no key of the row's
+    document in this block) get ``lse = -inf`` and a zero output, never NaN, so mergers skip them.
     """
     k, v = _expand_kv(k, q), _expand_kv(v, q)
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if causal:
-        s_q, s_k = q.shape[-2], k.shape[-2]
-        keep = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    keep = _keep(q, k, causal, docs)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(acc).min))
@@ -109,7 +144,15 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) ->
 
 
 def attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    q_docs: Tensor | None = None,
+    k_docs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of one attention block, in the layout and dtype of q/k/v.
 
@@ -119,6 +162,10 @@ def attention_backward(
     """
     _check_shapes(q, k, v)
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))
+    docs = _documents(q, k, q_docs, k_docs)
+    if docs is not None:
+        dq, dk, dv = _reference_backward(doh, qh, kh, vh, oh, lse, causal, docs)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
     if kernel == "cuda_flash":
         dq, dk, dv = _cuda_flash_backward(doh, qh, kh, vh, oh, lse, causal)
@@ -173,7 +220,7 @@ def _sum_kv_groups(grad: Tensor, kv: Tensor) -> Tensor:
 
 
 def _reference_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, docs: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Plain-torch block backward in ``[b, h, s, d]`` (fp32 math), GQA gradients summed per group."""
     acc = accumulation_dtype(q.dtype)
@@ -181,9 +228,8 @@ def _reference_backward(
     qf, dof = q.to(acc), dout.to(acc)
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(qf, ke.transpose(-1, -2)) * scale
-    if causal:
-        s_q, s_k = q.shape[-2], k.shape[-2]
-        keep = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    keep = _keep(q, k, causal, docs)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.exp(scores - lse.to(acc).unsqueeze(-1)).nan_to_num(0.0)
     dv = torch.matmul(probs.transpose(-1, -2), dof)

@@ -311,3 +311,79 @@ def test_forward_and_backward_both_follow_the_dispatch(monkeypatch):
     # fp64: the fused CPU kernel and the plain twin agree to rounding
     for a, b in zip((*fused, *fused_grads), (*plain, *plain_grads)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# documents: a packed sequence's queries see only their own document's keys (fp64, exact to rounding)
+
+DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+
+
+def _packed(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 12, h, 8, dtype=torch.float64, generator=gen) for h in (4, 2, 2))
+    return q, k, v, torch.randn(2, 12, 4, 8, dtype=torch.float64, generator=gen)
+
+
+def test_document_masked_attention_equals_each_document_alone():
+    from meshweave.kernels.attention import attention, attention_backward
+
+    q, k, v, dout = _packed()
+    out, lse = attention(q, k, v, True, DOCS, DOCS)
+    grads = attention_backward(dout, q, k, v, out, lse, True, DOCS, DOCS)
+    for b in range(2):
+        for doc in DOCS[b].unique():
+            rows = (DOCS[b] == doc).nonzero().squeeze(1)
+            alone = [t[b : b + 1, rows] for t in (q, k, v, dout)]
+            o, l_ = attention(*alone[:3], True)
+            g = attention_backward(alone[3], *alone[:3], o, l_, True)
+            torch.testing.assert_close(out[b : b + 1, rows], o, rtol=1e-12, atol=1e-12)
+            for got, want in zip(grads, g):
+                torch.testing.assert_close(got[b : b + 1, rows], want, rtol=1e-12, atol=1e-12)
+
+
+def test_document_masked_blocks_merge_to_the_whole_including_rows_a_block_never_sees():
+    from meshweave.kernels.attention import attention, attention_backward, merge_partial
+
+    q, k, v, dout = _packed(1)
+    out, lse = attention(q, k, v, True, DOCS, DOCS)
+    full = attention_backward(dout, q, k, v, out, lse, True, DOCS, DOCS)
+    halves = (slice(0, 6), slice(6, 12))
+    # (query block, key block, causal): the pairs a causal ring computes; (0, 1) is never visible
+    pairs = [(0, 0, True), (1, 0, False), (1, 1, True)]
+    merged: dict[int, tuple] = {0: (None, None), 1: (None, None)}
+    for qi, ki, causal in pairs:
+        rows, keys = halves[qi], halves[ki]
+        bo, bl = attention(q[:, rows], k[:, keys], v[:, keys], causal, DOCS[:, rows], DOCS[:, keys])
+        merged[qi] = merge_partial(*merged[qi], bo, bl)
+    # some rows of the second half have no document in the first half's keys: their lse is -inf there
+    assert torch.isneginf(attention(q[:, 6:], k[:, :6], v[:, :6], False, DOCS[:, 6:], DOCS[:, :6])[1]).any()
+    torch.testing.assert_close(torch.cat([merged[0][0], merged[1][0]], 1), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([merged[0][1], merged[1][1]], 2), lse, rtol=1e-12, atol=1e-12)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qi, ki, causal in pairs:  # per-block gradients from the final (out, lse) sum to the whole
+        rows, keys = halves[qi], halves[ki]
+        g = attention_backward(
+            dout[:, rows],
+            q[:, rows],
+            k[:, keys],
+            v[:, keys],
+            out[:, rows],
+            lse[:, :, rows],
+            causal,
+            DOCS[:, rows],
+            DOCS[:, keys],
+        )
+        dq[:, rows] += g[0]
+        dk[:, keys] += g[1]
+        dv[:, keys] += g[2]
+    for got, want in zip((dq, dk, dv), full):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_document_ids_for_one_side_only_are_refused():
+    from meshweave.kernels.attention import attention
+
+    q, k, v, _ = _packed()
+    with pytest.raises(ValueError, match="both"):
+        attention(q, k, v, True, DOCS, None)
