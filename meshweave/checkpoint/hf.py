@@ -29,13 +29,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
-from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader
+from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader, SafeLoadPlanner
 from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
 from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
 from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
@@ -360,20 +360,18 @@ def check_init_from(cfg: Config) -> None:
 def load_initial_weights(model: nn.Module, cfg: Config) -> None:
     """Overwrite ``model`` (any layout) with the weights ``checkpoint.init_from`` names.
 
-    A HF directory: each rank reads only the regions its parameters hold (:func:`fill_from_hf`).
-    A meshweave checkpoint: every rank reads the full model and keeps the entries its stage holds
-    (collective through DCP's state-dict API).
+    Each rank reads only what it holds. A HF directory: the regions of its parameters
+    (:func:`fill_from_hf`, no communication). A meshweave checkpoint, saved on any layout: DCP
+    loads the rank's shards of the model entries its stage holds (collective over the job).
     """
     source = Path(cfg.checkpoint.init_from)
     if (source / "config.json").is_file():
         fill_from_hf(model, source)
         return
-    _, state = read_model_weights(source)
-    # A pipeline stage holds some of the blocks: it takes its own entries (the source was checked
-    # complete against the whole model when it was read).
-    held = set(model.state_dict())
-    own: dict[str, Any] = {k: v for k, v in state.items() if k in held}
-    set_model_state_dict(model, own, options=StateDictOptions(full_state_dict=True, strict=True))
+    verify(source)
+    state = get_model_state_dict(model)
+    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(source)), planner=SafeLoadPlanner())
+    set_model_state_dict(model, state)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
