@@ -134,7 +134,7 @@ def cmd_run(args: list[str]) -> int:
 def cmd_data(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshweave data", description="Prepare token shards.")
     sub = parser.add_subparsers(dest="action", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files into tokens.bin + index.json")
+    prep = sub.add_parser("prepare", help="tokenize text files into a Megatron dataset OUT/text_document.{bin,idx}")
     prep.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
     prep.add_argument(
         "--tokenizer",
@@ -143,17 +143,28 @@ def cmd_data(args: list[str]) -> int:
         "generation_config.json and tokenizer_config.json) or a tokenizer.json path; train with the same "
         "--data.tokenizer",
     )
-    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument(
+        "--out",
+        required=True,
+        help="output directory: OUT/text_document.{bin,idx} (Megatron-LM's --data-path OUT/text_document) and "
+        "text_document.meshweave.json; train with --data.source=OUT",
+    )
+    conv = sub.add_parser("convert", help="rewrite an old tokens.bin + index.json directory as a Megatron dataset")
+    conv.add_argument("old_dir", help="directory holding tokens.bin and index.json")
+    conv.add_argument("out_prefix", help="dataset prefix to write: OUT_PREFIX.bin, .idx and .meshweave.json")
     ns = parser.parse_args(args)
-    from meshweave.data.prepare import prepare
+    from meshweave.data.prepare import convert, prepare
 
     try:
-        index = prepare(ns.input, ns.tokenizer, ns.out)
+        if ns.action == "convert":
+            index, where = convert(ns.old_dir, ns.out_prefix), ns.out_prefix
+        else:
+            index, where = prepare(ns.input, ns.tokenizer, ns.out), ns.out
     except (OSError, ValueError) as e:
-        return _fail(str(e))
+        return _fail(" ".join(str(e).split()))
     print(
         f"wrote {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
-        f"(vocab {index['vocab_size']:,}, {index['dtype']}) to {ns.out}"
+        f"(vocab {index['vocab_size']:,}, {index['dtype']}) to {where}"
     )
     return 0
 

@@ -104,7 +104,11 @@ class MoEConfig:
 class DataConfig:
     """Where tokens come from. ``embedded`` is Python's own pydoc topics, tokenized by ``tokenizer``."""
 
-    source: str = opt("embedded", "'embedded' or a directory written by `meshweave data prepare`")
+    source: str = opt(
+        "embedded",
+        "'embedded', a Megatron dataset prefix (PATH of PATH.bin + PATH.idx) or a directory holding exactly one, "
+        "e.g. written by `meshweave data prepare`",
+    )
     tokenizer: str = opt("bytes", "'bytes', a Hugging Face model directory or a tokenizer.json; must match source's")
     eval_fraction: float = opt(0.05, "share of documents held out for eval")
 

@@ -11,13 +11,16 @@ never a traceback from eight ranks. No torch is imported here.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from meshweave.config import Config, ConfigError, check_moe, check_sections, require
 from meshweave.options import load
 from meshweave.parallel.dims import ParallelDims, resolve_degrees
+
+if TYPE_CHECKING:
+    from meshweave.data.tokenizers import Tokenizer
 
 
 def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
@@ -42,12 +45,12 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
         )
         cfg.comm.diloco.validate(m.n_layers)
     if cfg.data.source != "embedded":
-        require(
-            Path(cfg.data.source, "index.json").is_file(),
-            "data.source",
-            f"{cfg.data.source!r} is not a prepared data directory (no index.json); use "
-            "'embedded' or run `meshweave data prepare`",
-        )
+        from meshweave.data.indexed import resolve_prefix
+
+        try:
+            resolve_prefix(cfg.data.source)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.checkpoint.init_from:
         source = Path(cfg.checkpoint.init_from)
         require(
@@ -70,8 +73,9 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
 def preflight(cfg: Config) -> None:
     """Checks that read files but need no process group: ``data.tokenizer`` loads and (for a
     prepared ``data.source``) is the tokenizer that wrote its tokens, the data's vocabulary fits the model,
-    ``checkpoint.init_from`` has the model's shape, an explicit ``checkpoint.resume`` path verifies.
-    ConfigError otherwise. Imports the checkpoint code (and torch) only when a run names one."""
+    a dataset's .idx matches its .bin and holds documents, ``checkpoint.init_from`` has the model's
+    shape, an explicit ``checkpoint.resume`` path verifies. ConfigError otherwise. Imports the
+    checkpoint code (and torch) only when a run names one, megatron-core only for a dataset source."""
     if cfg.checkpoint.init_from:
         from meshweave.checkpoint.hf import check_init_from
 
@@ -92,16 +96,61 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer: {' '.join(str(e).split())}") from None
     vocab, where = tok.vocab_size, f"tokenizer {spec}"
     if cfg.data.source != "embedded":
-        index = json.loads((Path(cfg.data.source) / "index.json").read_text())
-        why = tokenizer_mismatch(index, spec, tok)
-        if why:
-            raise ConfigError(f"data.tokenizer={spec} did not write the tokens of data.source={cfg.data.source}: {why}")
-        vocab, where = index["vocab_size"], cfg.data.source
+        record = _check_dataset(cfg.data.source, spec, tok)
+        if record is not None:
+            why = tokenizer_mismatch(record, spec, tok)
+            if why:
+                raise ConfigError(
+                    f"data.tokenizer={spec} did not write the tokens of data.source={cfg.data.source}: {why}"
+                )
+            vocab, where = record["vocab_size"], cfg.data.source
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
             f"({vocab} token ids from {where}); use --model.vocab_size={vocab} or larger"
         )
+
+
+# Tokens of a Megatron dataset without a meshweave sidecar that preflight compares with data.tokenizer:
+# a bounded prefix, so the check costs milliseconds on a corpus of any size.
+_CHECKED_TOKENS = 1 << 20
+
+
+def _check_dataset(source: str, spec: str, tok: Tokenizer) -> dict[str, Any] | None:
+    """ConfigError unless ``source`` is a readable Megatron dataset whose .idx matches its .bin and
+    holds documents; returns its meshweave sidecar, or None for a prefix written elsewhere, whose
+    first tokens must then be ids of ``tok`` (the tokenizer that is trusted to have written it)."""
+    from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix
+
+    try:
+        prefix = resolve_prefix(source)
+        summary = read_index(prefix)
+        record = read_sidecar(prefix)
+    except (OSError, ValueError) as e:
+        text = " ".join(str(e).split())
+        if text.startswith("data.source="):
+            raise ConfigError(text) from None
+        raise ConfigError(
+            f"data.source={source}: {text}; write the dataset again (`meshweave data prepare` from inputs that "
+            "hold text, or copy PREFIX.bin together with its PREFIX.idx)"
+        ) from None
+    if record is not None:
+        counts = (int(record.get("num_tokens", -1)), int(record.get("num_documents", -1)))
+        if counts != (summary.num_tokens, summary.num_documents):
+            raise ConfigError(
+                f"data.source={source}: {prefix}.meshweave.json describes {counts[0]} tokens in {counts[1]} "
+                f"documents, the .idx {summary.num_tokens} in {summary.num_documents}; the record belongs to "
+                "another dataset: write the dataset again with `meshweave data prepare`"
+            )
+        return record
+    head = open_tokens(summary)[:_CHECKED_TOKENS]
+    top = int(head.max())
+    if top >= tok.vocab_size or int(head.min()) < 0:
+        raise ConfigError(
+            f"data.tokenizer={spec} did not write the tokens of data.source={source}: they hold id {top}, "
+            f"the tokenizer has {tok.vocab_size} ids; use --data.tokenizer= the tokenizer that prepared them"
+        )
+    return None
 
 
 def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:

@@ -1,22 +1,21 @@
 """Datasets: the token corpus (embedded or prepared), the train/eval split and packing into samples.
 
-The pipeline is ``documents -> tokens.bin + index.json -> TokenCorpus -> PackedSequences ->
-ShardedLoader`` (loader.py). Every step is deterministic: the split is a hash of the document
-index, packing a pure function of the corpus and the sequence length.
+The pipeline is ``documents -> PREFIX.bin + PREFIX.idx (Megatron's indexed dataset, indexed.py) ->
+TokenCorpus -> PackedSequences -> ShardedLoader`` (loader.py). Every step is deterministic: the
+split is a hash of the document index, packing a pure function of the corpus and the sequence
+length.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from meshweave.data.prepare import INDEX_FORMAT, token_dtype
+from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix, token_dtype
 from meshweave.data.tokenizers import ByteTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # the label of a position that has no target (the loss skips it)
@@ -89,23 +88,27 @@ class TokenCorpus:
         return cls(tokens, offsets, vocab_size, eos_id)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str]) -> TokenCorpus:
-        """Memory-map a directory written by :func:`prepare`, read-only; no token is read yet."""
-        root = Path(directory)
-        index = json.loads((root / "index.json").read_text(encoding="utf-8"))
-        if index.get("format") != INDEX_FORMAT:
-            raise ValueError(
-                f"{root / 'index.json'}: format {index.get('format')!r}, this version reads format {INDEX_FORMAT}"
-            )
-        num_tokens = int(index["num_tokens"])
-        tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(index["dtype"]), mode="r", shape=(num_tokens,))
-        return cls(tokens, np.asarray(index["doc_offsets"]), index["vocab_size"], index["eos_id"])
+    def open(cls, source: str | os.PathLike[str], tokenizer: str = "bytes") -> TokenCorpus:
+        """Memory-map the Megatron dataset ``source`` names (a prefix, or a directory holding exactly
+        one), read-only; no token is read yet. Documents are the ``.idx``'s document indices. The
+        vocabulary size and eos id come from the meshweave sidecar, or, for a prefix written
+        elsewhere (Megatron-LM's preprocess_data.py), from ``tokenizer``."""
+        prefix = resolve_prefix(source)
+        summary = read_index(prefix)
+        record = read_sidecar(prefix)
+        if record is None:
+            tok = load_tokenizer(tokenizer)
+            vocab_size, eos_id = tok.vocab_size, tok.eos_id
+        else:
+            vocab_size, eos_id = int(record["vocab_size"]), int(record["eos_id"])
+        return cls(open_tokens(summary), summary.doc_offsets, vocab_size, eos_id)
 
 
 def corpus_from_source(source: str, tokenizer: str = "bytes") -> TokenCorpus:
     """``"embedded"`` -> the in-memory pydoc corpus tokenized by ``tokenizer``; anything else -> the
-    prepared directory, whose tokens are already ids (preflight checks ``tokenizer`` wrote them)."""
-    return TokenCorpus.embedded(tokenizer) if source == "embedded" else TokenCorpus.open(source)
+    Megatron dataset prefix (or directory), whose tokens are already ids (preflight checks
+    ``tokenizer`` wrote them)."""
+    return TokenCorpus.embedded(tokenizer) if source == "embedded" else TokenCorpus.open(source, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,9 +166,11 @@ class PackedSequences:
 
     The stream is the chosen documents in ascending order, each ending in eos. Window ``i`` is
     ``stream[i*seq_len : (i+1)*seq_len + 1]``: inputs are its first ``seq_len`` tokens, labels its
-    last ``seq_len``, with the label after an eos input set to ``IGNORE_INDEX`` so no document is
-    trained to predict the next one. Windows are gathered from spans on demand, so a memory-mapped
-    corpus is read only where a window lands.
+    last ``seq_len``, with the label after an eos input, and after each document's last token, set
+    to ``IGNORE_INDEX`` so no document is trained to predict the next one (the document ends
+    matter for Megatron data tokenized without ``--append-eod``, whose documents end in no eos).
+    Windows are gathered from spans on demand, so a memory-mapped corpus is read only where a
+    window lands.
     """
 
     def __init__(self, corpus: TokenCorpus, doc_ids: Sequence[int] | np.ndarray, seq_len: int) -> None:
@@ -176,6 +181,8 @@ class PackedSequences:
             raise ValueError(f"doc_ids must lie in [0, {corpus.num_documents})")
         self._span_starts, span_lens = _spans(corpus.doc_offsets[docs], corpus.doc_offsets[docs + 1])
         self._cum = np.concatenate([[0], np.cumsum(span_lens)]).astype(np.int64)
+        # Stream position just past each chosen document (ascending): where a document ends.
+        self._doc_ends = np.cumsum(corpus.doc_offsets[docs + 1] - corpus.doc_offsets[docs]).astype(np.int64)
         self.corpus = corpus
         self.doc_ids = docs
         self.seq_len = seq_len
@@ -209,6 +216,9 @@ class PackedSequences:
         w = self.window(i)
         inputs, labels = w[:-1], w[1:].copy()
         labels[inputs == self.eos_id] = IGNORE_INDEX
+        pos = i * self.seq_len
+        lo, hi = np.searchsorted(self._doc_ends, [pos, pos + self.seq_len], side="right")
+        labels[self._doc_ends[lo:hi] - 1 - pos] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 

@@ -1,33 +1,28 @@
-"""`meshweave data prepare`: documents -> ``tokens.bin`` + ``index.json`` (the prepared format).
+"""`meshweave data prepare`: documents -> a Megatron indexed dataset, ``OUT/text_document.{bin,idx}``.
 
-``index.json`` holds the format version, the token dtype (uint16 when the vocabulary fits, else
-uint32), the document offsets into ``tokens.bin``, the vocabulary size, the eos id and which
-tokenizer wrote the tokens (:func:`meshweave.data.tokenizers.tokenizer_record`: its path, the
-tokenizer.json's sha256, every special id); the directory is what ``data.source`` names and
-:class:`meshweave.data.datasets.TokenCorpus` reads.
+The format is Megatron-LM's (see :mod:`meshweave.data.indexed`): one sequence per document, each
+ending in eos (as ``preprocess_data.py --append-eod`` writes), the token dtype uint16 below 65,500
+ids and int32 above. Beside it, ``text_document.meshweave.json`` records the vocabulary size, the
+eos id and which tokenizer wrote the tokens (:func:`meshweave.data.tokenizers.tokenizer_record`).
+``data.source`` names the prefix ``OUT/text_document`` or just ``OUT``; Megatron-LM's
+``--data-path OUT/text_document`` reads the same files. ``meshweave data convert`` rewrites a
+directory of the previous format (``tokens.bin`` + ``index.json``) as such a prefix.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from meshweave.data.indexed import EmptyDatasetError, token_dtype, write_dataset
 from meshweave.data.tokenizers import load_tokenizer, tokenizer_record
 
-INDEX_FORMAT = 1
-
-
-# --------------------------------------------------------------------------------------------
-# prepared token files
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest stored dtype that holds every id below ``vocab_size``."""
-    return np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
+PREFIX_NAME = "text_document"  # Megatron's preprocess_data.py names its outputs PREFIX_text_document
+LEGACY_INDEX_FORMAT = 1  # tokens.bin + index.json, read only by convert
 
 
 def _read_documents(path: Path) -> list[str]:
@@ -53,51 +48,43 @@ def _read_documents(path: Path) -> list[str]:
 
 
 def prepare(inputs: list[str], tokenizer: str, out_dir: str) -> dict[str, Any]:
-    """Tokenize ``inputs`` into ``out_dir/tokens.bin`` + ``out_dir/index.json``; return the index.
+    """Tokenize ``inputs`` into the Megatron dataset ``out_dir/text_document``; return its sidecar.
 
-    Each document is followed by eos, and ``doc_offsets[d]:doc_offsets[d + 1]`` is document ``d``
-    including that eos. Both files are written under temporary names and renamed, index last, so
-    ``out_dir`` either holds a complete index or none at all.
+    Each document is one sequence and one document of the ``.idx``, followed by eos. The files are
+    written under temporary names and renamed, ``.idx`` last, so ``out_dir`` either holds a complete
+    dataset or none at all.
     """
     if not inputs:
         raise ValueError("prepare: no input files given")
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_tokens = out / f".tokens.bin.tmp-{os.getpid()}"
-    tmp_index = out / f".index.json.tmp-{os.getpid()}"
-    offsets = [0]
+
+    def documents() -> Iterator[np.ndarray]:
+        for name in inputs:
+            for doc in _read_documents(Path(name)):
+                yield np.asarray(tok.encode(doc) + [tok.eos_id], dtype=dtype)
+
+    record = {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, **tokenizer_record(tokenizer, tok)}
     try:
-        with open(tmp_tokens, "wb") as f:
-            for name in inputs:
-                for doc in _read_documents(Path(name)):
-                    ids = np.asarray(tok.encode(doc) + [tok.eos_id], dtype=dtype)
-                    ids.tofile(f)
-                    offsets.append(offsets[-1] + len(ids))
-            f.flush()
-            os.fsync(f.fileno())
-        if len(offsets) == 1:
-            raise ValueError(f"prepare: {len(inputs)} input file(s) hold no documents")
-        index = {
-            "format": INDEX_FORMAT,
-            "dtype": dtype.name,
-            "num_tokens": offsets[-1],
-            "num_documents": len(offsets) - 1,
-            "doc_offsets": offsets,
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            **tokenizer_record(tokenizer, tok),
-        }
-        with open(tmp_index, "w", encoding="utf-8") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # An old index must not outlive the old tokens it describes.
-        (out / "index.json").unlink(missing_ok=True)
-        os.replace(tmp_tokens, out / "tokens.bin")
-        os.replace(tmp_index, out / "index.json")
-    finally:
-        tmp_tokens.unlink(missing_ok=True)
-        tmp_index.unlink(missing_ok=True)
-    return index
+        return write_dataset(Path(out_dir) / PREFIX_NAME, documents(), record)
+    except EmptyDatasetError:
+        raise ValueError(f"prepare: {len(inputs)} input file(s) hold no documents") from None
+
+
+def convert(old_dir: str, out_prefix: str) -> dict[str, Any]:
+    """Rewrite a directory of the previous prepared format (``tokens.bin`` + ``index.json``) as the
+    Megatron dataset ``out_prefix``; return its sidecar. Tokens, document boundaries and the
+    tokenizer record are kept, so the data trains exactly as before."""
+    root = Path(old_dir)
+    try:
+        index = json.loads((root / "index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{root}: not a directory of the old format (index.json: {e})") from None
+    if not isinstance(index, dict) or index.get("format") != LEGACY_INDEX_FORMAT:
+        raise ValueError(f"{root / 'index.json'}: not an index.json of format {LEGACY_INDEX_FORMAT}")
+    offsets = np.asarray(index["doc_offsets"], dtype=np.int64)
+    tokens = np.memmap(root / "tokens.bin", dtype=np.dtype(index["dtype"]), mode="r", shape=(int(index["num_tokens"]),))
+    keep = ("vocab_size", "eos_id", "tokenizer", "tokenizer_sha256", "eos_ids", "bos_id", "pad_id")
+    record = {k: index[k] for k in keep if k in index}
+    docs = (tokens[offsets[d] : offsets[d + 1]] for d in range(len(offsets) - 1))
+    return write_dataset(out_prefix, docs, record)

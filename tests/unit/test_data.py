@@ -111,7 +111,7 @@ def test_embedded_corpus_is_byte_tokens_with_eos_after_each_document():
 
 
 # --------------------------------------------------------------------------------------------
-# prepare and TokenCorpus.open
+# prepare (a Megatron indexed dataset, see test_megatron_data.py) and TokenCorpus.open
 
 
 @pytest.fixture
@@ -130,27 +130,31 @@ def test_prepare_writes_documents_each_followed_by_eos(tmp_path, text_inputs):
     index = prepare(files, "bytes", str(tmp_path / "out"))
     expected = [t for doc in docs for t in list(doc.encode("utf-8")) + [256]]
     lengths = [len(doc.encode("utf-8")) + 1 for doc in docs]
-    assert index["doc_offsets"] == np.cumsum([0] + lengths).tolist()
+    assert TokenCorpus.open(tmp_path / "out").doc_offsets.tolist() == np.cumsum([0] + lengths).tolist()
     assert (index["num_documents"], index["num_tokens"]) == (4, len(expected))
     assert (index["dtype"], index["vocab_size"], index["eos_id"]) == ("uint16", 257, 256)
-    assert (index["format"], index["tokenizer"]) == (1, "bytes")
-    assert np.fromfile(tmp_path / "out" / "tokens.bin", dtype=np.uint16).tolist() == expected
+    assert (index["format"], index["tokenizer"]) == (2, "bytes")
+    assert np.fromfile(tmp_path / "out" / "text_document.bin", dtype=np.uint16).tolist() == expected
 
 
 def test_prepare_returns_the_index_it_writes_and_leaves_no_temp_files(tmp_path, text_inputs):
     files, _ = text_inputs
     out = tmp_path / "out"
     index = prepare(files, "bytes", str(out))
-    assert json.loads((out / "index.json").read_text()) == index
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "tokens.bin"]
+    assert json.loads((out / "text_document.meshweave.json").read_text()) == index
+    assert sorted(p.name for p in out.iterdir()) == [
+        "text_document.bin",
+        "text_document.idx",
+        "text_document.meshweave.json",
+    ]
 
 
 def test_token_corpus_open_memory_maps_the_prepared_tokens(tmp_path, text_inputs):
     files, docs = text_inputs
-    index = prepare(files, "bytes", str(tmp_path / "out"))
+    prepare(files, "bytes", str(tmp_path / "out"))
     corpus = TokenCorpus.open(tmp_path / "out")
     assert isinstance(corpus.tokens, np.memmap)
-    assert corpus.doc_offsets.tolist() == index["doc_offsets"]
+    assert corpus.doc_offsets.tolist() == np.cumsum([0] + [len(d.encode()) + 1 for d in docs]).tolist()
     assert (corpus.num_documents, corpus.vocab_size, corpus.eos_id) == (4, 257, 256)
     assert [ByteTokenizer().decode(corpus.document(d)) for d in range(4)] == docs
 
@@ -172,16 +176,17 @@ def test_prepare_with_tokenizer_json_stores_its_ids_and_eos(tmp_path):
     eos = tok.token_to_id("</s>")
     x_ids, y_ids = tok.encode("the lazy fox").ids, tok.encode("brown dog").ids
     assert (index["eos_id"], index["vocab_size"]) == (eos, tok.get_vocab_size())
-    assert index["doc_offsets"] == [0, len(x_ids) + 1, len(x_ids) + len(y_ids) + 2]
-    assert TokenCorpus.open(tmp_path / "out").tokens.tolist() == x_ids + [eos] + y_ids + [eos]
+    corpus = TokenCorpus.open(tmp_path / "out")
+    assert corpus.doc_offsets.tolist() == [0, len(x_ids) + 1, len(x_ids) + len(y_ids) + 2]
+    assert corpus.tokens.tolist() == x_ids + [eos] + y_ids + [eos]
 
 
-def test_prepare_stores_uint32_when_ids_exceed_uint16(tmp_path):
+def test_prepare_stores_int32_when_the_vocabulary_reaches_65500_as_megatron_does(tmp_path):
     words = ["[UNK]"] + [f"w{i}" for i in range(70_000)]
     path = write_word_tokenizer(tmp_path / "tokenizer.json", words)
     (tmp_path / "doc.txt").write_text("w1 w69999", encoding="utf-8")
     index = prepare([str(tmp_path / "doc.txt")], str(path), str(tmp_path / "out"))
-    assert index["dtype"] == "uint32"
+    assert index["dtype"] == "int32"
     assert TokenCorpus.open(tmp_path / "out").tokens.tolist() == [2, 70_000, index["eos_id"]]
 
 

@@ -167,7 +167,7 @@ def test_prepare_with_a_model_directory_records_it_and_its_ids(tmp_path, bpe):
         )
         == 0
     )
-    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    index = json.loads((tmp_path / "out" / "text_document.meshweave.json").read_text())
     eot = bpe.token_to_id("<|eot|>")
     assert index["tokenizer"] == str(d.resolve())
     assert (index["eos_id"], index["eos_ids"], index["bos_id"], index["pad_id"]) == (eot, gen["eos_token_id"], 1, 3)
