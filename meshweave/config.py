@@ -111,6 +111,11 @@ class DataConfig:
     )
     tokenizer: str = opt("bytes", "'bytes', a Hugging Face model directory or a tokenizer.json; must match source's")
     eval_fraction: float = opt(0.05, "share of documents held out for eval")
+    blend: str = opt(
+        "",
+        "weighted mix of prepared sources instead of source, Megatron's syntax: '0.7 path/a 0.3 path/b' "
+        "(weights normalised; each source split for eval on its own)",
+    )
 
 
 @dataclass

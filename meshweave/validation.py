@@ -47,10 +47,12 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
     if cfg.data.source != "embedded":
         from meshweave.data.indexed import resolve_prefix
 
+        require(not cfg.data.blend, "data.blend", "set together with data.source; give one of them")
         try:
             resolve_prefix(cfg.data.source)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _blend_sources(cfg.data.blend)
     if cfg.checkpoint.init_from:
         source = Path(cfg.checkpoint.init_from)
         require(
@@ -95,15 +97,16 @@ def preflight(cfg: Config) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.tokenizer: {' '.join(str(e).split())}") from None
     vocab, where = tok.vocab_size, f"tokenizer {spec}"
-    if cfg.data.source != "embedded":
-        record = _check_dataset(cfg.data.source, spec, tok)
+    blended = _blend_sources(cfg.data.blend)
+    for source in blended or ([cfg.data.source] if cfg.data.source != "embedded" else []):
+        label = f"data.blend: source {source}" if blended else f"data.source={source}"
+        record = _check_dataset(source, spec, tok, label)
         if record is not None:
             why = tokenizer_mismatch(record, spec, tok)
             if why:
-                raise ConfigError(
-                    f"data.tokenizer={spec} did not write the tokens of data.source={cfg.data.source}: {why}"
-                )
-            vocab, where = record["vocab_size"], cfg.data.source
+                raise ConfigError(f"data.tokenizer={spec} did not write the tokens of {label}: {why}")
+            if record["vocab_size"] > vocab or where == f"tokenizer {spec}":
+                vocab, where = record["vocab_size"], source
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
@@ -116,12 +119,35 @@ def preflight(cfg: Config) -> None:
 _CHECKED_TOKENS = 1 << 20
 
 
-def _check_dataset(source: str, spec: str, tok: Tokenizer) -> dict[str, Any] | None:
+def _blend_sources(spec: str) -> list[str]:
+    """The dataset prefixes of ``data.blend`` (none when it is empty); ConfigError naming
+    ``data.blend`` for a malformed blend or a source that does not name a dataset."""
+    if not spec:
+        return []
+    from meshweave.data.blend import parse_blend
+    from meshweave.data.indexed import resolve_prefix
+
+    try:
+        sources = [path for _, path in parse_blend(spec)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for source in sources:
+        try:
+            resolve_prefix(source)
+        except ValueError as e:
+            why = str(e).split(": ", 1)[-1].removesuffix(" or 'embedded'")  # a blend takes datasets only
+            raise ConfigError(f"data.blend: source {source}: {why}") from None
+    return sources
+
+
+def _check_dataset(source: str, spec: str, tok: Tokenizer, label: str = "") -> dict[str, Any] | None:
     """ConfigError unless ``source`` is a readable Megatron dataset whose .idx matches its .bin and
     holds documents; returns its meshweave sidecar, or None for a prefix written elsewhere, whose
-    first tokens must then be ids of ``tok`` (the tokenizer that is trusted to have written it)."""
+    first tokens must then be ids of ``tok`` (the tokenizer that is trusted to have written it).
+    ``label`` names the source in errors (default ``data.source=SOURCE``)."""
     from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix
 
+    label = label or f"data.source={source}"
     try:
         prefix = resolve_prefix(source)
         summary = read_index(prefix)
@@ -129,16 +155,16 @@ def _check_dataset(source: str, spec: str, tok: Tokenizer) -> dict[str, Any] | N
     except (OSError, ValueError) as e:
         text = " ".join(str(e).split())
         if text.startswith("data.source="):
-            raise ConfigError(text) from None
+            raise ConfigError(f"{label}: {text.split(': ', 1)[-1]}") from None
         raise ConfigError(
-            f"data.source={source}: {text}; write the dataset again (`meshweave data prepare` from inputs that "
+            f"{label}: {text}; write the dataset again (`meshweave data prepare` from inputs that "
             "hold text, or copy PREFIX.bin together with its PREFIX.idx)"
         ) from None
     if record is not None:
         counts = (int(record.get("num_tokens", -1)), int(record.get("num_documents", -1)))
         if counts != (summary.num_tokens, summary.num_documents):
             raise ConfigError(
-                f"data.source={source}: {prefix}.meshweave.json describes {counts[0]} tokens in {counts[1]} "
+                f"{label}: {prefix}.meshweave.json describes {counts[0]} tokens in {counts[1]} "
                 f"documents, the .idx {summary.num_tokens} in {summary.num_documents}; the record belongs to "
                 "another dataset: write the dataset again with `meshweave data prepare`"
             )
@@ -147,7 +173,7 @@ def _check_dataset(source: str, spec: str, tok: Tokenizer) -> dict[str, Any] | N
     top = int(head.max())
     if top >= tok.vocab_size or int(head.min()) < 0:
         raise ConfigError(
-            f"data.tokenizer={spec} did not write the tokens of data.source={source}: they hold id {top}, "
+            f"data.tokenizer={spec} did not write the tokens of {label}: they hold id {top}, "
             f"the tokenizer has {tok.vocab_size} ids; use --data.tokenizer= the tokenizer that prepared them"
         )
     return None

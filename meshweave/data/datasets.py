@@ -222,15 +222,22 @@ class PackedSequences:
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
-def build_datasets(data_cfg: Any, seq_len: int, seed: int) -> tuple[PackedSequences, PackedSequences, TokenCorpus]:
+def build_datasets(data_cfg: Any, seq_len: int, seed: int) -> tuple[Any, Any, TokenCorpus]:
     """``(train, eval, corpus)`` for ``data_cfg.source`` (tokenized by ``data_cfg.tokenizer`` when
-    embedded) split by ``data_cfg.eval_fraction``.
+    embedded) split by ``data_cfg.eval_fraction``: two :class:`PackedSequences`, or for a
+    ``data_cfg.blend`` two :class:`~meshweave.data.blend.BlendedSequences` of the sources' splits
+    and the first source's corpus.
 
     ``seed`` does not enter the split: held-out documents are a property of the corpus, so runs
     with different seeds are evaluated on the same text. Train always has at least one sequence,
     and eval does whenever ``eval_fraction > 0``; otherwise this raises ValueError.
     """
     del seed
+    if getattr(data_cfg, "blend", ""):
+        from meshweave.data.blend import build_blend
+
+        train_blend, eval_blend = build_blend(data_cfg.blend, data_cfg.tokenizer, data_cfg.eval_fraction, seq_len)
+        return train_blend, eval_blend, train_blend.sources[0].corpus
     corpus = corpus_from_source(data_cfg.source, data_cfg.tokenizer)
     train_ids, eval_ids = split_documents(corpus.num_documents, data_cfg.eval_fraction)
     train = PackedSequences(corpus, train_ids, seq_len)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from meshweave.data.blend import BlendedSequences
 from meshweave.data.datasets import PackedSequences
 
 
@@ -19,11 +20,13 @@ class ShardedLoader:
     global batch is samples ``[consumed, consumed + global_batch)``; rank ``r`` takes the ``r``-th
     of ``dp_size`` equal contiguous slices. The stream never depends on ``dp_size``, so the state
     ``consumed_samples`` resumes exactly under any data-parallel degree that divides the batch.
+    A :class:`BlendedSequences` is read in its own order instead: sample ``p`` is its global sample
+    ``p`` (blend.py), which is as independent of ``dp_size``.
     """
 
     def __init__(
         self,
-        dataset: PackedSequences,
+        dataset: PackedSequences | BlendedSequences,
         global_batch: int,
         micro_batch: int,
         dp_rank: int,
@@ -76,6 +79,8 @@ class ShardedLoader:
 
     def _stream(self, start: int, count: int) -> list[int]:
         """Dataset indices of global samples ``[start, start + count)``, across epoch ends."""
+        if isinstance(self.dataset, BlendedSequences):
+            return list(range(start, start + count))
         n, out = len(self.dataset), list[int]()
         while len(out) < count:
             pos = start + len(out)
@@ -90,11 +95,22 @@ class ShardedLoader:
         per_rank = self.global_batch // self.dp_size
         rows = self._stream(self._consumed + self.dp_rank * per_rank, per_rank)
         batches = []
+        dataset = self.dataset
         for m in range(0, per_rank, self.micro_batch):
-            pairs = [self.dataset[i] for i in rows[m : m + self.micro_batch]]
+            if isinstance(dataset, BlendedSequences):
+                pairs = [dataset.sample(i, self.seed) for i in rows[m : m + self.micro_batch]]
+            else:
+                pairs = [dataset[i] for i in rows[m : m + self.micro_batch]]
             batches.append((torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])))
         self._consumed += self.global_batch
         return batches
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """``{"source_tokens": {path: tokens}}`` consumed from each source of a blend so far (all
+        ranks together); empty for a single source."""
+        if isinstance(self.dataset, BlendedSequences):
+            return {"source_tokens": self.dataset.source_tokens(self._consumed)}
+        return {}
 
     def state_dict(self) -> dict[str, int]:
         """The loader's position: everything needed to continue the same stream."""

@@ -229,6 +229,7 @@ class Trainer:
             "mem_peak_bytes": peak_memory_bytes(self.device),
             "skipped_steps": self.skipped_steps,
             **runtime.metrics(),
+            **self.loader.metrics(),  # source_tokens of a data.blend
         }
 
     # ---------------------------------------------------------------------------------------
