@@ -413,7 +413,7 @@ def _setup_common(spec: dict):
     import torch.distributed as dist
 
     from meshweave.config import DataConfig, ModelConfig, OptimConfig
-    from meshweave.data.datasets import build_datasets
+    from meshweave.data.build import build_datasets
     from meshweave.data.loader import ShardedLoader
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -336,7 +336,7 @@ class MeshweavePipeline:
 def _loader(spec: Spec) -> Any:
     """A fresh ShardedLoader over the embedded corpus: one (inputs, labels) of ``batch`` per step."""
     from meshweave.config import DataConfig
-    from meshweave.data.datasets import build_datasets
+    from meshweave.data.build import build_datasets
     from meshweave.data.loader import ShardedLoader
 
     train, _, _ = build_datasets(DataConfig(), spec.seq_len, SEED)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -220,38 +219,3 @@ class PackedSequences:
         lo, hi = np.searchsorted(self._doc_ends, [pos, pos + self.seq_len], side="right")
         labels[self._doc_ends[lo:hi] - 1 - pos] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
-
-
-def build_datasets(data_cfg: Any, seq_len: int, seed: int) -> tuple[Any, Any, TokenCorpus]:
-    """``(train, eval, corpus)`` for ``data_cfg.source`` (tokenized by ``data_cfg.tokenizer`` when
-    embedded) split by ``data_cfg.eval_fraction``: two :class:`PackedSequences`, or for a
-    ``data_cfg.blend`` two :class:`~meshweave.data.blend.BlendedSequences` of the sources' splits
-    and the first source's corpus.
-
-    ``seed`` does not enter the split: held-out documents are a property of the corpus, so runs
-    with different seeds are evaluated on the same text. Train always has at least one sequence,
-    and eval does whenever ``eval_fraction > 0``; otherwise this raises ValueError.
-    """
-    del seed
-    if getattr(data_cfg, "blend", ""):
-        from meshweave.data.blend import build_blend
-
-        train_blend, eval_blend = build_blend(data_cfg.blend, data_cfg.tokenizer, data_cfg.eval_fraction, seq_len)
-        return train_blend, eval_blend, train_blend.sources[0].corpus
-    corpus = corpus_from_source(data_cfg.source, data_cfg.tokenizer)
-    train_ids, eval_ids = split_documents(corpus.num_documents, data_cfg.eval_fraction)
-    train = PackedSequences(corpus, train_ids, seq_len)
-    evals = PackedSequences(corpus, eval_ids, seq_len)
-    need = seq_len + 1
-    if len(train) == 0:
-        raise ValueError(
-            f"data.source={data_cfg.source!r}: the train split has {train.num_tokens} "
-            f"tokens, fewer than train.seq_len+1={need}; use more data or a shorter seq_len"
-        )
-    if data_cfg.eval_fraction > 0 and len(evals) == 0:
-        raise ValueError(
-            f"data.eval_fraction={data_cfg.eval_fraction}: the {len(eval_ids)} held-out "
-            f"documents hold {evals.num_tokens} tokens, fewer than train.seq_len+1={need}; "
-            "raise data.eval_fraction or shorten train.seq_len"
-        )
-    return train, evals, corpus

@@ -28,7 +28,8 @@ from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, che
 from meshweave.comm import capture
 from meshweave.comm.ops import LEDGER, CommGroup
 from meshweave.config import Config
-from meshweave.data.datasets import IGNORE_INDEX, build_datasets
+from meshweave.data.build import build_datasets
+from meshweave.data.datasets import IGNORE_INDEX
 from meshweave.data.loader import ShardedLoader
 from meshweave.launch.env import RankInfo, destroy_process_group, init_process_group, pick_device, rank_info
 from meshweave.launch.preemption import StopRequest

@@ -11,7 +11,8 @@ import pytest
 
 from meshweave.config import ConfigError, DataConfig
 from meshweave.data.blend import BlendedSequences, BlendOrder, parse_blend
-from meshweave.data.datasets import build_datasets, split_documents
+from meshweave.data.build import build_datasets
+from meshweave.data.datasets import split_documents
 from meshweave.data.loader import ShardedLoader
 from meshweave.data.prepare import prepare
 from meshweave.validation import preflight, resolve

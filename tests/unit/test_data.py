@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from meshweave.config import DataConfig
+from meshweave.data.build import build_datasets
 from meshweave.data.datasets import (
     IGNORE_INDEX,
     PackedSequences,
     TokenCorpus,
-    build_datasets,
     corpus_from_source,
     embedded_documents,
     split_documents,

@@ -14,7 +14,8 @@ import torch
 
 from meshweave import cli
 from meshweave.config import ConfigError, DataConfig
-from meshweave.data.datasets import IGNORE_INDEX, PackedSequences, TokenCorpus, build_datasets
+from meshweave.data.build import build_datasets
+from meshweave.data.datasets import IGNORE_INDEX, PackedSequences, TokenCorpus
 from meshweave.data.indexed import megatron_indexed, token_dtype
 from meshweave.data.loader import ShardedLoader
 from meshweave.data.prepare import prepare
