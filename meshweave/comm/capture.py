@@ -8,8 +8,24 @@ the same byte formulas as ``ops.py``.
 
 Nesting is counted once: a wrapped call made while another recorded collective is running (one
 torch API calling another, or ``ops.py`` calling ``torch.distributed``) is not recorded again.
-Functional collectives and ``async_op=True`` calls return before the data moves, so they book
-bytes and no seconds.
+Functional collectives and ``async_op=True`` calls return before the data moves: they book their
+seconds (launch to the end of the wait) when their wait below returns.
+
+Exposed time (see ops.py) of these collectives:
+
+- a synchronous ``torch.distributed`` call (FSDP2's all-gather when not prefetched
+  asynchronously, its reduce-scatter, HSDP's all-reduce): on CPU its whole duration — FSDP2 on
+  CPU has no side streams, the host runs nothing else meanwhile. On CUDA it counts only when
+  issued on the default (compute) stream; FSDP2 issues on its own streams, and the compute
+  stream's wait on them happens inside FSDP through stream events that are **not measured**
+  (booked as 0 exposed on CUDA).
+- an ``async_op=True`` call (FSDP2 with ``unshard_async_op``, i.e. explicit prefetch): the time
+  its ``Work.wait()`` blocks (``Work.wait`` is wrapped once per process; works that were not
+  recorded here pass through untouched).
+- a functional collective (DTensor redistributions of tensor parallelism): the time its
+  ``wait_tensor`` blocks — the first wait on any view of the result, which is where
+  ``AsyncCollectiveTensor`` synchronises. A functional collective waited inside torch.compile'd
+  code is not seen (compile and TP are not combined in meshweave).
 """
 
 from __future__ import annotations
@@ -76,9 +92,30 @@ _FUNCOL_RULES = {
 }
 
 
+# In-flight collectives whose wait books exposed time: id(work) -> (work, dim, op, device) for
+# async torch.distributed calls; storage address -> (dim, op, device) for functional collectives.
+# Each entry also holds the launch time (perf_counter).
+_PENDING_WORKS: dict[int, tuple[Any, str, str, torch.device, float]] = {}
+_PENDING_TENSORS: dict[int, tuple[str, str, torch.device, float]] = {}
+_MAX_PENDING = 4096  # results dropped unwaited would otherwise accumulate
+
+
+def _on_compute_stream(device: torch.device) -> bool:
+    """Whether a call issued now runs on the compute stream (always, off CUDA)."""
+    return device.type != "cuda" or torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+
+
+def _remember(table: dict, key: int, value: tuple) -> None:
+    if len(table) >= _MAX_PENDING:
+        table.clear()  # stale entries only: every live result is waited long before 4096 more launch
+    table[key] = value
+
+
 def _wrap(
     fn: Callable, op: str, tensor_at: tuple[int, str], kind: str, group_at: tuple[int, str], synchronous: bool
 ) -> Callable:
+    op_name = getattr(fn, "__name__", "")
+
     @functools.wraps(fn)
     def recorded(*args: Any, **kwargs: Any) -> Any:
         if ops.recording_suspended():
@@ -90,16 +127,69 @@ def _wrap(
             return fn(*args, **kwargs)
         dim = ops.dim_of(pg)
         ops.note_launch(dim, op)
-        started = time.perf_counter()
+        # isend is asynchronous whatever its arguments: its Work's wait is where a caller blocks.
+        waited = synchronous and not kwargs.get("async_op", False) and op_name != "isend"
+        started = time.perf_counter()  # before the mark: exposed never exceeds seconds
+        # A functional collective may also wait inside the call (see below): mark before it too.
+        marked = (waited or not synchronous) and _on_compute_stream(payload.device)
+        mark = ops.stall_begin(payload.device) if marked else None
+        stall = mark if waited else None
         with ops.suspend_recording():
             result = fn(*args, **kwargs)
-        waited = synchronous and not kwargs.get("async_op", False)
+        if not synchronous and not isinstance(result, funcol.AsyncCollectiveTensor):
+            # The functional collective waited inside the call (e.g. all_gather_tensor along a dim
+            # other than 0 concatenates its chunks, the autograd variants): it blocked throughout.
+            waited, stall = True, mark
+        if stall is not None:  # first: its clock stops before the seconds' clock (exposed <= seconds)
+            ops.stall_end(stall, dim, op)
         seconds = time.perf_counter() - started if waited else 0.0
         ops.LEDGER.record(dim, op, ops.wire_bytes(kind, _nbytes(payload), n), seconds)
+        if waited:
+            return result
+        if synchronous and isinstance(result, dist.Work):  # waited later: book it then
+            _remember(_PENDING_WORKS, id(result), (result, dim, op, payload.device, started))
+        elif isinstance(result, funcol.AsyncCollectiveTensor):
+            _remember(_PENDING_TENSORS, result.elem.untyped_storage().data_ptr(), (dim, op, payload.device, started))
         return result
 
     recorded.__meshweave_recorded__ = True  # type: ignore[attr-defined]
     return recorded
+
+
+def _timed_work_wait(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = _PENDING_WORKS.pop(id(self), None)
+        if entry is None or entry[0] is not self:
+            return original(self, *args, **kwargs)
+        _, dim, op, device, started = entry
+        mark = ops.stall_begin(device) if _on_compute_stream(device) else None
+        result = original(self, *args, **kwargs)
+        if mark is not None:
+            ops.stall_end(mark, dim, op)
+        ops.LEDGER.add_seconds(dim, op, time.perf_counter() - started)
+        return result
+
+    wait.__meshweave_recorded__ = True  # type: ignore[attr-defined]
+    return wait
+
+
+def _timed_wait_tensor(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def wait_tensor(tensor: Tensor) -> Tensor:
+        entry = _PENDING_TENSORS.pop(tensor.untyped_storage().data_ptr(), None) if isinstance(tensor, Tensor) else None
+        if entry is None:
+            return original(tensor)
+        dim, op, device, started = entry
+        mark = ops.stall_begin(device) if _on_compute_stream(device) else None
+        result = original(tensor)
+        if mark is not None:
+            ops.stall_end(mark, dim, op)
+        ops.LEDGER.add_seconds(dim, op, time.perf_counter() - started)
+        return result
+
+    wait_tensor.__meshweave_recorded__ = True  # type: ignore[attr-defined]
+    return wait_tensor
 
 
 _installed = False
@@ -122,4 +212,8 @@ def install() -> None:
         fn = getattr(funcol, name, None)
         if fn is not None and not getattr(fn, "__meshweave_recorded__", False):
             setattr(funcol, name, _wrap(fn, op, tensor_at, kind, group_at, synchronous=False))
+    if not getattr(dist.Work.wait, "__meshweave_recorded__", False):
+        dist.Work.wait = _timed_work_wait(dist.Work.wait)  # type: ignore[method-assign]
+    if not getattr(funcol.wait_tensor, "__meshweave_recorded__", False):
+        funcol.wait_tensor = _timed_wait_tensor(funcol.wait_tensor)
     _installed = True

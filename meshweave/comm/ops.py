@@ -16,9 +16,25 @@ send                tensor bytes;  recv: 0 (the sender accounts for it)
 ==================  ===========================================================
 
 ``seconds`` is the host-observed time from launch until :meth:`Handle.wait` returns. For an async
-op that overlaps compute it is time in flight, not time exposed; the trainer measures exposure
-separately as the wait before the optimizer step. Groups of size 1 move nothing and record
-nothing.
+op that overlaps compute it is time in flight, not time exposed. Groups of size 1 move nothing and
+record nothing.
+
+**Exposed time** — how long compute actually stood still waiting for communication — is booked
+per ``"<dim>/<op>"`` beside it (:meth:`CommLedger.take_exposed`, metrics.jsonl ``comm_exposed_s``):
+
+- an async op: the time its :meth:`Handle.wait` blocks. Work done between launch and wait is
+  hidden; a wait on an already finished op books ~0.
+- a synchronous op (``async_op=False``): its whole duration, launch to completion — nothing ran
+  beside it.
+- CPU: the host clock around the blocking call (the host *is* the compute).
+  CUDA: ``wait()`` does not block the host, it makes the current (compute) stream wait on the
+  communication; a timing event is recorded on the compute stream just before the wait (before
+  the launch, for a synchronous op) and one just after, so their elapsed time is exactly how long
+  the compute stream was held up. Events are resolved when the step's figures are taken (the
+  trainer already synchronises there for the loss), never on the critical path.
+
+Collectives torch issues itself (FSDP2, DTensor) get the same treatment where they can be seen:
+see comm/capture.py for what is and is not measured there.
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,14 +118,19 @@ class CommGroup:
 
 
 class CommLedger:
-    """Bytes, seconds and call counts per ``"<dim>/<op>"``: cumulative and since the last step."""
+    """Bytes, seconds, exposed seconds and call counts per ``"<dim>/<op>"``: cumulative and since
+    the last step (exposed time: see the module docstring)."""
 
     def __init__(self) -> None:
         self.total_bytes: dict[str, int] = defaultdict(int)
         self.total_seconds: dict[str, float] = defaultdict(float)
+        self.total_exposed: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._step_bytes: dict[str, int] = defaultdict(int)
         self._step_seconds: dict[str, float] = defaultdict(float)
+        self._step_exposed: dict[str, float] = defaultdict(float)
+        # CUDA: (key, event before the wait, event after it) on the compute stream, unresolved.
+        self._pending_events: list[tuple[str, Any, Any]] = []
 
     def record(self, dim: str, op: str, nbytes: int, seconds: float = 0.0) -> None:
         key = f"{dim}/{op}"
@@ -121,6 +143,32 @@ class CommLedger:
         key = f"{dim}/{op}"
         self.total_seconds[key] += seconds
         self._step_seconds[key] += seconds
+
+    def add_exposed(self, dim: str, op: str, seconds: float) -> None:
+        """Book ``seconds`` of compute waiting on ``dim/op`` (host-measured)."""
+        key = f"{dim}/{op}"
+        self.total_exposed[key] += seconds
+        self._step_exposed[key] += seconds
+
+    def add_exposed_events(self, dim: str, op: str, before: Any, after: Any) -> None:
+        """Book the compute-stream stall between two recorded CUDA timing events, resolved later."""
+        self._pending_events.append((f"{dim}/{op}", before, after))
+
+    def _resolve_events(self) -> None:
+        pending, self._pending_events = self._pending_events, []
+        for key, before, after in pending:
+            after.synchronize()
+            seconds = before.elapsed_time(after) / 1e3
+            self.total_exposed[key] += seconds
+            self._step_exposed[key] += seconds
+
+    def take_exposed(self) -> dict[str, float]:
+        """Exposed seconds per key since the previous call (CUDA events resolved here); keys with
+        traffic but no wait are absent."""
+        self._resolve_events()
+        out = dict(self._step_exposed)
+        self._step_exposed.clear()
+        return out
 
     def take_step(self) -> tuple[dict[str, int], dict[str, float]]:
         """Bytes and seconds per key since the previous call, then start a new step."""
@@ -135,27 +183,66 @@ class CommLedger:
     def reset(self) -> None:
         self.total_bytes.clear()
         self.total_seconds.clear()
+        self.total_exposed.clear()
         self.calls.clear()
         self._step_bytes.clear()
         self._step_seconds.clear()
+        self._step_exposed.clear()
+        self._pending_events.clear()
 
 
 LEDGER = CommLedger()
 
 
-class Handle:
-    """An in-flight collective. ``wait()`` blocks until done and books its time once."""
+def stall_begin(device: torch.device | None) -> float | Any:
+    """Mark the point where compute starts waiting on communication: the host clock, or on CUDA a
+    timing event recorded on the current (compute) stream. Pass the mark to :func:`stall_end`."""
+    if device is not None and device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
-    def __init__(self, work: dist.Work | list[dist.Work] | None, dim: str, op: str, started: float) -> None:
+
+def stall_end(mark: float | Any, dim: str, op: str) -> None:
+    """Book the wait since ``mark`` (from :func:`stall_begin`) as exposed time of ``dim/op``."""
+    if isinstance(mark, float):
+        LEDGER.add_exposed(dim, op, time.perf_counter() - mark)
+    else:
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+        LEDGER.add_exposed_events(dim, op, mark, after)
+
+
+class Handle:
+    """An in-flight collective. ``wait()`` blocks until done (on CUDA: orders the current stream
+    after it) and books its time and its exposed time once.
+
+    ``stall``: for a synchronous op, the mark taken before the launch, so the whole op counts as
+    exposed; async ops take their mark when ``wait()`` is called.
+    """
+
+    def __init__(
+        self,
+        work: dist.Work | list[dist.Work] | None,
+        dim: str,
+        op: str,
+        started: float,
+        device: torch.device | None = None,
+        stall: float | Any = None,
+    ) -> None:
         self._work, self._dim, self._op, self._started = work, dim, op, started
+        self._device, self._stall = device, stall
         self._done = work is None
 
     def wait(self) -> None:
         if self._done:
             return
+        mark = self._stall if self._stall is not None else stall_begin(self._device)
         for work in self._works():
             work.wait()
         self._done = True
+        stall_end(mark, self._dim, self._op)
         LEDGER.add_seconds(self._dim, self._op, time.perf_counter() - self._started)
 
     def is_completed(self) -> bool:
@@ -184,13 +271,16 @@ def wire_bytes(kind: str, nbytes: int, n: int) -> int:
     }[kind]
 
 
-def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool) -> Handle:
+def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool, device: torch.device | None) -> Handle:
+    """Record, launch ``fn`` (which returns the async work), and wait at once unless ``async_op``.
+    ``device``: where the tensors live (CUDA exposed time is timed with events)."""
     started = time.perf_counter()
+    stall = None if async_op else stall_begin(device)
     LEDGER.record(group.dim, op, nbytes)
     note_launch(group.dim, op)
     with suspend_recording():
         work = fn()
-    handle = Handle(work, group.dim, op, started)
+    handle = Handle(work, group.dim, op, started, device, stall)
     if not async_op:
         handle.wait()
     return handle
@@ -215,6 +305,7 @@ def all_reduce(
         wire_bytes("all_reduce", _nbytes(t), n),
         lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True),
         async_op,
+        t.device,
     )
 
 
@@ -230,6 +321,7 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
         wire_bytes("gather", _nbytes(t), n),
         lambda: dist.all_gather_single(out, t, group=group.pg, async_op=True),
         async_op,
+        t.device,
     )
 
 
@@ -247,6 +339,7 @@ def reduce_scatter_into(
         wire_bytes("scatter", _nbytes(t), n),
         lambda: dist.reduce_scatter_single(out, t, op=op, group=group.pg, async_op=True),
         async_op,
+        t.device,
     )
 
 
@@ -262,6 +355,7 @@ def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bo
         wire_bytes("bcast", _nbytes(t), n),
         lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True),
         async_op,
+        t.device,
     )
 
 
@@ -287,19 +381,20 @@ def all_to_all_single(
         sent,
         lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group.pg, async_op=True),
         async_op,
+        t.device,
     )
 
 
 def send(t: Tensor, group: CommGroup, dst_group_rank: int) -> Handle:
     """Point-to-point send to group rank ``dst_group_rank`` (async; wait before reusing ``t``)."""
     dst = dist.get_global_rank(group.pg, dst_group_rank)
-    return _launch(group, "send", _nbytes(t), lambda: dist.isend(t, dst=dst, group=group.pg), True)
+    return _launch(group, "send", _nbytes(t), lambda: dist.isend(t, dst=dst, group=group.pg), True, t.device)
 
 
 def recv(t: Tensor, group: CommGroup, src_group_rank: int) -> Handle:
     """Point-to-point receive into ``t`` from group rank ``src_group_rank`` (async)."""
     src = dist.get_global_rank(group.pg, src_group_rank)
-    return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True)
+    return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True, t.device)
 
 
 def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, int]], group: CommGroup) -> Handle:
@@ -319,13 +414,14 @@ def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, 
         ops += [dist.P2POp(dist.irecv, t, to_global(peer), group.pg) for t, peer in recvs]
         return dist.batch_isend_irecv(ops)
 
-    return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True)
+    device = (sends or recvs)[0][0].device
+    return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True, device)
 
 
 def barrier(group: CommGroup) -> None:
     """Block until every member arrives (moves no payload)."""
     if group.size > 1:
-        _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False)
+        _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False, None)
 
 
 def all_reduce_scalars(

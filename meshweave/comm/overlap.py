@@ -6,7 +6,10 @@ each parameter's gradient as ready; when a bucket's last gradient arrives, the b
 flattened and its all-reduce launched asynchronously, so communication runs under the rest of
 backward. :meth:`GradientReducer.finish` launches whatever did not fire (parameters unused this
 step count as zero gradients), waits for every bucket, and writes the reduced values back into
-``.grad``. Only that wait is exposed; it is timed as ``exposed_wait_s``.
+``.grad``. Only that wait is exposed; it is timed as ``exposed_wait_s`` (metrics.jsonl
+``dp_exposed_wait_s``). The ledger's ``comm_exposed_s["<dim>/all_reduce"]`` books the same wait
+more narrowly — only the time blocked inside each bucket's ``wait()`` (ops.py), without launching
+the unfired buckets and copying the results back — so it is <= ``exposed_wait_s``.
 
 The reduction is a SUM: the trainer normalises the loss by the global token count, so the sum
 over ranks is the gradient of the global mean. ``scale`` multiplies afterwards if a caller wants

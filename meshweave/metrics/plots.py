@@ -1,4 +1,5 @@
-"""PNG plots of a run's ``metrics.jsonl``: loss, throughput and communication volume per step.
+"""PNG plots of a run's ``metrics.jsonl``: loss, throughput, and communication per step (volume by
+``<dim>/<op>``; time issued vs exposed by dim).
 
 Plotting reads only the run directory, so it works on a finished run, a crashed one, or a copy
 on a laptop without the GPUs that produced it.
@@ -72,8 +73,27 @@ def _plot_throughput(records: list[dict[str, Any]], path: Path) -> str:
     return _save(fig, path)
 
 
+def comm_time_by_dim(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per mesh dim, the series ``step``, ``issued`` (seconds in flight, ``comm_seconds``) and
+    ``exposed`` (seconds compute waited, ``comm_exposed_s``), each summed over the dim's ops; a
+    row without a dim's figure counts 0 for it. Dims come from ``"<dim>/<op>"`` keys."""
+    dims = sorted(
+        {k.rsplit("/", 1)[0] for r in records for f in ("comm_seconds", "comm_exposed_s") for k in r.get(f) or {}}
+    )
+    out: dict[str, dict[str, list[float]]] = {d: {"step": [], "issued": [], "exposed": []} for d in dims}
+    for r in records:
+        if not isinstance(r.get("comm_exposed_s"), dict) and not isinstance(r.get("comm_seconds"), dict):
+            continue
+        for d in dims:
+            for field, series in (("comm_seconds", "issued"), ("comm_exposed_s", "exposed")):
+                values = r.get(field) or {}
+                out[d][series].append(sum(float(v or 0.0) for k, v in values.items() if k.rsplit("/", 1)[0] == d))
+            out[d]["step"].append(r["step"])
+    return out
+
+
 def _plot_comm(records: list[dict[str, Any]], path: Path) -> str:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax_time) = plt.subplots(2, 1, figsize=(8, 8))
     keys = sorted({k for r in records if isinstance(r.get("comm_bytes"), dict) for k in r["comm_bytes"]})
     for key in keys:
         xs, ys = [], []
@@ -90,6 +110,22 @@ def _plot_comm(records: list[dict[str, Any]], path: Path) -> str:
     ax.grid(alpha=0.3)
     if keys:
         ax.legend(fontsize="small")
+
+    # Issued (in flight) vs exposed (compute waiting) per dim: the gap is what overlap hid.
+    by_dim = comm_time_by_dim(records)
+    for i, (d, series) in enumerate(by_dim.items()):
+        color = f"C{i % 10}"
+        ax_time.plot(series["step"], series["issued"], color=color, linewidth=1.2, label=f"{d} issued")
+        ax_time.plot(
+            series["step"], series["exposed"], color=color, linestyle="--", linewidth=1.2, label=f"{d} exposed"
+        )
+    _note_if_empty(ax_time, bool(by_dim), "communication time")
+    ax_time.set_xlabel("step")
+    ax_time.set_ylabel("seconds per row (rank 0)")
+    ax_time.set_title("Communication time by dim: issued (solid) vs exposed (dashed)")
+    ax_time.grid(alpha=0.3)
+    if by_dim:
+        ax_time.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -87,6 +87,11 @@ def format_console_line(record: dict[str, Any], total_steps: int) -> str:
     comm = record.get("comm_bytes")
     if isinstance(comm, dict) and comm:
         parts.append(f"comm {sum(v for v in comm.values() if v is not None) / 1e6:.2f} MB")
+    exposed = record.get("comm_exposed_s")
+    if isinstance(exposed, dict) and exposed:
+        total = sum(v for v in exposed.values() if v is not None)
+        share = record.get("comm_exposed_frac")
+        parts.append(f"exposed {total:.3f}s" + (f" ({100 * share:.0f}%)" if isinstance(share, float) else ""))
     return " | ".join(parts)
 
 
@@ -110,6 +115,8 @@ def _wandb_record(record: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "comm_bytes" and isinstance(value, dict):
             out.update({f"comm/{k}": v for k, v in value.items() if v is not None})
+        elif key == "comm_exposed_s" and isinstance(value, dict):
+            out.update({f"comm_exposed/{k}": v for k, v in value.items() if v is not None})
         else:
             out[key] = value
     return out

@@ -6,7 +6,7 @@ initial weights. One step: this rank's microbatches -> the step's global valid-t
 forward / backward and the gradient exchange (the runtime: pipeline or not, any data / tensor /
 context / expert parallelism, any replica exchange) -> global grad norm + clip -> non-finite guard
 -> optimizer step -> the replicas' outer exchange -> metrics (loss, throughput, MFU, memory; comm
-bytes from the ledger on every logged row).
+bytes, seconds and exposed seconds from the ledger on every logged row).
 
 The loop knows the layout only through ParallelDims and the runtime; adding a parallelism changes
 ``parallel/``, not this file.
@@ -52,6 +52,9 @@ class Trainer:
     """Owns one rank's part of a run. ``fit()`` trains to ``train.steps`` and returns the losses."""
 
     def __init__(self, cfg: Config, info: RankInfo | None = None) -> None:
+        # Start of the window the next logged row covers: the ledger's too (set-up collectives
+        # land in the first row), so comm_exposed_frac compares like with like.
+        self._last_log_at = time.perf_counter()
         self.cfg = cfg
         self.info = info or rank_info()
         self.device = pick_device(cfg.train.device, self.info)
@@ -308,10 +311,16 @@ class Trainer:
             # A logged row holds the ledger since the previous logged row (unlogged steps, evals and
             # checkpoints included), so the rows of a run sum to its comm_bytes_total.
             comm_bytes, comm_seconds = LEDGER.take_step()
+            exposed = LEDGER.take_exposed()  # this rank's compute time spent waiting on each dim/op
+            now = time.perf_counter()
+            window, self._last_log_at = now - self._last_log_at, now
             record.update(
                 comm_bytes=comm_bytes,
                 comm_bytes_total=LEDGER.cumulative_bytes(),
                 comm_seconds={k: round(v, 6) for k, v in comm_seconds.items()},
+                comm_exposed_s={k: round(v, 6) for k, v in exposed.items()},
+                # the share of the row's wall time (same window as the ledger's) compute stood still
+                comm_exposed_frac=sum(exposed.values()) / window if window > 0 else None,
             )
             self.logger.log(record)
         if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
