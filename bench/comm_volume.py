@@ -455,7 +455,7 @@ class _Variant:
 def _run_step(v: _Variant, torch, dist) -> float:
     import torch.nn.functional as F
 
-    ((inputs, labels),) = v.loader.next_batch()
+    ((inputs, labels, _),) = v.loader.next_batch()
     tokens = torch.tensor([float((labels != -100).sum())], dtype=torch.float64)
     dist.all_reduce(tokens)
     logits = v.forward(inputs)

@@ -352,7 +352,7 @@ def _sweep_one(spec: Spec, pp: int, schedule: str, v: int, m: int, dims: Any, me
     loader = _loader(spec)
     steps = []
     for i in range(spec.warmup + spec.steps):
-        ((inputs, labels),) = loader.next_batch()
+        ((inputs, labels, _),) = loader.next_batch()
         dist.barrier()
         meter.take()
         t0 = time.perf_counter()
@@ -510,7 +510,7 @@ def deepspeed_vs_meshweave(spec: Spec, pp: int, dims: Any, mesh: Any) -> dict:
         variants: list[tuple[str, Callable[[], float]]] = []
 
         def mw_step(mw: MeshweavePipeline = mw, mw_loader: Any = mw_loader) -> float:
-            ((inputs, labels),) = mw_loader.next_batch()
+            ((inputs, labels, _),) = mw_loader.next_batch()
             return mw.step(inputs, labels)[1]
 
         variants.append(("meshweave 1f1b", mw_step))
@@ -518,7 +518,7 @@ def deepspeed_vs_meshweave(spec: Spec, pp: int, dims: Any, mesh: Any) -> dict:
             engine = engines[m]
 
             def ds_step(engine: Any = engine, m: int = m, ds_loader: Any = ds_loader) -> float:
-                ((inputs, labels),) = ds_loader.next_batch()
+                ((inputs, labels, _),) = ds_loader.next_batch()
                 mb = spec.batch // m
                 it = iter([(inputs[i * mb : (i + 1) * mb], labels[i * mb : (i + 1) * mb]) for i in range(m)])
                 return float(engine.train_batch(it))

@@ -121,6 +121,11 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     """Degrees of the device mesh, slowest to fastest: pp, dp_replicate, dp_shard, cp, tp.
+    document_mask: bool = opt(
+        True,
+        "packed sequences: a token attends only within its own document and RoPE positions restart at each "
+        "document (false: attend across documents, as before)",
+    )
 
     ``dp_shard = -1`` fills whatever the other degrees leave of the world size.
     """

@@ -124,6 +124,11 @@ class BlendedSequences:
         s, w = self.locate(i, seed)
         return self.sources[s][w]
 
+    def documents(self, i: int, seed: int) -> torch.Tensor:
+        """Document ids of global sample ``i``, as :meth:`PackedSequences.documents`."""
+        s, w = self.locate(i, seed)
+        return self.sources[s].documents(w)
+
     def source_tokens(self, consumed: int) -> dict[str, int]:
         """Input tokens each source contributed to the first ``consumed`` global samples."""
         return {name: c * self.seq_len for name, c in zip(self.names, self.order.counts(consumed), strict=True)}

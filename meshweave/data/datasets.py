@@ -219,3 +219,11 @@ class PackedSequences:
         lo, hi = np.searchsorted(self._doc_ends, [pos, pos + self.seq_len], side="right")
         labels[self._doc_ends[lo:hi] - 1 - pos] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+    def documents(self, i: int) -> torch.Tensor:
+        """Document ids ``[seq_len]`` (int64) of window ``i``'s input tokens: 0 for the document the
+        window starts in, +1 at each document start after it (a document's eos is its own)."""
+        pos = i * self.seq_len
+        first = np.searchsorted(self._doc_ends, pos, side="right")
+        ids = np.searchsorted(self._doc_ends, np.arange(pos, pos + self.seq_len), side="right") - first
+        return torch.from_numpy(ids.astype(np.int64))

@@ -6,10 +6,21 @@ resumes on exactly the next sample whatever its new data-parallel degree.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from meshweave.data.blend import BlendedSequences
 from meshweave.data.datasets import PackedSequences
+
+
+class Microbatch(NamedTuple):
+    """One microbatch: ``inputs`` and ``labels`` ``[b, s]`` (int64) and the document ids of the
+    inputs ``[b, s]`` (kernels/documents.py), or ``None`` when the loader was asked for none."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    documents: torch.Tensor | None = None
 
 
 class ShardedLoader:
@@ -33,6 +44,7 @@ class ShardedLoader:
         dp_size: int,
         seed: int,
         consumed_samples: int = 0,
+        documents: bool = False,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("ShardedLoader: the dataset has no sequences")
@@ -57,6 +69,7 @@ class ShardedLoader:
         self.dp_size = dp_size
         self.seed = seed
         self._consumed = consumed_samples
+        self.documents = documents
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -89,19 +102,29 @@ class ShardedLoader:
             out.extend(self._permutation(epoch)[offset : offset + take].tolist())
         return out
 
-    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's microbatches ``(input_ids, labels)`` of ``[micro_batch, seq_len]`` for one
-        step; advances ``consumed_samples`` by ``global_batch``."""
+    def next_batch(self) -> list[Microbatch]:
+        """This rank's microbatches of ``[micro_batch, seq_len]`` for one step, with document ids
+        when the loader was built with ``documents=True``; advances ``consumed_samples`` by
+        ``global_batch``."""
         per_rank = self.global_batch // self.dp_size
         rows = self._stream(self._consumed + self.dp_rank * per_rank, per_rank)
         batches = []
         dataset = self.dataset
         for m in range(0, per_rank, self.micro_batch):
+            chunk = rows[m : m + self.micro_batch]
             if isinstance(dataset, BlendedSequences):
-                pairs = [dataset.sample(i, self.seed) for i in rows[m : m + self.micro_batch]]
+                pairs = [dataset.sample(i, self.seed) for i in chunk]
+                docs = [dataset.documents(i, self.seed) for i in chunk] if self.documents else None
             else:
-                pairs = [dataset[i] for i in rows[m : m + self.micro_batch]]
-            batches.append((torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])))
+                pairs = [dataset[i] for i in chunk]
+                docs = [dataset.documents(i) for i in chunk] if self.documents else None
+            batches.append(
+                Microbatch(
+                    torch.stack([x for x, _ in pairs]),
+                    torch.stack([y for _, y in pairs]),
+                    torch.stack(docs) if docs is not None else None,
+                )
+            )
         self._consumed += self.global_batch
         return batches
 

@@ -41,7 +41,16 @@ def attention(
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # the kernels want [b, h, s, d]
     docs = _documents(q, k, q_docs, k_docs)
     if docs is not None:
-        out, lse = _reference(qh, kh, vh, causal, docs)
+        keep = _keep(qh, kh, causal, docs)
+        assert keep is not None
+        if kernel_for(q.device.type, q.dtype, q.shape[-1], True) == "cpu_flash":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qh, kh, vh, attn_mask=_additive(keep, q.dtype)
+            )
+            # The kernel reports lse = 0 for a row that sees no key; the merge contract wants -inf.
+            lse = lse.masked_fill(~keep.any(-1), float("-inf"))
+        else:
+            out, lse = _reference(qh, kh, vh, False, keep)
         return out.transpose(1, 2), lse.to(accumulation_dtype(q.dtype))
     kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
     if kernel == "cpu_flash":
@@ -112,6 +121,11 @@ def _keep(q: Tensor, k: Tensor, causal: bool, docs: Tensor | None) -> Tensor | N
     return keep
 
 
+def _additive(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """``keep`` as the additive float mask the CPU flash kernel takes (0 visible, -inf hidden)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
 def _expand_kv(kv: Tensor, q: Tensor) -> Tensor:
     """Repeat KV heads to the query head count for kernels without native GQA support."""
     groups = q.shape[1] // kv.shape[1]
@@ -164,7 +178,23 @@ def attention_backward(
     qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (q, k, v, dout, out))
     docs = _documents(q, k, q_docs, k_docs)
     if docs is not None:
-        dq, dk, dv = _reference_backward(doh, qh, kh, vh, oh, lse, causal, docs)
+        keep = _keep(qh, kh, causal, docs)
+        assert keep is not None
+        if kernel_for(q.device.type, q.dtype, q.shape[-1], True) == "cpu_flash":
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                doh.to(q.dtype),
+                qh,
+                kh,
+                vh,
+                oh.to(q.dtype),
+                # A row that sees nothing has lse = -inf; its masked scores make any finite lse exact.
+                lse.to(accumulation_dtype(q.dtype)).masked_fill(torch.isneginf(lse), 0.0),
+                0.0,
+                False,
+                attn_mask=_additive(keep, q.dtype),
+            )
+        else:
+            dq, dk, dv = _reference_backward(doh, qh, kh, vh, oh, lse, False, keep)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], not causal or q.shape[1] == k.shape[1])
     if kernel == "cuda_flash":

@@ -4,8 +4,9 @@ The model knows nothing about meshes. Two seams let ``parallel/`` split it witho
 
 - layers live in a ``ModuleDict`` keyed by their global index, and ``embed_tokens``, ``norm`` and
   ``lm_head`` may be ``None``, so a pipeline stage is the same class with parts removed;
-- attention calls ``self.attn_op(q, k, v, causal)`` (the kernel contract in docs/architecture.md), which
-  context parallelism rebinds.
+- attention calls ``self.attn_op(q, k, v, causal, documents)`` (the kernel contract in
+  docs/architecture.md; ``documents`` a :class:`~meshweave.kernels.documents.Documents` or None),
+  which context parallelism rebinds.
 
 With MoE settings (``[moe]``, see :mod:`meshweave.models.moe`) the feed-forward of every
 ``every``-th layer is a :class:`~meshweave.models.moe.MoEFeedForward` instead of the dense SwiGLU;
@@ -31,13 +32,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from meshweave.config import ModelConfig, MoEConfig
-from meshweave.kernels.attention import attention
+from meshweave.kernels.documents import Documents, attend
 from meshweave.models.family import ModelFamily
 from meshweave.models.moe import MoEFeedForward, is_moe_layer
 from meshweave.models.rope import apply_rotary, rope_frequencies, rotary_tables
 
 Tensor = torch.Tensor
-AttentionOp = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
+AttentionOp = Callable[[Tensor, Tensor, Tensor, bool, Documents | None], tuple[Tensor, Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -105,9 +106,16 @@ class Attention(nn.Module):
         )
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm != "none" else None
-        self.attn_op: AttentionOp = attention
+        self.attn_op: AttentionOp = attend
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: LayerCache | None = None,
+        documents: Documents | None = None,
+    ) -> Tensor:
         b, s, _ = x.shape
         # -1 instead of n_heads: tensor parallelism leaves each rank a slice of the heads.
         q, k = self.q_proj(x), self.k_proj(x)
@@ -121,7 +129,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # the new queries see every cached key (the causal mask aligns bottom-right)
             k, v = cache.extend(k, v)
-        out, _ = self.attn_op(q, k, v, True)
+        out, _ = self.attn_op(q, k, v, True, documents)
         return self.o_proj(out.reshape(b, s, -1))
 
 
@@ -146,9 +154,16 @@ class DecoderLayer(nn.Module):
         if moe is not None and moe.enabled and is_moe_layer(layer_idx, moe):
             self.mlp = MoEFeedForward(cfg.dim, moe)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: LayerCache | None = None,
+        documents: Documents | None = None,
+    ) -> Tensor:
         # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
-        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache, documents=documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,6 +175,10 @@ class Transformer(nn.Module):
     cached ones (decoding). ``positions`` ``[s]`` default to
     ``rope_positions`` if set, else ``0..s-1``: context parallelism and pipeline stages set the
     global positions of the tokens they see.
+
+    ``documents`` ``[b, S]``: document ids of the whole packed sequence (kernels/documents.py),
+    of which this model sees the ``rope_positions`` (all of it when unset). Each token then
+    attends within its document only and its RoPE position restarts at its document's start.
     """
 
     family: ClassVar[ModelFamily]  # declared below the class: what parallel/ needs to know
@@ -187,9 +206,21 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        documents: Tensor | None = None,
+    ) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         start = cache.length if cache is not None else 0
+        docs = None
+        if documents is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("documents set the positions themselves; pass neither a cache nor positions")
+            docs = Documents(documents.to(h.device), self.rope_positions)
+            positions = docs.rope_positions()
         if positions is None:
             positions = self.rope_positions
         if positions is None:
@@ -200,9 +231,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 h = layer(h, cos, sin, cache=cache.layer(int(key)))
             elif self.checkpoint_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, documents=docs, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, documents=docs)
         if cache is not None:
             cache.length += tokens.shape[1]
         if self.norm is not None:

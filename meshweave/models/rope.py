@@ -74,9 +74,10 @@ def rope_frequencies(m: ModelConfig) -> tuple[Tensor, float]:
 
 
 def rotary_tables(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``[seq, head_dim]`` for integer ``positions`` ``[seq]`` (half-split layout),
-    multiplied by ``scale`` (YaRN's attention factor; 1 otherwise)."""
-    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """cos/sin tables ``[..., seq, head_dim]`` for integer ``positions`` ``[seq]`` (shared by the
+    batch) or ``[b, seq]`` (per row: packed documents), in the half-split layout, multiplied by
+    ``scale`` (YaRN's attention factor; 1 otherwise)."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     if scale != 1.0:
@@ -85,10 +86,12 @@ def rotary_tables(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torc
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[b, s, h, d]`` by the tables ``[s, d]``; pairs are (i, i + d/2) as in HF."""
+    """Rotate ``x`` ``[b, s, h, d]`` by the tables ``[s, d]`` or ``[b, s, d]``; pairs are
+    (i, i + d/2) as in HF."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     # In x's dtype: under autocast q/k come out of the projections in bf16 while the tables are
     # built from fp32 activations, and attention needs q, k, v in one dtype.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads (and the batch if [s, d])
+    return x * cos + rotated * sin

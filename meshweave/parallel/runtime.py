@@ -37,6 +37,8 @@ from meshweave.comm.ops import CommGroup, all_reduce, all_reduce_scalars
 from meshweave.comm.overlap import GradientReducer
 from meshweave.config import Config
 from meshweave.data.datasets import IGNORE_INDEX
+from meshweave.data.loader import Microbatch
+from meshweave.kernels.documents import single_document_rows
 from meshweave.lowcomm.replicas import ReplicaExchange
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
@@ -44,7 +46,6 @@ from meshweave.parallel.expert import balance_experts, expert_metrics
 from meshweave.parallel.pipeline import PipelineParts
 from meshweave.parallel.tensor import loss_context, settle_gradients
 
-Microbatch = tuple[torch.Tensor, torch.Tensor]  # (inputs [b, s], labels [b, s])
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> token-loss sum
 
 
@@ -86,15 +87,22 @@ class ParallelRuntime:
     # one training step
 
     def shard(self, microbatches: list[Microbatch]) -> list[Microbatch]:
-        """Each microbatch's ``(inputs, labels)`` cut to this CP rank's shard of the sequence."""
-        if self.cp is None:
-            return microbatches
-        return [(self.cp.shard(inputs, 1), self.cp.shard(labels, 1)) for inputs, labels in microbatches]
+        """Each microbatch's inputs and labels cut to this CP rank's shard of the sequence; its
+        document ids stay whole (every CP rank needs all of them) and become ``None`` when every
+        row is one document, where masking changes nothing and the dense kernels run."""
+        out = []
+        for inputs, labels, documents in microbatches:
+            if documents is not None and single_document_rows(documents):
+                documents = None
+            if self.cp is not None:
+                inputs, labels = self.cp.shard(inputs, 1), self.cp.shard(labels, 1)
+            out.append(Microbatch(inputs, labels, documents))
+        return out
 
     def count_tokens(self, batch: list[Microbatch]) -> float:
         """The step's valid target tokens over the ranks whose gradients are summed (those of this
         rank's replica while replicas train apart). One tiny all-reduce."""
-        local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batch)
+        local = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in batch)
         (total,) = all_reduce_scalars([local], self.replicas.token_group(), self.device)
         return total
 
@@ -103,14 +111,14 @@ class ParallelRuntime:
         returns the step's loss (the mean token loss; the replicas' mean while they are apart)."""
         apart = self._apart = self.replicas.apart  # 1-bit Adam's step may flip it: report what this step did
         if self.schedule is not None:
-            ((inputs, labels),) = batch
-            loss_sum = self._pipeline_pass(inputs, labels, train=True, scale=1.0 / max(global_tokens, 1.0))
+            (microbatch,) = batch
+            loss_sum = self._pipeline_pass(microbatch, train=True, scale=1.0 / max(global_tokens, 1.0))
         else:
             loss_sum = 0.0
-            for i, (inputs, labels) in enumerate(batch):
+            for i, microbatch in enumerate(batch):
                 last = i == len(batch) - 1
                 with self._gradient_sync(enabled=last, across_replicas=not apart), loss_context(self.dims.tp > 1):
-                    loss = self._loss(inputs, labels) / max(global_tokens, 1.0)
+                    loss = self._loss(microbatch) / max(global_tokens, 1.0)
                     loss.backward()
                 loss_sum += _scalar(loss)
         if self.reducer is not None and not apart:
@@ -153,13 +161,13 @@ class ParallelRuntime:
         loss_sum, tokens = 0.0, 0
         with self.replicas.eval_weights():
             for batch in batches:
-                for inputs, labels in self.shard(batch):
+                for microbatch in self.shard(batch):
                     if self.schedule is not None:
-                        loss_sum += self._pipeline_pass(inputs, labels, train=False, scale=1.0)
+                        loss_sum += self._pipeline_pass(microbatch, train=False, scale=1.0)
                     else:
                         with loss_context(self.dims.tp > 1):
-                            loss_sum += _scalar(self._loss(inputs, labels))
-                    tokens += int((labels != IGNORE_INDEX).sum())
+                            loss_sum += _scalar(self._loss(microbatch))
+                    tokens += int((microbatch.labels != IGNORE_INDEX).sum())
         self.model.train()
         total_loss, total_tokens = all_reduce_scalars([loss_sum, tokens], self.loss_group, self.device)
         return total_loss / max(total_tokens, 1.0)
@@ -172,9 +180,11 @@ class ParallelRuntime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, microbatch: Microbatch) -> torch.Tensor:
+        inputs, labels, documents = microbatch
+        extra = {} if documents is None else {"documents": documents.to(self.device)}
         with self._autocast():
-            logits = self.model(inputs.to(self.device))
+            logits = self.model(inputs.to(self.device), **extra)
         return self._loss_fn(logits, labels.to(self.device))
 
     def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -182,19 +192,22 @@ class ParallelRuntime:
         scale, so microbatch gradients add up to the step's. Given to the schedule at build time."""
         return self._loss_fn(logits, labels) * self._loss_scale
 
-    def _pipeline_pass(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool, scale: float) -> float:
+    def _pipeline_pass(self, microbatch: Microbatch, train: bool, scale: float) -> float:
         """Run the schedule over this rank's batch (every stage of the pipeline calls it together);
-        returns the pipeline's loss sum (its last stage's microbatch losses, summed over pp)."""
+        returns the pipeline's loss sum (its last stage's microbatch losses, summed over pp).
+        Document ids go to every stage as a keyword the schedule splits like the inputs."""
         assert self.pipeline is not None and self.pp_group is not None
+        inputs, labels, documents = microbatch
         self._loss_scale = scale
         args = (inputs.to(self.device),) if 0 in self.pipeline.stage_ids else ()
         target = labels.to(self.device) if self.pipeline.has_last_stage else None
+        extra = {} if documents is None else {"documents": documents.to(self.device)}
         losses: list = []
         with self._autocast(), loss_context(self.dims.tp > 1):
             if train:
-                self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+                self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **extra)
             else:
-                self.schedule.eval(*args, target=target, losses=losses)
+                self.schedule.eval(*args, target=target, losses=losses, **extra)
         (total,) = all_reduce_scalars([sum(_scalar(loss) for loss in losses)], self.pp_group, self.device)
         return total
 

@@ -88,6 +88,7 @@ class Trainer:
             cfg.train.seed,
         )
 
+            documents=cfg.data.document_mask,
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
@@ -264,6 +265,7 @@ class Trainer:
             rank_local=self.replicas.rank_local(),
         )
         self._saved_step = self.step
+            documents=self.cfg.data.document_mask,
         self.logger.event(
             f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_ else f"saved checkpoint {path}"
         )

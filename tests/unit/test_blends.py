@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from meshweave.config import ConfigError, DataConfig
 from meshweave.data.blend import BlendedSequences, BlendOrder, parse_blend
@@ -50,7 +51,7 @@ def global_stream(ds: BlendedSequences, dp_size: int, steps: int, consumed: int 
     rows = []
     for _ in range(steps):
         for loader in loaders:
-            rows += [x for inputs, _ in loader.next_batch() for x in inputs.tolist()]
+            rows += [x for inputs, *_ in loader.next_batch() for x in inputs.tolist()]
     return rows
 
 
@@ -64,7 +65,7 @@ def test_parse_blend_normalises_megatron_weight_path_pairs():
 def test_proportions_over_10000_samples_are_within_1_percent_of_the_weights(sources):
     train, _, _ = blend_of(sources)
     loader = ShardedLoader(train, 100, 0, 0, 1, seed=7)
-    rows = [row for _ in range(100) for inputs, _ in loader.next_batch() for row in inputs.tolist()]
+    rows = [row for _ in range(100) for inputs, *_ in loader.next_batch() for row in inputs.tolist()]
     first = [chr(next(t for t in row if t != EOS)) for row in rows]  # every window holds a letter
     assert len(first) == 10_000
     for letter, weight in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
@@ -111,7 +112,7 @@ def test_resume_continues_the_stream_under_another_dp_degree(sources):
         loader.load_state_dict(state)
     for _ in range(6):
         for loader in loaders:
-            rows += [x for inputs, _ in loader.next_batch() for x in inputs.tolist()]
+            rows += [x for inputs, *_ in loader.next_batch() for x in inputs.tolist()]
     assert rows == reference[4 * 8 :]
     # A fresh blend over the same files (a restarted run) serves the same samples.
     again, _, _ = blend_of(sources)
@@ -167,3 +168,10 @@ def test_each_bad_blend_is_one_line_naming_data_blend_and_the_fix(tmp_path, sour
     assert "give one of them" in blend_error(tmp_path, f"--data.source={a}", f"--data.blend=1 {b}")
     for bad in ("x 0.3", "1 a 1"):
         assert "weight and dataset prefix pairs" in blend_error(tmp_path, f"--data.blend={bad}")
+
+
+def test_a_blended_sample_carries_its_sources_document_ids(sources):
+    train, *_ = blend_of(sources)
+    for i in range(0, 200, 7):
+        s, w = train.locate(i, seed=3)
+        assert torch.equal(train.documents(i, seed=3), train.sources[s].documents(w))

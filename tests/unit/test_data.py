@@ -38,8 +38,8 @@ def counting_dataset(num_samples: int, seq_len: int = 4) -> PackedSequences:
     return ds
 
 
-def sample_ids(batches: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int = 4) -> list[int]:
-    return [int(x[0]) // seq_len for inputs, _ in batches for x in inputs]
+def sample_ids(batches: list, seq_len: int = 4) -> list[int]:
+    return [int(x[0]) // seq_len for inputs, *_ in batches for x in inputs]
 
 
 def write_word_tokenizer(path: Path, words: list[str]) -> Path:
@@ -333,7 +333,7 @@ def test_next_batch_splits_the_rank_slice_into_microbatches():
     loader = ShardedLoader(counting_dataset(40, seq_len=4), 8, 2, dp_rank=1, dp_size=2, seed=0)
     batches = loader.next_batch()
     assert len(batches) == 2
-    assert all(x.shape == (2, 4) and y.shape == (2, 4) for x, y in batches)
+    assert all(x.shape == (2, 4) and y.shape == (2, 4) for x, y, _ in batches)
     assert loader.consumed_samples == 8
 
 
@@ -389,3 +389,21 @@ def test_micro_batch_not_dividing_the_rank_slice_is_rejected_by_name():
 def test_rank_outside_dp_size_is_rejected():
     with pytest.raises(ValueError, match="dp_rank=2"):
         ShardedLoader(counting_dataset(10), 8, 0, 2, 2, seed=0)
+
+
+def test_document_ids_count_document_starts_within_the_window():
+    """Stream: 1 2 3 4 5 eos | 6 7 eos | 8 ... 14 eos; a document's eos belongs to it."""
+    ds = PackedSequences(three_doc_corpus(), [0, 1, 2], seq_len=5)
+    assert ds.documents(0).tolist() == [0, 0, 0, 0, 0]
+    assert ds.documents(1).tolist() == [0, 1, 1, 1, 2]  # eos of doc 0, then 6 7 eos, then 8
+    assert ds.documents(2).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_loader_hands_document_ids_beside_each_microbatch_when_asked():
+    ds = PackedSequences(three_doc_corpus(), [0, 1, 2], seq_len=5)
+    with_docs = ShardedLoader(ds, 2, 1, dp_rank=0, dp_size=1, seed=0, documents=True).next_batch()
+    without = ShardedLoader(ds, 2, 1, dp_rank=0, dp_size=1, seed=0).next_batch()
+    for (inputs, labels, docs), plain in zip(with_docs, without, strict=True):
+        assert torch.equal(inputs, plain.inputs) and torch.equal(labels, plain.labels) and plain.documents is None
+        row = next(i for i in range(len(ds)) if torch.equal(ds[i][0], inputs[0]))  # windows differ here
+        assert torch.equal(docs[0], ds.documents(row))

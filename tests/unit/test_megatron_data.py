@@ -73,7 +73,7 @@ def test_a_dataset_written_by_megatron_cores_builder_trains(tmp_path):
     stream = [t for d in DOCS for t in [*d, EOS]]
     assert corpus.doc_offsets.tolist() == np.cumsum([0] + [len(d) + 1 for d in DOCS]).tolist()
     loader = ShardedLoader(train, global_batch=len(train), micro_batch=0, dp_rank=0, dp_size=1, seed=1)
-    ((inputs, labels),) = loader.next_batch()
+    ((inputs, labels, _),) = loader.next_batch()
     served = sorted(row.tolist() for row in inputs)
     assert served == sorted(stream[8 * i : 8 * i + 8] for i in range(len(train)))
     assert int((labels == IGNORE_INDEX).sum()) == sum(int((row == EOS).sum()) for row in inputs)

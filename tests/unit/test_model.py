@@ -372,8 +372,9 @@ class RecordingOp:
     def __init__(self, delegate):
         self.delegate, self.calls = delegate, []
 
-    def __call__(self, q, k, v, causal):
+    def __call__(self, q, k, v, causal, documents):
         self.calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), causal))
+        assert documents is None  # no documents given to the model
         return self.delegate(q, k, v, causal)
 
 
@@ -401,7 +402,7 @@ def test_attention_op_output_is_used():
     cfg = tiny()
     model, x = materialized(cfg), tokens(cfg)
 
-    def zero_attention(q, k, v, causal):
+    def zero_attention(q, k, v, causal, documents):
         out, lse = attention(q, k, v, causal)
         return torch.zeros_like(out), lse
 

@@ -23,7 +23,7 @@ def trainer(tmp_path):
 def _poison(trainer):
     """Make every microbatch's loss NaN (the runtime's per-microbatch loss); returns the clean one."""
     clean = trainer.runtime._loss
-    trainer.runtime._loss = lambda inputs, labels: clean(inputs, labels) * float("nan")
+    trainer.runtime._loss = lambda microbatch: clean(microbatch) * float("nan")
     return clean
 
 

@@ -5,6 +5,7 @@
     cp = ContextParallel(mesh, method="ring")          # mesh: 1-D DeviceMesh or ProcessGroup
     q_local = cp.shard(q_full, seq_dim=1)              # this rank's tokens, in the method's layout
     out_local = cp.attention(q_local, k_local, v_local, causal=True)
+    out_local = cp.attention(q_local, k_local, v_local, documents=doc_ids)  # packed: [b, N] ids, whole
     out_full = cp.unshard(out_local, seq_dim=1)        # every rank gets the full tensor back
 
 Methods (ALGORITHMS.md has the published numbers):
@@ -15,6 +16,11 @@ Methods (ALGORITHMS.md has the published numbers):
 - ``tokenring`` (tokenring.py): Q travels, results return to their owner; trainable backward.
 - ``hybrid`` (hybrid.py): Ulysses over ``ulysses_degree`` consecutive ranks, ring (or TokenRing
   with ``inner="tokenring"``) across the groups of them.
+
+Document masking (packed sequences): ``documents`` are the document ids ``[b, N]`` of the *whole*
+sequence, the same on every rank (kernels/documents.py); a token attends only within its
+document. Ulysses gathers the full sequence per head shard and masks locally; ring and TokenRing
+skip every block pair that shares no document — no compute and no bytes for it.
 
 Sequence lengths must split as the layout needs (layout.py): the ring-style methods cut the
 sequence into ``2P`` zigzag chunks, Ulysses into ``P`` pieces; anything else raises
@@ -32,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import attention as local_attention
+from meshweave.kernels.documents import Documents
 from meshweave.parallel.context.layout import LayoutError, SequenceLayout
 from meshweave.parallel.context.ring import RingAttention
 from meshweave.parallel.context.tokenring import TokenRingAttention
@@ -145,28 +152,42 @@ class ContextParallel:
     # ------------------------------------------------------------------------------------
     # attention
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    def attention(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, documents: Tensor | None = None
+    ) -> Tensor:
         """Attention for local shards ``[b, s_local, h, d]`` (k/v may have fewer heads); returns the
-        local output shard ``[b, s_local, h, d]``. Differentiable; collective over the CP group."""
-        self.check(q.shape[1] * self.group.size)
+        local output shard ``[b, s_local, h, d]``. ``documents``: ids ``[b, N]`` of the whole
+        sequence (identical on every rank), to attend within documents only. Differentiable;
+        collective over the CP group."""
+        seq_len = q.shape[1] * self.group.size
+        self.check(seq_len)
+        if documents is not None and tuple(documents.shape) != (q.shape[0], seq_len):
+            raise ValueError(
+                f"ContextParallel.attention: documents {tuple(documents.shape)} must be the whole "
+                f"sequence's ids [batch, {seq_len}] (the same on every rank), not a shard"
+            )
         if self.method == "ulysses":
-            return ulysses_attention(q, k, v, causal, self.group)
+            return ulysses_attention(q, k, v, causal, self.group, documents=documents)
         if self.method == "ring":
-            return RingAttention.apply(q, k, v, causal, self.group)[0]
+            return _blockwise(RingAttention, q, k, v, causal, self.group, documents)
         if self.method == "tokenring":
-            return TokenRingAttention.apply(q, k, v, causal, self.group)[0]
-        return ulysses_attention(q, k, v, causal, self.ulysses_group, inner=self._across)
+            return _blockwise(TokenRingAttention, q, k, v, causal, self.group, documents)
+        return ulysses_attention(q, k, v, causal, self.ulysses_group, inner=self._across, documents=documents)
 
-    def _across(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    def _across(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, documents: Tensor | None) -> Tensor:
+        """The hybrid's ring stage on the Ulysses-gathered zigzag shard of its ring group; the
+        whole sequence's ``documents`` serve the ring group as they serve the whole group."""
         if self.ring_group.size == 1:
-            return local_attention(q, k, v, causal)[0]
+            return local_attention(q, k, v, causal, q_docs=documents, k_docs=documents)[0]
         kernel = RingAttention if self.inner == "ring" else TokenRingAttention
-        return kernel.apply(q, k, v, causal, self.ring_group)[0]
+        return _blockwise(kernel, q, k, v, causal, self.ring_group, documents)
 
-    def attention_op(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, None]:
+    def attention_op(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool, documents: Documents | None = None
+    ) -> tuple[Tensor, None]:
         """The model's attention-op seam (models/llama.py): ``(out, None)`` — no lse is needed
         after the last layer's attention, so none is gathered."""
-        return self.attention(q, k, v, causal), None
+        return self.attention(q, k, v, causal, documents.ids if documents is not None else None), None
 
     def __repr__(self) -> str:
         extra = f", ulysses={self.ulysses_degree} x {self.inner}={self.ring_degree}" if self.method == "hybrid" else ""
@@ -182,6 +203,14 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return ctx.cp.shard(grad, ctx.seq_dim), None, None
+
+
+def _blockwise(kernel, q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup, documents: Tensor | None):
+    """Run a blockwise method (ring / TokenRing) and keep its output; without documents the
+    Function is called exactly as before the document argument existed."""
+    if documents is None:
+        return kernel.apply(q, k, v, causal, group)[0]
+    return kernel.apply(q, k, v, causal, group, documents)[0]
 
 
 def _single(group: CommGroup) -> CommGroup:

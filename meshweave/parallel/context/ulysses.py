@@ -93,12 +93,26 @@ def gather_heads(out: Tensor, group: CommGroup) -> Tensor:
     return _HeadExchange.apply(False, group, out)[0]
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup, inner=None) -> Tensor:
+def ulysses_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    group: CommGroup,
+    inner=None,
+    documents: Tensor | None = None,
+) -> Tensor:
     """Ulysses attention over ``group`` for contiguous sequence shards; returns the local output.
 
-    ``inner(q, k, v, causal) -> out`` runs on the gathered full-sequence head shards (the local
-    kernel by default; the hybrid method passes ring / TokenRing attention). Collective.
+    ``inner(q, k, v, causal, documents) -> out`` runs on the gathered full-sequence head shards
+    (the local kernel by default; the hybrid method passes ring / TokenRing attention).
+    ``documents`` ``[b, N]``: document ids of the whole sequence, held by every rank (no bytes
+    travel for them); the local kernel masks the gathered sequence with them, an ``inner`` gets
+    them as they are. Collective.
     """
     qh, kh, vh = scatter_heads(q, k, v, group)
-    out = inner(qh, kh, vh, causal) if inner is not None else attention(qh, kh, vh, causal)[0]
+    if inner is not None:
+        out = inner(qh, kh, vh, causal, documents)
+    else:
+        out = attention(qh, kh, vh, causal, q_docs=documents, k_docs=documents)[0]
     return gather_heads(out, group)
