@@ -42,8 +42,11 @@ def attention(
     docs = _documents(q, k, q_docs, k_docs)
     if docs is not None:
         keep = _keep(qh, kh, causal, docs)
-        assert keep is not None
-        if kernel_for(q.device.type, q.dtype, q.shape[-1], True) == "cpu_flash":
+        assert keep is not None and q_docs is not None and k_docs is not None
+        kernel = kernel_for(q.device.type, q.dtype, q.shape[-1], True, documents=True)
+        if kernel == "flex":
+            out, lse = flex_documents(qh, kh, vh, causal, q_docs, k_docs)
+        elif kernel == "cpu_flash":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qh, kh, vh, attn_mask=_additive(keep, q.dtype)
             )
@@ -79,14 +82,18 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
 
 
-def kernel_for(device_type: str, dtype: torch.dtype, head_dim: int, aligned: bool) -> str:
-    """The kernel that runs an attention block, forward and backward alike: ``cpu_flash``,
-    ``cuda_flash`` (fp16 / bf16, head_dim <= 256) or ``reference`` (the plain twin).
+def kernel_for(device_type: str, dtype: torch.dtype, head_dim: int, aligned: bool, documents: bool = False) -> str:
+    """The kernel that runs an attention block: ``cpu_flash``, ``cuda_flash`` (fp16 / bf16,
+    head_dim <= 256), ``flex`` or ``reference`` (the plain twin).
 
     ``aligned``: not causal, or as many keys as queries. Causal masks align bottom-right (query i
     sees keys up to i + s_k - s_q); the fused kernels align top-left, so unequal lengths take the
-    reference path.
+    reference path. With ``documents`` the mask is explicit, so alignment does not matter: the
+    CPU flash kernel takes it as an additive mask, CUDA runs flex_attention with a block mask
+    forward (its backward from a given lse is not exposed: block backward stays the reference).
     """
+    if documents:
+        return {"cpu": "cpu_flash", "cuda": "flex"}.get(device_type, "reference")
     if not aligned:
         return "reference"
     if device_type == "cpu":
@@ -119,6 +126,40 @@ def _keep(q: Tensor, k: Tensor, causal: bool, docs: Tensor | None) -> Tensor | N
         tri = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
         keep = tri if keep is None else keep & tri
     return keep
+
+
+def flex_documents(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_docs: Tensor, k_docs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Document-masked attention in ``[b, h, s, d]`` through ``flex_attention`` with a block mask
+    built from the ids: blocks with no visible pair are never computed. Compiled on CUDA (the
+    fused kernel); eager elsewhere (forward only: torch has no CPU flex backward). Rows that see
+    nothing get a zero output and ``lse = -inf``, as :func:`_reference`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = k.shape[-2] - q.shape[-2]  # causal aligns bottom-right
+
+    def visible(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        same = q_docs[b, qi] == k_docs[b, ki]
+        return same & (qi + offset >= ki) if causal else same
+
+    fused = q.device.type == "cuda"
+    mask = create_block_mask(visible, q.shape[0], None, q.shape[-2], k.shape[-2], device=q.device, _compile=fused)
+    run = _compiled_flex() if fused else flex_attention
+    out, lse = run(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1], return_lse=True)
+    return out, lse
+
+
+_FLEX: list = []
+
+
+def _compiled_flex():
+    """flex_attention compiled once per process (eager flex materialises every score)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
 
 
 def _additive(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -180,7 +221,7 @@ def attention_backward(
     if docs is not None:
         keep = _keep(qh, kh, causal, docs)
         assert keep is not None
-        if kernel_for(q.device.type, q.dtype, q.shape[-1], True) == "cpu_flash":
+        if kernel_for(q.device.type, q.dtype, q.shape[-1], True, documents=True) == "cpu_flash":
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 doh.to(q.dtype),
                 qh,

@@ -296,6 +296,13 @@ def test_one_dispatch_picks_the_kernel_for_forward_and_backward(device, dtype, h
     assert kernel_for(device, dtype, head_dim, aligned) == kernel
 
 
+@pytest.mark.parametrize("device, kernel", [("cpu", "cpu_flash"), ("cuda", "flex"), ("xpu", "reference")])
+def test_document_masks_dispatch_whatever_the_alignment(device, kernel):
+    from meshweave.kernels.attention import kernel_for
+
+    assert kernel_for(device, torch.float32, 64, False, documents=True) == kernel
+
+
 def test_forward_and_backward_both_follow_the_dispatch(monkeypatch):
     import meshweave.kernels.attention as attn
 
@@ -387,3 +394,22 @@ def test_document_ids_for_one_side_only_are_refused():
     q, k, v, _ = _packed()
     with pytest.raises(ValueError, match="both"):
         attention(q, k, v, True, DOCS, None)
+
+
+def test_document_kernels_agree_with_the_plain_twin_including_rows_that_see_nothing(monkeypatch):
+    """The CPU flash kernel with an additive mask and flex_attention (CUDA's path, run eagerly
+    here, forward only) against the reference, on a block whose first rows see no key."""
+    import meshweave.kernels.attention as attn
+
+    q, k, v, dout = _packed(2)
+    q_docs, k_docs = DOCS, DOCS + (torch.arange(12) < 6)  # keys of the first half: other documents
+    fused = attn.attention(q, k, v, False, q_docs, k_docs)
+    fused_grads = attn.attention_backward(dout, q, k, v, *fused, False, q_docs, k_docs)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    flex_out, flex_lse = attn.flex_documents(qh, kh, vh, False, q_docs, k_docs)
+    monkeypatch.setattr(attn, "kernel_for", lambda *a, **kw: "reference")
+    plain = attn.attention(q, k, v, False, q_docs, k_docs)
+    plain_grads = attn.attention_backward(dout, q, k, v, *plain, False, q_docs, k_docs)
+    assert torch.isneginf(plain[1]).any() and not torch.isneginf(plain[1]).all()
+    for a, b in zip((*fused, *fused_grads, flex_out.transpose(1, 2), flex_lse), (*plain, *plain_grads, *plain)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)  # fp64: rounding only
