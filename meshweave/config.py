@@ -265,6 +265,10 @@ class LogConfig:
     wandb: bool = opt(False, "also log to Weights & Biases")
     wandb_project: str = opt("meshweave", "wandb project")
     wandb_run_name: str = opt("", "wandb run name (default: the run directory's name)")
+    tensor_memory: bool = opt(
+        False,
+        "record mem_tensor_peak_bytes: each rank's peak of live tensor bytes (every op tracked: slower steps)",
+    )
 
 
 @dataclass

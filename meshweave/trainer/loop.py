@@ -14,6 +14,7 @@ The loop knows the layout only through ParallelDims and the runtime; adding a pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from meshweave.checkpoint.hf import load_initial_weights
 from meshweave.checkpoint.manager import CheckpointError, CheckpointManager, checkpoint_info, read_manifest
 from meshweave.comm import capture
-from meshweave.comm.ops import LEDGER, CommGroup
+from meshweave.comm.ops import LEDGER, CommGroup, all_reduce_scalars
 from meshweave.config import Config
 from meshweave.data.build import build_datasets
 from meshweave.data.datasets import IGNORE_INDEX
@@ -35,6 +36,7 @@ from meshweave.launch.env import RankInfo, destroy_process_group, init_process_g
 from meshweave.launch.preemption import StopRequest
 from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
 from meshweave.metrics.sinks import MetricsLogger
+from meshweave.metrics.tensor_memory import TensorMemoryPeak
 from meshweave.models.llama import Transformer, build_model, num_params
 from meshweave.options import to_toml
 from meshweave.parallel.dims import resolve_degrees
@@ -86,15 +88,16 @@ class Trainer:
             self.dp_group.rank,
             self.dp_group.size,
             cfg.train.seed,
+            documents=cfg.data.document_mask,
         )
 
-            documents=cfg.data.document_mask,
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
         self.skipped_steps = 0
         self._saved_step = -1
         self.stopped_early = False
+        self.tensor_memory: TensorMemoryPeak | None = None  # log.tensor_memory, while fit() runs
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
             cfg.checkpoint.keep,
@@ -235,7 +238,17 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             **runtime.metrics(),
             **self.loader.metrics(),  # source_tokens of a data.blend
+            **self._tensor_memory_metrics(),
         }
+
+    def _tensor_memory_metrics(self) -> dict:
+        """``mem_tensor_peak_bytes``: every rank's peak of live tensor bytes so far, indexed by
+        rank (one small all-reduce), when ``log.tensor_memory`` is on."""
+        if self.tensor_memory is None:
+            return {}
+        per_rank = [0.0] * self.info.world_size
+        per_rank[self.info.rank] = float(self.tensor_memory.peak_bytes())
+        return {"mem_tensor_peak_bytes": [int(b) for b in all_reduce_scalars(per_rank, self.world, self.device)]}
 
     # ---------------------------------------------------------------------------------------
     # eval, checkpoint, loop
@@ -252,6 +265,7 @@ class Trainer:
             self.dp_group.rank,
             self.dp_group.size,
             self.cfg.train.seed,
+            documents=self.cfg.data.document_mask,
         )
         return self.runtime.evaluate(loader.next_batch() for _ in range(self.cfg.train.eval_batches))
 
@@ -265,7 +279,6 @@ class Trainer:
             rank_local=self.replicas.rank_local(),
         )
         self._saved_step = self.step
-            documents=self.cfg.data.document_mask,
         self.logger.event(
             f"writing checkpoint {path} in the background" if self.cfg.checkpoint.async_ else f"saved checkpoint {path}"
         )
@@ -286,17 +299,20 @@ class Trainer:
         losses: list[float] = []
         stop = StopRequest()
         self.model.train()
+        if self.cfg.log.tensor_memory:
+            self.tensor_memory = TensorMemoryPeak(self.model, self.optimizer)
         try:
-            while self.step < last:
-                losses.append(self._step_and_bookkeep(last))
-                signum = stop.agreed(self.world, self.device)
-                if signum and self.step < last:
-                    self.logger.event(
-                        f"stop requested ({signal.Signals(signum).name}) at step {self.step}: "
-                        "checkpointing and exiting; resume with --checkpoint.resume=auto"
-                    )
-                    self.stopped_early = True
-                    break
+            with self.tensor_memory or contextlib.nullcontext():
+                while self.step < last:
+                    losses.append(self._step_and_bookkeep(last))
+                    signum = stop.agreed(self.world, self.device)
+                    if signum and self.step < last:
+                        self.logger.event(
+                            f"stop requested ({signal.Signals(signum).name}) at step {self.step}: "
+                            "checkpointing and exiting; resume with --checkpoint.resume=auto"
+                        )
+                        self.stopped_early = True
+                        break
             if (self.cfg.checkpoint.save_final or self.stopped_early) and self._saved_step != self.step:
                 self.save_checkpoint()
         finally:
