@@ -153,6 +153,21 @@ class ParallelConfig:
     pp_layers: str = opt("", "explicit split, e.g. '0-3,4-7' (one range per stage); empty: balance by cost")
     mixed_precision: str = opt("none", "FSDP param dtype policy: bf16 params with fp32 reduction", ("none", "bf16"))
     activation_checkpointing: bool = opt(False, "recompute each decoder layer in backward")
+    fsdp_forward_prefetch: int = opt(
+        1,
+        "FSDP: each layer's forward starts the all-gathers of the next N layers, asynchronously "
+        "(0: none, FSDP2's implicit order: each layer gathers on entry)",
+    )
+    fsdp_backward_prefetch: int = opt(
+        1,
+        "FSDP: each layer's backward starts the all-gathers of the N layers before it, asynchronously "
+        "(0: FSDP2's implicit prefetch of one layer, issued synchronously)",
+    )
+    fsdp_reshard_after_forward: str = opt(
+        "auto",
+        "FSDP: free gathered parameters after a layer's forward: true | false (keep them to backward) | "
+        "N (keep them sharded over N ranks, N dividing dp_shard x cp) | auto (true but the last layer)",
+    )
 
 
 @dataclass
@@ -425,6 +440,15 @@ def check_sections(cfg: Config) -> None:
         "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)",
     )
 
+    p = cfg.parallel
+    for key in ("fsdp_forward_prefetch", "fsdp_backward_prefetch"):
+        require(getattr(p, key) >= 0, f"parallel.{key}", f"must be >= 0 (layers to prefetch), got {getattr(p, key)}")
+    reshard = p.fsdp_reshard_after_forward
+    require(
+        reshard in ("auto", "true", "false") or (reshard.isdigit() and int(reshard) >= 1),
+        "parallel.fsdp_reshard_after_forward",
+        f"{reshard!r} is not auto, true, false or a positive number of ranks",
+    )
     require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
     require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
     require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")

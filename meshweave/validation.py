@@ -62,6 +62,15 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             "nor a meshweave checkpoint (manifest.json)",
         )
     dims = resolve_degrees(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    reshard = cfg.parallel.fsdp_reshard_after_forward
+    if reshard.isdigit():  # FSDP2 reshards to a sub-group of the shard group: its size must divide it
+        shard_ranks = dims.dp_shard * dims.cp
+        require(
+            shard_ranks % int(reshard) == 0,
+            "parallel.fsdp_reshard_after_forward",
+            f"{reshard} does not divide the FSDP shard group (dp_shard x cp = {shard_ranks}); "
+            f"choose one of {[d for d in range(1, shard_ranks + 1) if shard_ranks % d == 0]}, true or false",
+        )
     if t.compile:
         # Compiled blocks are proven with data parallelism (FSDP / HSDP / replicas), activation
         # checkpointing and the pipeline; with TP's DTensor hooks inside a block, CP's attention

@@ -2,6 +2,9 @@
 
 - ``dp_shard > 1``: FSDP2 ``fully_shard`` per decoder layer, then the root; with
   ``dp_replicate > 1`` too, the 2-D mesh makes it HSDP (shard inside, replicate across).
+  Prefetch is explicit (:class:`FsdpPrefetch`, the ``parallel.fsdp_*`` options): each layer
+  starts the all-gathers of the next layers in forward and of the previous ones in backward,
+  asynchronously, so they run under the current layer's compute.
 - only ``dp_replicate > 1``: parameters stay whole; gradients go through
   :class:`meshweave.comm.overlap.GradientReducer`, bucketed and overlapped with backward.
 
@@ -15,6 +18,7 @@ global token count, so the sum is the gradient of the global mean loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +37,54 @@ MIXED_PRECISION = {
 }
 
 
+@dataclass(frozen=True)
+class FsdpPrefetch:
+    """How FSDP2 schedules its all-gathers (``parallel.fsdp_*``; see config.py for the defaults).
+
+    ``forward`` / ``backward``: layers whose all-gather a layer starts early, in forward the next
+    ones, in backward the previous ones (FSDP2's ``set_modules_to_forward_prefetch`` /
+    ``set_modules_to_backward_prefetch``). With either above 0 every layer unshards with
+    ``async_op=True`` (FSDP2's ``_set_unshard_async_op``): the prefetched all-gather is then in flight while
+    the current layer computes — on CPU the only way it can be, since FSDP2 has no side streams
+    there, and on CUDA what FSDP2 recommends with explicit prefetching (no inter-stream
+    fragmentation). 0 and 0 leave FSDP2's implicit schedule. ``reshard_after_forward``: "auto"
+    (true but for the last layer, whose parameters backward needs at once), "true", "false", or a
+    number of ranks to keep the parameters sharded over between forward and backward.
+    """
+
+    forward: int = 0
+    backward: int = 0
+    reshard_after_forward: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> FsdpPrefetch:
+        p = cfg.parallel
+        return cls(p.fsdp_forward_prefetch, p.fsdp_backward_prefetch, p.fsdp_reshard_after_forward)
+
+    def reshard(self, layer: int, n_layers: int) -> bool | int:
+        """FSDP2's ``reshard_after_forward`` for layer ``layer`` of ``n_layers``."""
+        if self.reshard_after_forward == "auto":
+            return layer < n_layers - 1
+        if self.reshard_after_forward in ("true", "false"):
+            return self.reshard_after_forward == "true"
+        return int(self.reshard_after_forward)
+
+
+def _set_prefetch(layers: list[nn.Module], prefetch: FsdpPrefetch) -> None:
+    """Explicit forward / backward prefetch lists over ``layers`` (one FSDP root's, in order)."""
+    if not (prefetch.forward or prefetch.backward):
+        return
+    units: list[FSDPModule] = [layer for layer in layers if isinstance(layer, FSDPModule)]
+    assert len(units) == len(layers), "fully_shard every layer first"
+    for i, unit in enumerate(units):
+        # Private in torch 2.13 (public in earlier FSDP2 releases); the flag FSDP2 reads is per group.
+        unit._set_unshard_async_op(True)
+        if prefetch.forward:
+            unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch.forward])
+        if prefetch.backward and i > 0:  # backward meets the layers in reverse: nearest first
+            unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch.backward) : i][::-1])
+
+
 def apply_fsdp(
     model: nn.Module,
     dims: ParallelDims,
@@ -41,6 +93,7 @@ def apply_fsdp(
     roots: list[nn.Module] | None = None,
     across_replicas: bool = True,
     ignored: list[nn.Parameter] | None = None,
+    prefetch: FsdpPrefetch | None = None,
 ) -> None:
     """Shard ``model`` with FSDP2 over dp_shard (x cp), HSDP with dp_replicate across.
 
@@ -48,8 +101,10 @@ def apply_fsdp(
     pipeline rank passes its stage modules, each of which must be its own FSDP root. With
     ``across_replicas=False`` FSDP reduces inside each replica only (1-bit Adam and DiLoCo
     exchange between replicas themselves). ``ignored`` parameters are left alone (expert weights,
-    which parallel/expert.py shards and reduces itself).
+    which parallel/expert.py shards and reduces itself). ``prefetch``: the all-gather schedule
+    (default: FSDP2's implicit one); prefetch lists never cross from one root's layers to another's.
     """
+    prefetch = prefetch or FsdpPrefetch()
     shard = dims.shard_dim
     hsdp = across_replicas and dims.dp_replicate > 1
     dp_mesh = mesh["dp_replicate", shard] if hsdp else mesh[shard]
@@ -60,11 +115,12 @@ def apply_fsdp(
         kwargs["ignored_params"] = set(ignored)
     layers = list(family_of(model).block_dict(model).values())
     for i, layer in enumerate(layers):
-        # The last layer's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
+        fully_shard(layer, reshard_after_forward=prefetch.reshard(i, len(layers)), **kwargs)
     for root in roots or [model]:
         fully_shard(root, **kwargs)
         _sum_not_average(root)
+        owned = {id(m) for m in root.modules()}
+        _set_prefetch([layer for layer in layers if id(layer) in owned], prefetch)
 
 
 def _sum_not_average(model: nn.Module) -> None:

@@ -20,7 +20,13 @@ from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
 from meshweave.models.family import family_of, seam
 from meshweave.models.moe import init_moe_buffers, set_aux_loss_scale
 from meshweave.parallel.context import ContextParallel
-from meshweave.parallel.data import MIXED_PRECISION, apply_fsdp, fsdp_inside_replicas, replicated_reducer
+from meshweave.parallel.data import (
+    MIXED_PRECISION,
+    FsdpPrefetch,
+    apply_fsdp,
+    fsdp_inside_replicas,
+    replicated_reducer,
+)
 from meshweave.parallel.dims import ParallelDims, ParallelMesh
 from meshweave.parallel.expert import bind, shard_expert_weights
 from meshweave.parallel.pipeline import build_schedule, split_model
@@ -61,7 +67,16 @@ def parallelize(
         compile_blocks(model)
     apart = replica_mode(cfg) != "dp"
     if fsdp_inside_replicas(dims, cfg):
-        apply_fsdp(model, dims, mesh, cfg.parallel.mixed_precision, roots, across_replicas=not apart, ignored=experts)
+        apply_fsdp(
+            model,
+            dims,
+            mesh,
+            cfg.parallel.mixed_precision,
+            roots,
+            across_replicas=not apart,
+            ignored=experts,
+            prefetch=FsdpPrefetch.from_config(cfg),
+        )
     materialize(model, device, cfg.train.seed)
     set_aux_loss_scale(model, aux_loss_scale(dims, cfg))
     _set_positions([model, *roots], cp, pipeline is not None, cfg.train.seq_len, device)
