@@ -78,6 +78,7 @@ def cp(degree: int, method: str, *extra: str) -> list[str]:
         pytest.param(2, ["--parallel.pp=2", "--parallel.pp_microbatches=4"], id="pp2-1f1b"),
         pytest.param(4, ["--parallel.pp=2", *cp(2, "ring")], id="pp2-cp2-ring"),
         pytest.param(4, ["--parallel.tp=2", "--parallel.dp_shard=2"], id="tp2-fsdp2"),
+        pytest.param(1, ["--train.compile=true"], id="compiled"),
     ],
 )
 def test_document_masked_layout_matches_one_process(tmp_path, corpus, reference, nproc, layout):
