@@ -64,6 +64,27 @@ class HFFamily:
     sliding_window: str | None = "window"
     moe: str | None = None  # "mixtral", "qwen" or "olmoe": which MoE config keys the family uses
     renames: tuple[tuple[str, str], ...] = ()
+    # What transformers' config class assumes for a key config.json leaves out, where the family
+    # differs from _DEFAULTS (tests/unit/test_hf_families.py checks both against transformers).
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def default(self, key: str) -> Any:
+        """The value transformers gives ``key`` when this family's config.json omits it."""
+        return self.defaults.get(key, _DEFAULTS[key])
+
+
+# transformers' defaults shared by most families; a family's own ``defaults`` win.
+_DEFAULTS: dict[str, Any] = {
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "router_aux_loss_coef": 0.001,
+    "norm_topk_prob": False,
+    "decoder_sparse_step": 1,
+}
 
 
 _EXPERTS = ("gate_proj", "up_proj", "down_proj")
@@ -81,9 +102,20 @@ FAMILIES = {
     f.name: f
     for f in (
         HFFamily("llama", "llama", "LlamaForCausalLM", bias_key="attention_bias", sliding_window=None),
-        HFFamily("mistral", "mistral", "MistralForCausalLM"),
         HFFamily(
-            "qwen2", "qwen2", "Qwen2ForCausalLM", fixed={"qkv_bias": True}, head_dim_key=False, sliding_window="qwen"
+            "mistral",
+            "mistral",
+            "MistralForCausalLM",
+            defaults={"max_position_embeddings": 131072, "sliding_window": 4096},
+        ),
+        HFFamily(
+            "qwen2",
+            "qwen2",
+            "Qwen2ForCausalLM",
+            fixed={"qkv_bias": True},
+            head_dim_key=False,
+            sliding_window="qwen",
+            defaults={"max_position_embeddings": 32768},
         ),
         HFFamily(
             "qwen3",
@@ -92,8 +124,16 @@ FAMILIES = {
             fixed={"qk_norm": "head"},
             bias_key="attention_bias",
             sliding_window="qwen",
+            defaults={"max_position_embeddings": 32768},
         ),
-        HFFamily("mixtral", "mixtral", "MixtralForCausalLM", moe="mixtral", renames=_MIXTRAL_NAMES),
+        HFFamily(
+            "mixtral",
+            "mixtral",
+            "MixtralForCausalLM",
+            moe="mixtral",
+            renames=_MIXTRAL_NAMES,
+            defaults={"rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072},
+        ),
         HFFamily(
             "qwen2_moe",
             "qwen2_moe",
@@ -103,6 +143,7 @@ FAMILIES = {
             sliding_window="qwen",
             moe="qwen",
             renames=_QWEN_MOE_NAMES + _SHARED_NAMES,
+            defaults={"max_position_embeddings": 32768, "sliding_window": 0},
         ),
         HFFamily(
             "qwen3_moe",
@@ -113,6 +154,7 @@ FAMILIES = {
             sliding_window="qwen",
             moe="qwen",
             renames=_QWEN_MOE_NAMES,
+            defaults={"max_position_embeddings": 32768},
         ),
         HFFamily(
             "olmoe",
@@ -124,6 +166,7 @@ FAMILIES = {
             sliding_window=None,
             moe="olmoe",
             renames=_QWEN_MOE_NAMES,
+            defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "router_aux_loss_coef": 0.01},
         ),
     )
 }
@@ -188,7 +231,7 @@ def family_of_hf(hf: dict[str, Any]) -> HFFamily:
     return family
 
 
-def _read_rope(r: _Reader, out: dict[str, Any]) -> None:
+def _read_rope(r: _Reader, out: dict[str, Any], default_theta: float) -> None:
     """Fill the rope_* fields from ``rope_parameters`` or the older top-level keys. The original
     context of llama3 / yarn is always made explicit, so it never follows max_seq_len."""
     params, legacy = r.take("rope_parameters"), r.take("rope_scaling")
@@ -205,7 +248,7 @@ def _read_rope(r: _Reader, out: dict[str, Any]) -> None:
     if kind not in _ROPE_TYPES:
         raise ConfigError(f"{r.where}: rope_type={kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
     out["rope_scaling"] = _ROPE_TYPES[kind]
-    out["rope_theta"] = float(sub.take("rope_theta", 10000.0))
+    out["rope_theta"] = float(sub.take("rope_theta", default_theta))
     sub.expect("partial_rotary_factor", lambda v: v == 1.0, "rotary embeddings over the whole head")
     if kind != "default":
         out["rope_factor"] = float(sub.require("factor"))
@@ -236,9 +279,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
         n_kv_heads=int(r.take("num_key_value_heads", heads)),
         ffn_dim=int(r.require("intermediate_size")),
         vocab_size=int(r.require("vocab_size")),
-        norm_eps=float(r.take("rms_norm_eps", 1e-6)),
-        max_seq_len=int(r.take("max_position_embeddings", 2048)),
-        tie_embeddings=bool(r.take("tie_word_embeddings", False)),
+        norm_eps=float(r.take("rms_norm_eps", family.default("rms_norm_eps"))),
+        max_seq_len=int(r.take("max_position_embeddings", family.default("max_position_embeddings"))),
+        tie_embeddings=bool(r.take("tie_word_embeddings", family.default("tie_word_embeddings"))),
         init_std=float(hf.get("initializer_range") or 0.02),
         hf_family=family.name,
         **family.fixed,
@@ -257,10 +300,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
         lambda v: set(v) <= {"full_attention", "sliding_attention"},
         "full and sliding-window attention layers",
     )
-    _read_rope(r, out)
+    _read_rope(r, out, family.default("rope_theta"))
     if family.sliding_window:
-        window = r.take("sliding_window")
-        enabled = r.take("use_sliding_window", True)
+        window = r.take("sliding_window", family.default("sliding_window"))
+        asked = r.take("use_sliding_window", family.default("use_sliding_window"))
+        enabled = asked if family.sliding_window == "qwen" else True  # only Qwen's switch is read by HF
         out["sliding_window"] = int(window) if window and enabled else 0
     moe = _read_moe(r, family, out["ffn_dim"]) if family.moe else MoEConfig()
     r.finish()
@@ -274,7 +318,7 @@ def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
     moe: dict[str, Any] = dict(
         top_k=int(r.require("num_experts_per_tok")),
         score="softmax",
-        aux_loss_coeff=float(r.take("router_aux_loss_coef", 0.001)),
+        aux_loss_coeff=float(r.take("router_aux_loss_coef", family.default("router_aux_loss_coef"))),
         z_loss_coeff=0.0,
     )
     if family.moe == "mixtral":
@@ -285,7 +329,7 @@ def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
     experts = r.take("num_experts") or r.require("num_local_experts")
     if family.moe == "olmoe":  # every layer is MoE, its experts as wide as intermediate_size
         r.expect("clip_qkv", lambda v: False, "attention without q/k/v clipping")
-        renormalize = bool(r.take("norm_topk_prob", False))
+        renormalize = bool(r.take("norm_topk_prob", family.default("norm_topk_prob")))
         return MoEConfig(num_experts=int(experts), expert_ffn_dim=ffn_dim, renormalize=renormalize, **moe)
     r.expect("mlp_only_layers", lambda v: not v, "MoE layers chosen by decoder_sparse_step only")
     expert_ffn = int(r.require("moe_intermediate_size"))
@@ -301,8 +345,8 @@ def _read_moe(r: _Reader, family: HFFamily, ffn_dim: int) -> MoEConfig:
     return MoEConfig(
         num_experts=int(experts),
         expert_ffn_dim=expert_ffn,
-        every=int(r.take("decoder_sparse_step", 1)),
-        renormalize=bool(r.take("norm_topk_prob", False)),
+        every=int(r.take("decoder_sparse_step", family.default("decoder_sparse_step"))),
+        renormalize=bool(r.take("norm_topk_prob", family.default("norm_topk_prob"))),
         shared_experts=shared,
         shared_expert_gate=shared > 0,
         **moe,

@@ -141,6 +141,39 @@ def test_legacy_top_level_rope_theta_and_rope_scaling_are_read():
     assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor) == (500000.0, "linear", 2.0)
 
 
+HF_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "olmoe": "OlmoeConfig",
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_CONFIG_CLASSES))
+def test_a_key_left_out_of_config_json_takes_the_value_transformers_assumes(family):
+    """Saved configs usually carry every key, but a hand-written or trimmed one must not import
+    with another family's default (Mixtral's rope_theta is 1e6, OLMoE's rms_norm_eps 1e-5, ...)."""
+    from meshweave.models.hf_config import _DEFAULTS, FAMILIES
+
+    hf = getattr(transformers, HF_CONFIG_CLASSES[family])()
+    for key in _DEFAULTS:
+        want = hf.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(hf, key, None)
+        if want is None and not hasattr(hf, key):
+            continue  # not a key of this family
+        assert FAMILIES[family].default(key) == want, key
+
+
+def test_a_mixtral_config_without_rope_theta_imports_theta_1e6():
+    hf = json.loads(transformers.MixtralConfig(**SHAPE, num_local_experts=4).to_json_string())
+    hf.pop("rope_parameters", None)
+    hf.pop("rope_theta", None)
+    assert model_config_from_hf(hf)[0].rope_theta == 1e6
+
+
 @pytest.mark.parametrize(
     "changes, key",
     [
