@@ -109,7 +109,7 @@ def preflight(cfg: Config) -> None:
     blended = _blend_sources(cfg.data.blend)
     for source in blended or ([cfg.data.source] if cfg.data.source != "embedded" else []):
         label = f"data.blend: source {source}" if blended else f"data.source={source}"
-        record = _check_dataset(source, spec, tok, label)
+        record = _check_dataset(source, spec, tok, label, cfg.data.eval_fraction)
         if record is not None:
             why = tokenizer_mismatch(record, spec, tok)
             if why:
@@ -149,11 +149,14 @@ def _blend_sources(spec: str) -> list[str]:
     return sources
 
 
-def _check_dataset(source: str, spec: str, tok: Tokenizer, label: str = "") -> dict[str, Any] | None:
+def _check_dataset(
+    source: str, spec: str, tok: Tokenizer, label: str = "", eval_fraction: float = 0.0
+) -> dict[str, Any] | None:
     """ConfigError unless ``source`` is a readable Megatron dataset whose .idx matches its .bin and
-    holds documents; returns its meshweave sidecar, or None for a prefix written elsewhere, whose
-    first tokens must then be ids of ``tok`` (the tokenizer that is trusted to have written it).
-    ``label`` names the source in errors (default ``data.source=SOURCE``)."""
+    holds documents (two at least when ``eval_fraction`` holds some out); returns its meshweave
+    sidecar, or None for a prefix written elsewhere, whose first tokens must then be ids of ``tok``
+    (the tokenizer that is trusted to have written it). ``label`` names the source in errors
+    (default ``data.source=SOURCE``)."""
     from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix
 
     label = label or f"data.source={source}"
@@ -169,6 +172,11 @@ def _check_dataset(source: str, spec: str, tok: Tokenizer, label: str = "") -> d
             f"{label}: {text}; write the dataset again (`meshweave data prepare` from inputs that "
             "hold text, or copy PREFIX.bin together with its PREFIX.idx)"
         ) from None
+    if eval_fraction > 0 and summary.num_documents < 2:
+        raise ConfigError(
+            f"{label} holds {summary.num_documents} document and data.eval_fraction={eval_fraction} holds "
+            "documents out for eval; use --data.eval_fraction=0 or prepare more than one document"
+        )
     if record is not None:
         counts = (int(record.get("num_tokens", -1)), int(record.get("num_documents", -1)))
         if counts != (summary.num_tokens, summary.num_documents):

@@ -158,6 +158,13 @@ def test_a_prefix_without_documents_is_one_line_naming_data_source(tmp_path):
     assert msg.startswith(f"data.source={prefix}: ") and "no documents" in msg and "meshweave data prepare" in msg
 
 
+def test_one_document_with_an_eval_split_is_one_line_naming_data_eval_fraction(tmp_path):
+    prefix = megatron_prefix(tmp_path, [b"a lone document"])
+    msg = one_line_error(config_for(tmp_path, f"--data.source={prefix}"))
+    assert msg.startswith(f"data.source={prefix} holds 1 document") and "--data.eval_fraction=0" in msg
+    preflight(config_for(tmp_path, f"--data.source={prefix}", "--data.eval_fraction=0"))
+
+
 def test_a_vocabulary_larger_than_the_model_is_one_line_naming_model_vocab_size(tmp_path):
     out = prepared(tmp_path)
     msg = one_line_error(config_for(tmp_path, f"--data.source={out}", "--model.vocab_size=100"))
@@ -170,7 +177,8 @@ def test_megatron_ids_beyond_data_tokenizer_are_one_line_naming_data_tokenizer(t
     big.add_item(torch.tensor([5, 50_000, 7]))
     big.end_document()
     big.finalize(prefix + ".idx")
-    msg = one_line_error(config_for(tmp_path, f"--data.source={prefix}", "--model.vocab_size=60000"))
+    args = f"--data.source={prefix}", "--model.vocab_size=60000", "--data.eval_fraction=0"  # one document
+    msg = one_line_error(config_for(tmp_path, *args))
     assert msg.startswith("data.tokenizer=bytes ") and "50000" in msg
 
 
