@@ -116,16 +116,16 @@ class DataConfig:
         "weighted mix of prepared sources instead of source, Megatron's syntax: '0.7 path/a 0.3 path/b' "
         "(weights normalised; each source split for eval on its own)",
     )
-
-
-@dataclass
-class ParallelConfig:
-    """Degrees of the device mesh, slowest to fastest: pp, dp_replicate, dp_shard, cp, tp.
     document_mask: bool = opt(
         True,
         "packed sequences: a token attends only within its own document and RoPE positions restart at each "
         "document (false: attend across documents, as before)",
     )
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the device mesh, slowest to fastest: pp, dp_replicate, dp_shard, cp, tp.
 
     ``dp_shard = -1`` fills whatever the other degrees leave of the world size.
     """
