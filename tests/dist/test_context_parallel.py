@@ -36,8 +36,13 @@ TOL_BF16 = 2e-2
 # (method, ulysses degree, inner) per world size
 CASES = {
     2: [("ulysses", None, "ring"), ("ring", None, "ring"), ("tokenring", None, "ring")],
-    4: [("ulysses", None, "ring"), ("ring", None, "ring"), ("tokenring", None, "ring"),
-        ("hybrid", 2, "ring"), ("hybrid", 2, "tokenring")],
+    4: [
+        ("ulysses", None, "ring"),
+        ("ring", None, "ring"),
+        ("tokenring", None, "ring"),
+        ("hybrid", 2, "ring"),
+        ("hybrid", 2, "tokenring"),
+    ],
 }
 
 
@@ -99,8 +104,11 @@ def run(world: int) -> list[dict]:
     return spawn(worker, world, timeout=300)
 
 
-PARAMS = [pytest.param(world, case_id(*case), id=f"P{world}-{case_id(*case)}")
-          for world, cases in CASES.items() for case in cases]
+PARAMS = [
+    pytest.param(world, case_id(*case), id=f"P{world}-{case_id(*case)}")
+    for world, cases in CASES.items()
+    for case in cases
+]
 
 
 @pytest.mark.parametrize("world,method", PARAMS)
@@ -130,14 +138,29 @@ F32 = 4
 ELEMS = BATCH * SEQ * HEAD_DIM  # elements per head over the full sequence
 
 
+def ring_bytes(rank: int, world: int, causal: bool, kv_block: int) -> tuple[int, int]:
+    """Bytes rank ``rank`` sends in ring forward / backward, restated from the design: it sends its
+    K/V straight to every other rank (only the first half to a rank above it under a causal mask:
+    those queries see none of its second chunk), again in backward, and returns to every other
+    rank the dK/dV of the block it computed with that rank's K/V (half when that rank is below)."""
+    forward = returns = 0
+    for other in range(world):
+        if other != rank:
+            forward += kv_block // 2 if causal and other > rank else kv_block
+            returns += kv_block // 2 if causal and other < rank else kv_block
+    return forward, forward + returns
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("heads", list(HEAD_SHAPES))
-def test_ring_moves_kv_forward_and_kv_plus_fp32_dkv_backward(world, heads):
-    kv_block = 2 * HEAD_SHAPES[heads] * ELEMS // world * F32  # this rank's K and V
-    for r in run(world):
-        case = r[("ring", heads, True, str(torch.float32))]
-        assert case["forward"] == {"world/send": (world - 1) * kv_block}
-        assert case["backward"] == {"world/send": (world - 1) * kv_block + world * kv_block}
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_ring_sends_kv_straight_to_its_readers_and_dkv_straight_home(world, heads, causal):
+    kv_block = 2 * HEAD_SHAPES[heads] * ELEMS // world * F32  # this rank's K and V (fp32: dK/dV the same)
+    for rank, r in enumerate(run(world)):
+        case = r[("ring", heads, causal, str(torch.float32))]
+        forward, backward = ring_bytes(rank, world, causal, kv_block)
+        assert case["forward"] == {"world/send": forward}
+        assert case["backward"] == {"world/send": backward}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -152,30 +175,30 @@ def test_ulysses_moves_qkv_and_output_once_each(world, heads):
         assert case["backward"] == case["forward"]
 
 
-def tokenring_bytes(rank: int, world: int, causal: bool, per_row_forward: int, per_row_backward: int) -> tuple[int, int]:
-    """Bytes rank ``rank`` sends in TokenRing forward / backward, restated from the design: at step
-    ``s`` it passes owner ``rank+s``'s query rows down to ``rank-1`` (half the rows when the
-    receiver is above that owner under a causal mask) and returns the rows it computed for owner
-    ``rank+s`` (half when it is itself above the owner)."""
+def tokenring_bytes(
+    rank: int, world: int, causal: bool, per_row_forward: int, per_row_backward: int
+) -> tuple[int, int]:
+    """Bytes rank ``rank`` sends in TokenRing forward / backward, restated from the design: it sends
+    its own query rows straight to every other rank (half the rows to a rank above it under a
+    causal mask) and returns to every other owner the rows it computed for that owner's queries
+    (half when it is itself above the owner)."""
     rows_full = SEQ // world
     forward = backward = 0
-    for step in range(world):
-        owner = (rank + step) % world
-        if step < world - 1:
-            receiver = (rank - 1) % world
-            rows = rows_full // 2 if causal and receiver > owner else rows_full
-            forward += rows * per_row_forward[0]
-            backward += rows * per_row_backward[0]
-        if step > 0:
-            rows = rows_full // 2 if causal and rank > owner else rows_full
-            forward += rows * per_row_forward[1]
-            backward += rows * per_row_backward[1]
+    for other in range(world):
+        if other == rank:
+            continue
+        rows = rows_full // 2 if causal and other > rank else rows_full  # our queries to ``other``
+        forward += rows * per_row_forward[0]
+        backward += rows * per_row_backward[0]
+        rows = rows_full // 2 if causal and rank > other else rows_full  # ``other``'s results back
+        forward += rows * per_row_forward[1]
+        backward += rows * per_row_backward[1]
     return forward, backward
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tokenring_moves_queries_one_hop_and_results_straight_home(world, causal):
+def test_tokenring_sends_queries_straight_from_their_owner_and_results_straight_home(world, causal):
     q_row = BATCH * HEADS * HEAD_DIM * F32
     lse_row = BATCH * HEADS * F32
     # forward: pass q; return (out, lse). backward: pass (q, dout, out) + lse; return dq.

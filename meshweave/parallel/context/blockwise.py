@@ -1,9 +1,28 @@
-"""The autograd seam shared by the blockwise CP methods (ring, TokenRing).
+"""What the blockwise CP methods (ring, TokenRing) share: the autograd seam and the block plan.
 
-Each method supplies a forward ``(q, k, v, causal, group) -> (out, lse)`` and a backward
-``(dout, q, k, v, out, lse, causal, group) -> (dq, dk, dv)`` that uses the final out / lse; this
-wraps the pair as a ``torch.autograd.Function`` whose ``apply(q, k, v, causal, group)`` returns
-``(out, lse)`` with ``lse`` non-differentiable.
+**Autograd seam.** Each method supplies a forward ``(q, k, v, causal, group, documents) -> (out,
+lse)`` and a backward ``(dout, q, k, v, out, lse, causal, group, documents) -> (dq, dk, dv)`` that
+uses the final out / lse; :func:`blockwise_function` wraps the pair as a ``torch.autograd.Function``
+whose ``apply(q, k, v, causal, group[, documents])`` returns ``(out, lse)`` with ``lse``
+non-differentiable.
+
+**Block plan.** On ``P`` ranks in the zigzag layout (layout.py) every method computes the blocks
+``(query rank, key rank)``. :class:`BlockPlan` says, for each, which query rows and key rows are
+involved and whether anything in it is visible:
+
+- causal, ``k_rank == q_rank``: the ordinary causal block;
+- causal, ``k_rank < q_rank``: every query sees the first key chunk and none of the second —
+  all rows, first-half keys, unmasked;
+- causal, ``k_rank > q_rank``: only the second query chunk sees anything, and it sees every key —
+  second-half rows, all keys, unmasked;
+- not causal: the whole block.
+
+With ``documents`` (ids ``[b, S]`` of the whole sequence, the same on every rank) a block also
+takes the document ids of its rows and keys, and a block in which no query shares a document with
+any of its keys is **empty**: the methods skip it — no compute, and no message is sent for it.
+Emptiness is a pure function of ``(documents, P, causal, q_rank, k_rank)``
+(:func:`chunk_sharing` + :func:`block_visible`), so the two ends of every transfer decide alike
+without exchanging anything. The diagonal block is never empty (a token sees itself).
 """
 
 from __future__ import annotations
@@ -12,25 +31,128 @@ from collections.abc import Callable
 
 import torch
 
+from meshweave.parallel.context.layout import SequenceLayout
+
 Tensor = torch.Tensor
 
 
 def blockwise_function(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """An autograd Function class named ``name`` running ``forward`` / ``backward`` (collective)."""
+    """An autograd Function class named ``name`` running ``forward`` / ``backward`` (collective).
 
-    def fwd(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, group):
-        out, lse = forward(q, k, v, causal, group)
+    ``apply(q, k, v, causal, group)`` or ``apply(q, k, v, causal, group, documents)``; the
+    document ids get no gradient.
+    """
+
+    def fwd(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, group, documents: Tensor | None = None):
+        out, lse = forward(q, k, v, causal, group, documents)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.group = causal, group
+        ctx.causal, ctx.group, ctx.documents = causal, group, documents
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     def bwd(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.group)
-        return dq, dk, dv, None, None
+        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.group, ctx.documents)
+        return dq, dk, dv, None, None, None
 
-    doc = f"Autograd wrapper: ``{name}.apply(q, k, v, causal, group) -> (out, lse)``."
+    doc = f"Autograd wrapper: ``{name}.apply(q, k, v, causal, group[, documents]) -> (out, lse)``."
     return type(
         name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc}
     )
+
+
+def recv_buffer(like: Tensor) -> Tensor:
+    """A contiguous receive buffer of ``like``'s shape and dtype (P2P wants contiguous tensors;
+    ``empty_like`` of a strided view may keep its strides)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def chunk_sharing(documents: Tensor, size: int) -> Tensor:
+    """``bool [2P, 2P]``: whether zigzag chunk ``i`` and chunk ``j`` of the sequence (``S / 2P``
+    tokens each, in global order) hold a token of the same document in some batch row.
+
+    ``documents`` ``[b, S]``: ids compared by equality only. One pass over the ids: each (row, id)
+    becomes a column of a chunk-by-document incidence matrix, whose product with itself counts
+    the documents two chunks share.
+    """
+    batch, seq = documents.shape
+    chunks = 2 * size
+    if seq % chunks:
+        raise ValueError(f"document ids of {seq} tokens do not split into {chunks} zigzag chunks")
+    _, inverse = torch.unique(documents, return_inverse=True)
+    n_ids = int(inverse.max().item()) + 1 if inverse.numel() else 0
+    row = torch.arange(batch, device=documents.device).unsqueeze(1)
+    column = (row * n_ids + inverse).view(batch, chunks, seq // chunks)  # (row, id) as one index
+    chunk = torch.arange(chunks, device=documents.device).view(1, chunks, 1).expand_as(column)
+    incidence = torch.zeros(chunks, batch * n_ids, device=documents.device)
+    incidence[chunk.reshape(-1), column.reshape(-1)] = 1.0
+    return (incidence @ incidence.T) > 0
+
+
+def block_rows(q_rank: int, k_rank: int, causal: bool) -> tuple[bool, bool]:
+    """(second-half queries only, first-half keys only) of block ``(q_rank, k_rank)``: the zigzag
+    halving of the module docstring (both False for the diagonal and without a causal mask)."""
+    if not causal or q_rank == k_rank:
+        return False, False
+    return k_rank > q_rank, k_rank < q_rank
+
+
+def block_visible(sharing: Tensor | list, size: int, q_rank: int, k_rank: int, causal: bool) -> bool:
+    """Whether block ``(q_rank, k_rank)`` has a (query, key) pair in one document that the mask
+    lets through, from :func:`chunk_sharing`'s table. Rank ``r`` owns chunks ``r`` and ``2P-1-r``."""
+    if q_rank == k_rank:
+        return True
+    q_late, k_early = block_rows(q_rank, k_rank, causal)
+    q_chunks = [2 * size - 1 - q_rank] if q_late else [q_rank, 2 * size - 1 - q_rank]
+    k_chunks = [k_rank] if k_early else [k_rank, 2 * size - 1 - k_rank]
+    return any(bool(sharing[i][j]) for i in q_chunks for j in k_chunks)
+
+
+class BlockPlan:
+    """The blocks of one blockwise attention call on ``size`` zigzag ranks of ``seq`` local tokens:
+    their row slices, their document ids and whether they are empty (module docstring).
+
+    Without ``documents`` every block is visible and carries no ids (the dense kernels run).
+    """
+
+    def __init__(self, documents: Tensor | None, size: int, causal: bool, seq: int) -> None:
+        self.documents, self.size, self.causal, self.seq = documents, size, causal, seq
+        self._visible: list[list[bool]] | None = None
+        if documents is not None and size > 1:
+            sharing = chunk_sharing(documents, size).tolist()  # one device-to-host copy per call
+            self._visible = [[block_visible(sharing, size, qr, kr, causal) for kr in range(size)] for qr in range(size)]
+        self._ids: dict[int, Tensor] = {}
+
+    def visible(self, q_rank: int, k_rank: int) -> bool:
+        """False when block ``(q_rank, k_rank)`` is empty: skip it, send nothing for it."""
+        return self._visible is None or self._visible[q_rank][k_rank]
+
+    def rows(self, q_rank: int, k_rank: int) -> slice:
+        """The local query rows of ``q_rank`` that block ``(q_rank, k_rank)`` involves."""
+        return slice(self.seq // 2, None) if block_rows(q_rank, k_rank, self.causal)[0] else slice(None)
+
+    def cols(self, q_rank: int, k_rank: int) -> slice:
+        """The local key rows of ``k_rank`` that block ``(q_rank, k_rank)`` involves."""
+        return slice(0, self.seq // 2) if block_rows(q_rank, k_rank, self.causal)[1] else slice(None)
+
+    def masked(self, q_rank: int, k_rank: int) -> bool:
+        """Whether the block needs the causal mask (the diagonal only: the rest is all or nothing)."""
+        return self.causal and q_rank == k_rank
+
+    def kernel_args(self, q_rank: int, k_rank: int) -> dict[str, Tensor]:
+        """Keyword arguments of the local kernel for this block: its rows' and keys' document ids
+        (``q_docs`` / ``k_docs``), none without documents."""
+        if self.documents is None:
+            return {}
+        return {
+            "q_docs": self._local_ids(q_rank)[:, self.rows(q_rank, k_rank)],
+            "k_docs": self._local_ids(k_rank)[:, self.cols(q_rank, k_rank)],
+        }
+
+    def _local_ids(self, rank: int) -> Tensor:
+        if rank not in self._ids:
+            assert self.documents is not None
+            layout = SequenceLayout(ring=self.size, ulysses=1, zigzag=True)
+            index = layout.indices(self.documents.shape[1], rank).to(self.documents.device)
+            self._ids[rank] = self.documents.index_select(1, index)
+        return self._ids[rank]

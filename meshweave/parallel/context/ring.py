@@ -1,29 +1,42 @@
-"""Ring attention: queries stay, key/value blocks travel one hop per step (zigzag layout).
+"""Ring attention: queries stay, each rank's K/V go straight to the ranks that need them (zigzag layout).
 
-Forward on rank ``r`` of ``P``: for ``s = 0 .. P-1`` the rank holds the K/V of rank ``r - s``.
-Before computing with it, the rank posts the send of that block to ``r + 1`` and the receive of
-the next one from ``r - 1`` (one batched P2P per step), so the hop runs under the block's compute.
+Forward on rank ``r`` of ``P``: step ``s = 0 .. P-1`` computes the block of the K/V of
+``src = r - s`` (mod P) — its own at step 0. At step ``s`` rank ``r`` receives ``src``'s K/V
+directly from ``src``, which sends its own K/V to ``r + s`` in the same step. Step ``s+1``'s
+transfer is posted (one batched P2P) before step ``s`` is computed, so it runs under that compute.
 Each block's ``(out, lse)`` is merged into fp32 accumulators (kernels.attention.merge_partial).
 
-Causal masking with the zigzag layout (see layout.py; rank ``r`` owns chunks ``r`` and
-``2P-1-r``) gives three kinds of block and never a partially masked off-diagonal one:
+Which rows of a block take part, and whether it is empty, is blockwise.BlockPlan (zigzag halving,
+documents): causal, a rank above ``src`` needs only the first half of ``src``'s K/V (every query
+sees ``src``'s first chunk, none its second), a rank below needs all of it for its second-half
+queries. The sender sends exactly those rows, so every rank does ``1 + (P-1)/2`` causal-block
+equivalents of work (balanced) and moves no key nobody reads. Without a causal mask every block is
+whole. With ``documents`` an empty block — no query sharing a document with a visible key — is
+skipped on both ends: no compute, no K/V sent, no gradient returned.
 
-- ``s = 0`` (own K/V): the ordinary causal block;
-- K/V from an earlier rank (``src < r``): every query sees the block's first chunk and none of
-  its second — full-query, first-half-key, unmasked;
-- K/V from a later rank (``src > r``): only the query's second chunk sees anything, and it sees
-  the whole block — second-half-query, unmasked.
+Why K/V go straight from their owner instead of hopping round the ring: in the zigzag layout
+rank ``r``'s K/V are needed at ``r + 1`` and at ``r - 1``, i.e. all the way round, so a hop-by-hop
+ring cannot drop a block that one rank skips; a direct send can. The P2P batches need a link
+between every pair of ranks (one step's sends go ``s`` ranks away), like TokenRing's results.
 
-So every rank does ``1 + (P-1)/2`` causal-block equivalents of work: balanced. Without a causal
-mask every block is full.
+Backward: the same K/V transfers again; each block's gradient is computed with the *final* out/lse
+of the local queries (kernels.attention.attention_backward), dQ accumulates at home, and the
+block's dK/dV (in the kernel's output dtype: exactly what it computed) go straight home to ``src``
+one step later, under the next block's compute, where they are summed in fp32.
 
-Backward: K/V travel the ring again, now with fp32 dK/dV accumulators beside them; a block's
-gradient is computed with the *final* out/lse of the local queries
-(kernels.attention.attention_backward), dQ accumulates at home, and each dK/dV accumulator has
-visited every rank after ``P`` hops, arriving back at its owner.
+Wire bytes per rank ``r`` per layer, ``|X|`` this rank's shard of X (K/V with their own, unexpanded,
+heads: independent of grouped-query sharing):
 
-Wire bytes per rank per layer: forward ``(P-1) |K+V|``; backward ``(P-1) |K+V| + P |dK+dV|``
-(fp32), independent of how many query heads share a KV head (GQA K/V travel unexpanded).
+- not causal: forward ``(P-1) |K+V|``; backward ``(P-1) |K+V| + (P-1) |dK+dV|``;
+- causal, dense: forward ``(r + (P-1-r)/2) |K+V|`` (whole to the ``r`` ranks below, the first
+  half to the ``P-1-r`` above; ``3(P-1)/4 |K+V|`` on average); backward that again plus
+  ``(P-1-r + r/2) |dK+dV|`` (whole from the blocks of ranks above ``r``'s, half from below);
+- with documents: only the terms of non-empty blocks.
+
+Every pair of ranks exchanges its K/V once per direction, and backward's dK/dV of a block travel
+after that block's K/V; all ranks post their batches in the same order (the transfers of step
+``s+1``, then the gradient returns of step ``s``), so sends and receives pair up in posting order
+on NCCL and gloo alike.
 """
 
 from __future__ import annotations
@@ -33,91 +46,124 @@ import torch
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import accumulation_dtype, attention, attention_backward, merge_partial
-from meshweave.parallel.context.blockwise import blockwise_function
+from meshweave.parallel.context.blockwise import BlockPlan, blockwise_function, recv_buffer
 
 Tensor = torch.Tensor
 
 
-def _block(step: int, src: int, rank: int, causal: bool, seq: int) -> tuple[slice, slice, bool]:
-    """(query rows, key rows, causal mask) of the block rank ``rank`` computes with ``src``'s K/V."""
-    half = seq // 2
-    if not causal:
-        return slice(None), slice(None), False
-    if step == 0:
-        return slice(None), slice(None), True
-    if src < rank:
-        return slice(None), slice(0, half), False
-    return slice(half, None), slice(None), False
-
-
-def _pass_on(send: list[Tensor], recv_like: list[Tensor], group: CommGroup) -> tuple[list[Tensor], ops.Handle]:
-    """Send ``send`` to the next rank and receive same-shaped tensors from the previous one."""
-    recv = [torch.empty_like(t) for t in recv_like]
-    nxt, prev = (group.rank + 1) % group.size, (group.rank - 1) % group.size
-    handle = ops.exchange([(t, nxt) for t in send], [(t, prev) for t in recv], group)
-    return recv, handle
-
-
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup) -> tuple[Tensor, Tensor]:
-    """Ring attention over ``group`` for local zigzag shards; returns ``(out, lse)`` (collective)."""
+def _fetch_kv(step: int, kv: Tensor, plan: BlockPlan, group: CommGroup) -> tuple[Tensor | None, ops.Handle]:
+    """Post step ``step``'s transfer: our K/V rows to ``rank + step`` (if its block is non-empty),
+    and the receive of ``rank - step``'s (None if our block of it is empty)."""
     rank, size = group.rank, group.size
-    out: Tensor | None = None
-    lse: Tensor | None = None
+    dst, src = (rank + step) % size, (rank - step) % size
+    sends = [(kv[:, plan.cols(dst, rank)].contiguous(), dst)] if plan.visible(dst, rank) else []
+    incoming = None
+    if plan.visible(rank, src):
+        incoming = recv_buffer(kv[:, plan.cols(rank, src)])
+    return incoming, ops.exchange(sends, [(incoming, src)] if incoming is not None else [], group)
+
+
+def ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, group: CommGroup, documents: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Ring attention over ``group`` for local zigzag shards; returns ``(out, lse)`` (collective).
+
+    ``documents``: ids ``[b, P * s]`` of the group's whole sequence (same on every rank), or None.
+    """
+    rank, size = group.rank, group.size
+    plan = BlockPlan(documents, size, causal, q.shape[1])
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
-    for step in range(size):
-        if step < size - 1:
-            (incoming,), handle = _pass_on([kv], [kv], group)
+    pending = _fetch_kv(1, kv, plan, group) if size > 1 else None
+    out, lse = attention(q, k, v, causal, **plan.kernel_args(rank, rank))
+    out, lse = merge_partial(None, None, out, lse)
+    for step in range(1, size):
+        assert pending is not None
+        incoming, handle = pending
+        pending = _fetch_kv(step + 1, kv, plan, group) if step + 1 < size else None
+        handle.wait()
+        if incoming is None:  # empty block: nothing came, nothing to compute
+            continue
         src = (rank - step) % size
-        rows, cols, masked = _block(step, src, rank, causal, q.shape[1])
-        block_out, block_lse = attention(q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], masked)
-        if rows == slice(None) or out is None or lse is None:  # step 0 sees every row
-            out, lse = merge_partial(out, lse, block_out, block_lse)
-        else:
-            out[:, rows], lse[..., rows] = merge_partial(out[:, rows], lse[..., rows], block_out, block_lse)
-        if step < size - 1:
-            handle.wait()
-            kv = incoming
-    assert out is not None and lse is not None
+        rows = plan.rows(rank, src)
+        block_out, block_lse = attention(
+            q[:, rows], incoming[:, :, :n_kv], incoming[:, :, n_kv:], False, **plan.kernel_args(rank, src)
+        )
+        out[:, rows], lse[..., rows] = merge_partial(out[:, rows], lse[..., rows], block_out, block_lse)
     return out.to(q.dtype), lse
 
 
-def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, group: CommGroup
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`ring_forward` (collective); K/V and fp32 dK/dV travel the ring."""
+def _return_dkv(step: int, dkv: Tensor | None, kv: Tensor, plan: BlockPlan, group: CommGroup):
+    """Post step ``step``'s gradient return: ``dkv`` (our block of ``rank - step``'s K/V, None if
+    empty) to its owner, and the receive of ours from ``rank + step`` (None if that block is empty)."""
     rank, size = group.rank, group.size
+    dst, src = (rank + step) % size, (rank - step) % size
+    sends = [(dkv.contiguous(), src)] if dkv is not None else []
+    incoming = recv_buffer(kv[:, plan.cols(dst, rank)]) if plan.visible(dst, rank) else None
+    handle = ops.exchange(sends, [(incoming, dst)] if incoming is not None else [], group)
+    return incoming, handle, plan.cols(dst, rank)
+
+
+def ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    group: CommGroup,
+    documents: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`ring_forward` (collective): K/V come straight from their owners again and
+    each block's dK/dV go straight home."""
+    rank, size = group.rank, group.size
+    plan = BlockPlan(documents, size, causal, q.shape[1])
     if size == 1:
-        return attention_backward(dout, q, k, v, out, lse, causal)
+        return attention_backward(dout, q, k, v, out, lse, causal, **plan.kernel_args(0, 0))
     acc = accumulation_dtype(q.dtype)
-    dq = torch.zeros_like(q, dtype=acc)
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
-    dkv_in: Tensor | None = None
-    dkv_handle: ops.Handle | None = None
-    for step in range(size):
-        if step < size - 1:
-            (kv_next,), kv_handle = _pass_on([kv], [kv], group)
-        src = (rank - step) % size
-        rows, cols, masked = _block(step, src, rank, causal, q.shape[1])
-        dq_b, dk_b, dv_b = attention_backward(
-            dout[:, rows], q[:, rows], kv[:, cols, :n_kv], kv[:, cols, n_kv:], out[:, rows], lse[..., rows], masked
-        )
-        dq[:, rows] += dq_b
-        if dkv_handle is not None and dkv_in is not None:
-            dkv_handle.wait()
-            dkv = dkv_in
-        else:
-            dkv = torch.zeros_like(kv, dtype=acc)
-        dkv[:, cols] += torch.cat([dk_b, dv_b], dim=2)
-        # This accumulator belongs to ``src``'s block; after P hops it is home.
-        (dkv_in,), dkv_handle = _pass_on([dkv], [dkv], group)
-        if step < size - 1:
-            kv_handle.wait()
-            kv = kv_next
-    assert dkv_handle is not None and dkv_in is not None  # size > 1: at least one hop
-    dkv_handle.wait()
-    return dq.to(q.dtype), dkv_in[:, :, :n_kv].to(k.dtype), dkv_in[:, :, n_kv:].to(v.dtype)
+    pending: tuple[Tensor | None, ops.Handle] | None = _fetch_kv(1, kv, plan, group)
+    dq_own, dk_own, dv_own = attention_backward(dout, q, k, v, out, lse, causal, **plan.kernel_args(rank, rank))
+    dq = dq_own.to(acc)
+    dkv = torch.cat([dk_own, dv_own], dim=2).to(acc)
+    returning = None
+    for step in range(1, size):
+        assert pending is not None
+        incoming, handle = pending
+        pending = _fetch_kv(step + 1, kv, plan, group) if step + 1 < size else None
+        handle.wait()
+        dkv_block = None
+        if incoming is not None:
+            src = (rank - step) % size
+            rows = plan.rows(rank, src)
+            dq_b, dk_b, dv_b = attention_backward(
+                dout[:, rows],
+                q[:, rows],
+                incoming[:, :, :n_kv],
+                incoming[:, :, n_kv:],
+                out[:, rows],
+                lse[..., rows],
+                False,
+                **plan.kernel_args(rank, src),
+            )
+            dq[:, rows] += dq_b
+            dkv_block = torch.cat([dk_b, dv_b], dim=2)
+        returned = _return_dkv(step, dkv_block, kv, plan, group)
+        if returning is not None:  # the previous step's return, which ran under this block
+            _add_returned(dkv, returning)
+        returning = returned
+    assert returning is not None
+    _add_returned(dkv, returning)
+    return dq.to(q.dtype), dkv[:, :, :n_kv].to(k.dtype), dkv[:, :, n_kv:].to(v.dtype)
+
+
+def _add_returned(dkv: Tensor, returning) -> None:
+    incoming, handle, cols = returning
+    handle.wait()
+    if incoming is not None:
+        dkv[:, cols] += incoming
 
 
 RingAttention = blockwise_function("RingAttention", ring_forward, ring_backward)

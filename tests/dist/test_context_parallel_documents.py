@@ -1,0 +1,219 @@
+"""Specification of document-masked ring and TokenRing attention (ContextParallel.attention(documents=...)).
+
+With the document ids of the whole packed sequence, each method's local output and q/k/v gradient
+shards equal single-device masked attention (kernels.attention with q_docs = k_docs = documents)
+on the full sequence restricted to the rank's shard, at P in {2, 4}, causal or not, MHA and GQA,
+for one document per row (which must also equal the unmasked run), many documents shorter than a
+zigzag chunk, documents crossing chunk boundaries, and one-token documents. Blocks that hold no
+visible pair in one document are skipped without a message: each rank's ledger bytes equal the
+count predicted from a brute-force mask over global positions, and with short documents fall
+below the unmasked run's.
+
+One spawned job per world size computes every case and returns the measured differences and
+ledger entries; each test checks one behaviour of those results.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+from meshweave.launch.harness import spawn
+from meshweave.parallel.context.layout import SequenceLayout
+
+pytestmark = pytest.mark.dist
+
+BATCH, SEQ, HEADS, HEAD_DIM = 2, 64, 4, 8
+HEAD_SHAPES = {"mha": 4, "gqa": 2}  # KV heads for HEADS query heads
+METHODS = ("ring", "tokenring")
+F64 = 8
+# fp64 throughout: the shards do the reference's arithmetic blockwise with an fp64 merge, so they
+# differ by rounding only (measured ~2e-15 absolute on values up to ~5); 1e-12 relative still
+# catches a wrong mask, block or skip, which are O(1) errors.
+TOL = 1e-12
+
+
+def ids_of(lengths: list[int]) -> torch.Tensor:
+    assert sum(lengths) == SEQ
+    return torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+
+
+def cycle(pattern: list[int]) -> list[int]:
+    """Document lengths repeating ``pattern`` up to SEQ tokens (the last one cut to fit)."""
+    lengths: list[int] = []
+    for n in itertools.cycle(pattern):
+        lengths.append(min(n, SEQ - sum(lengths)))
+        if sum(lengths) == SEQ:
+            return lengths
+    raise AssertionError("unreachable")
+
+
+# Zigzag chunks are 16 tokens at P=2 and 8 at P=4 (boundaries at multiples of 8).
+DOCUMENTS = {
+    # one document per row: nothing is masked beyond causality
+    "one": [[SEQ], [SEQ]],
+    # 2-3 tokens each, shorter than any chunk; row 0 ends a document on every chunk boundary,
+    # row 1 crosses those at 8, 24, 40, 56 (P=4 only), so at P=4 neighbouring ranks still meet
+    "short": [cycle([3, 2, 3]), cycle([3, 3, 3, 3, 2, 2])],
+    # longer documents straddling chunk (and rank) boundaries
+    "crossing": [[13, 22, 29], [5, 40, 19]],
+    # one-token documents, in the middle and at both ends of a row
+    "length-one": [[20, 1, 43], [1, 30, 1, 32]],
+}
+
+
+def documents_of(case: str) -> torch.Tensor:
+    return torch.stack([ids_of(row) for row in DOCUMENTS[case]])
+
+
+def full_inputs(kv_heads: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, SEQ, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    k = torch.randn(BATCH, SEQ, kv_heads, HEAD_DIM, generator=gen, dtype=torch.float64)
+    v = torch.randn(BATCH, SEQ, kv_heads, HEAD_DIM, generator=gen, dtype=torch.float64)
+    dout = torch.randn(BATCH, SEQ, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from meshweave.comm.ops import LEDGER
+    from meshweave.kernels.attention import attention
+    from meshweave.parallel.context import ContextParallel
+
+    results: dict = {}
+    for method in METHODS:
+        cp = ContextParallel(dist.group.WORLD, method)
+        for heads, kv_heads in HEAD_SHAPES.items():
+            q, k, v, dout = full_inputs(kv_heads)
+            for causal in (True, False):
+                for case in [None, *DOCUMENTS]:
+                    documents = None if case is None else documents_of(case)
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    ref, _ = attention(*leaves, causal, q_docs=documents, k_docs=documents)
+                    ref.backward(dout)
+                    local = [cp.shard(t, 1).clone().requires_grad_() for t in (q, k, v)]
+                    LEDGER.reset()
+                    out = cp.attention(*local, causal=causal, documents=documents)
+                    forward_bytes = dict(LEDGER.total_bytes)
+                    LEDGER.reset()
+                    out.backward(cp.shard(dout, 1))
+                    backward_bytes = dict(LEDGER.total_bytes)
+                    got = [out.detach()] + [t.grad for t in local]
+                    want = [cp.shard(t, 1) for t in [ref.detach()] + [leaf.grad for leaf in leaves]]
+                    results[(method, heads, causal, case or "dense")] = {
+                        "diffs": [relative_error(g, w) for g, w in zip(got, want)],
+                        "tensors": got,
+                        "forward": forward_bytes,
+                        "backward": backward_bytes,
+                    }
+    return results
+
+
+@functools.cache
+def run(world: int) -> list[dict]:
+    return spawn(worker, world, timeout=300)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("heads", list(HEAD_SHAPES))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(DOCUMENTS))
+def test_fp64_output_and_gradients_match_single_device_masked_attention(world, method, heads, causal, case):
+    for rank_result in run(world):
+        diffs = rank_result[(method, heads, causal, case)]["diffs"]
+        assert max(diffs) < TOL, f"out/dq/dk/dv differences {diffs}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_one_document_per_row_equals_the_unmasked_run(world, method, causal):
+    for rank_result in run(world):
+        masked = rank_result[(method, "gqa", causal, "one")]
+        dense = rank_result[(method, "gqa", causal, "dense")]
+        for got, want in zip(masked["tensors"], dense["tensors"]):
+            assert relative_error(got, want) < TOL
+        assert masked["forward"] == dense["forward"] and masked["backward"] == dense["backward"]
+
+
+def visible(documents: torch.Tensor, world: int, causal: bool, q_rank: int, k_rank: int) -> bool:
+    """Brute force: whether some query of ``q_rank`` may attend to some key of ``k_rank`` (same
+    document and, when causal, key not after query), from global positions."""
+    layout = SequenceLayout(ring=world, ulysses=1, zigzag=True)
+    qi, ki = layout.indices(SEQ, q_rank), layout.indices(SEQ, k_rank)
+    pairs = documents[:, qi, None] == documents[:, None, ki]
+    if causal:
+        pairs &= ki[None, :] <= qi[:, None]
+    return bool(pairs.any())
+
+
+def predicted_bytes(method: str, rank: int, world: int, causal: bool, kv_heads: int, case: str | None):
+    """(forward, backward) bytes ``rank`` sends, restated from the design: every transfer of the
+    dense schedule (tests/dist/test_context_parallel.py) whose block is non-empty, none other.
+
+    A block ``(q_rank, k_rank)`` with ``k_rank`` above ``q_rank`` under a causal mask involves the
+    second half of the queries and all keys; with ``k_rank`` below, all queries and the first half
+    of the keys. Ring: K/V go to the query rank, dK/dV come back. TokenRing: queries (backward:
+    q, dout, out, lse) go to the key rank, (out, lse) (backward: dq) come back."""
+    documents = None if case is None else documents_of(case)
+    rows = SEQ // world
+    shown = lambda qr, kr: documents is None or visible(documents, world, causal, qr, kr)  # noqa: E731
+    q_half = lambda qr, kr: causal and kr > qr  # noqa: E731  second-half queries only
+    k_half = lambda qr, kr: causal and kr < qr  # noqa: E731  first-half keys only
+    kv_row, q_row, lse_row = 2 * BATCH * kv_heads * HEAD_DIM * F64, BATCH * HEADS * HEAD_DIM * F64, BATCH * HEADS * F64
+    forward = backward = 0
+    for other in range(world):
+        if other == rank:
+            continue
+        if method == "ring":
+            if shown(other, rank):  # our K/V to ``other``, in forward and again in backward
+                n = rows // 2 if k_half(other, rank) else rows
+                forward, backward = forward + n * kv_row, backward + n * kv_row
+            if shown(rank, other):  # dK/dV of our block of ``other``'s K/V go home
+                backward += (rows // 2 if k_half(rank, other) else rows) * kv_row
+        else:
+            if shown(rank, other):  # our queries to ``other``
+                n = rows // 2 if q_half(rank, other) else rows
+                forward, backward = forward + n * q_row, backward + n * (3 * q_row + lse_row)
+            if shown(other, rank):  # results of ``other``'s queries against our K/V go back
+                n = rows // 2 if q_half(other, rank) else rows
+                forward, backward = forward + n * (q_row + lse_row), backward + n * q_row
+    return forward, backward
+
+
+def sent(ledger: dict) -> int:
+    assert set(ledger) <= {"world/send"}, ledger
+    return ledger.get("world/send", 0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("heads", list(HEAD_SHAPES))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", [None, *DOCUMENTS], ids=["dense", *DOCUMENTS])
+def test_ledger_bytes_are_the_transfers_of_non_empty_blocks(world, method, heads, causal, case):
+    for rank, rank_result in enumerate(run(world)):
+        measured = rank_result[(method, heads, causal, case or "dense")]
+        forward, backward = predicted_bytes(method, rank, world, causal, HEAD_SHAPES[heads], case)
+        assert (sent(measured["forward"]), sent(measured["backward"])) == (forward, backward)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_short_documents_send_fewer_bytes_than_unmasked_on_every_rank(world, method, causal):
+    for rank_result in run(world):
+        short = rank_result[(method, "gqa", causal, "short")]
+        dense = rank_result[(method, "gqa", causal, "dense")]
+        total = lambda r: sent(r["forward"]) + sent(r["backward"])  # noqa: E731
+        assert total(short) < total(dense)

@@ -1,0 +1,118 @@
+"""Specification of the block plan of ring / TokenRing attention (meshweave.parallel.context.blockwise).
+
+Pure index arithmetic on one process. On P zigzag ranks the block (query rank, key rank) is empty
+exactly when no query of the one shares a document with a key of the other that the causal mask
+lets it see; the plan's row / key slices hold every visible pair of a block and, off the diagonal,
+only visible pairs (so those blocks run unmasked). Checked against a brute-force mask over global
+positions, for random packings and the edge cases (one document, one-token documents).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshweave.parallel.context.blockwise import BlockPlan, block_visible, chunk_sharing
+from meshweave.parallel.context.layout import SequenceLayout
+
+
+def ids_of(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])
+
+
+def random_rows(seq: int, batch: int, max_len: int, seed: int) -> torch.Tensor:
+    """``batch`` rows of document ids with lengths drawn uniformly from 1..max_len."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths, total = [], 0
+        while total < seq:
+            n = min(int(torch.randint(1, max_len + 1, (1,), generator=gen)), seq - total)
+            lengths.append(n)
+            total += n
+        rows.append(ids_of(lengths))
+    return torch.stack(rows)
+
+
+def visible_pairs(documents: torch.Tensor, size: int, causal: bool, q_rank: int, k_rank: int) -> torch.Tensor:
+    """``bool [b, s, s]``: which (local query, local key) pairs of the two ranks' shards may attend,
+    from global positions: same document and, when causal, key not after query."""
+    layout = SequenceLayout(ring=size, ulysses=1, zigzag=True)
+    qi, ki = layout.indices(documents.shape[1], q_rank), layout.indices(documents.shape[1], k_rank)
+    same = documents[:, qi, None] == documents[:, None, ki]
+    return same & (ki[None, :] <= qi[:, None]) if causal else same
+
+
+# 64 tokens: chunks of 8 (P=4) or 16 (P=2); documents shorter than, around and longer than a chunk.
+CASES = [
+    pytest.param(random_rows(64, 2, max_len, seed), id=f"lengths1-{max_len}-seed{seed}")
+    for seed, max_len in [(0, 3), (1, 3), (2, 9), (3, 20), (4, 40)]
+] + [
+    pytest.param(ids_of([64]).expand(2, 64), id="one-document"),
+    pytest.param(torch.arange(64).expand(2, 64), id="one-token-documents"),
+]
+
+
+@pytest.mark.parametrize("documents", CASES)
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_a_block_is_empty_exactly_when_no_pair_in_it_may_attend(documents, size, causal):
+    sharing = chunk_sharing(documents, size)
+    for qr in range(size):
+        for kr in range(size):
+            want = bool(visible_pairs(documents, size, causal, qr, kr).any())
+            assert block_visible(sharing, size, qr, kr, causal) == want, (qr, kr)
+
+
+@pytest.mark.parametrize("documents", CASES)
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_block_slices_hold_every_visible_pair_and_off_the_diagonal_nothing_else(documents, size, causal):
+    plan = BlockPlan(documents, size, causal, documents.shape[1] // size)
+    for qr in range(size):
+        for kr in range(size):
+            pairs = visible_pairs(documents, size, causal, qr, kr)
+            inside = torch.zeros_like(pairs)
+            inside[:, plan.rows(qr, kr), plan.cols(qr, kr)] = True
+            assert not (pairs & ~inside).any(), (qr, kr)
+            if not plan.masked(qr, kr):  # run unmasked but for documents: position alone hides nothing
+                position = visible_pairs(torch.zeros_like(documents), size, causal, qr, kr)
+                assert position[inside].all(), (qr, kr)
+            layout = SequenceLayout(ring=size, ulysses=1, zigzag=True)
+            q_pos = layout.indices(documents.shape[1], qr)[plan.rows(qr, kr)]
+            k_pos = layout.indices(documents.shape[1], kr)[plan.cols(qr, kr)]
+            ids = plan.kernel_args(qr, kr)
+            assert torch.equal(ids["q_docs"], documents[:, q_pos]) and torch.equal(ids["k_docs"], documents[:, k_pos])
+
+
+def test_one_document_leaves_every_block_visible():
+    plan = BlockPlan(ids_of([64]).expand(2, 64), 4, True, 16)
+    assert all(plan.visible(qr, kr) for qr in range(4) for kr in range(4))
+
+
+def test_without_documents_every_block_is_visible_and_takes_the_dense_kernel():
+    plan = BlockPlan(None, 4, True, 16)
+    assert all(plan.visible(qr, kr) for qr in range(4) for kr in range(4))
+    assert plan.kernel_args(1, 2) == {}
+
+
+def test_one_token_documents_leave_only_the_diagonal():
+    plan = BlockPlan(torch.arange(64).expand(2, 64), 4, False, 16)
+    assert [[plan.visible(qr, kr) for kr in range(4)] for qr in range(4)] == [
+        [qr == kr for kr in range(4)] for qr in range(4)
+    ]
+
+
+def test_a_document_crossing_a_chunk_boundary_joins_exactly_its_two_ranks():
+    # 4 ranks, chunks of 8: chunk 1 (rank 1) and chunk 2 (rank 2) share the document at 14..17;
+    # every other chunk boundary is a document boundary.
+    documents = ids_of([8, 6, 4, 6, 8, 8, 8, 8, 8]).unsqueeze(0)
+    plan = BlockPlan(documents, 4, True, 16)
+    off_diagonal = {(qr, kr) for qr in range(4) for kr in range(4) if qr != kr and plan.visible(qr, kr)}
+    assert off_diagonal == {(2, 1)}  # rank 2's queries see rank 1's earlier keys, not the reverse
+
+
+def test_ids_are_compared_by_equality_only():
+    documents = random_rows(64, 2, 5, seed=7)
+    relabelled = 10**12 - 1_000_003 * documents  # another injective labelling: negative, huge, descending
+    assert torch.equal(chunk_sharing(documents, 4), chunk_sharing(relabelled, 4))
