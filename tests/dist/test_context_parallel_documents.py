@@ -1,4 +1,5 @@
-"""Specification of document-masked ring and TokenRing attention (ContextParallel.attention(documents=...)).
+"""Specification of document-masked ring and TokenRing attention (``RingAttention`` / ``TokenRingAttention``
+``.apply(q, k, v, causal, group, documents)``, what ``ContextParallel.attention(documents=...)`` runs).
 
 With the document ids of the whole packed sequence, each method's local output and q/k/v gradient
 shards equal single-device masked attention (kernels.attention with q_docs = k_docs = documents)
@@ -88,10 +89,13 @@ def worker(rank: int, world: int) -> dict:
     from meshweave.comm.ops import LEDGER
     from meshweave.kernels.attention import attention
     from meshweave.parallel.context import ContextParallel
+    from meshweave.parallel.context.ring import RingAttention
+    from meshweave.parallel.context.tokenring import TokenRingAttention
 
     results: dict = {}
     for method in METHODS:
-        cp = ContextParallel(dist.group.WORLD, method)
+        cp = ContextParallel(dist.group.WORLD, method)  # its zigzag shard / unshard
+        function = RingAttention if method == "ring" else TokenRingAttention
         for heads, kv_heads in HEAD_SHAPES.items():
             q, k, v, dout = full_inputs(kv_heads)
             for causal in (True, False):
@@ -102,7 +106,7 @@ def worker(rank: int, world: int) -> dict:
                     ref.backward(dout)
                     local = [cp.shard(t, 1).clone().requires_grad_() for t in (q, k, v)]
                     LEDGER.reset()
-                    out = cp.attention(*local, causal=causal, documents=documents)
+                    out = function.apply(*local, causal, cp.group, documents)[0]
                     forward_bytes = dict(LEDGER.total_bytes)
                     LEDGER.reset()
                     out.backward(cp.shard(dout, 1))
