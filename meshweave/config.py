@@ -94,6 +94,11 @@ class MoEConfig:
     bias_balancing: bool = opt(False, "aux-loss-free balancing: per-expert selection bias nudged each step")
     bias_update_rate: float = opt(1e-3, "bias step per optimizer step (sign of the load deviation)")
     low_dim: int = opt(0, "BigMac: routed experts run at this width, so the all-to-alls move it (0 = off)")
+    dispatch_chunks: int = opt(
+        1,
+        "expert parallelism: split each dispatch and combine all-to-all into this many chunks, pipelined with "
+        "the experts (chunk i+1 on the wire while chunk i computes; same numbers); 1 = one exchange each way",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -477,3 +482,4 @@ def check_moe(moe: MoEConfig, dim: int) -> None:
     for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
         check(getattr(moe, name) >= 0, name, "must be >= 0")
     check(0 <= moe.low_dim < dim, "low_dim", f"must be in 0..{dim - 1} (0 = off; below model dim={dim})")
+    check(moe.dispatch_chunks >= 1, "dispatch_chunks", "must be >= 1 (1 = unchunked dispatch)")

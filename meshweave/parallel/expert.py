@@ -17,11 +17,31 @@ every MoE layer), per layer and micro-batch:
 5. un-permute and gate-weight on the origin rank (:func:`~meshweave.models.moe.combine`, the same
    code as the single-process op, so a token's sum runs in the same order as without EP).
 
+**Chunked dispatch** (``chunks = C > 1``, ``moe.dispatch_chunks``): steps 3-4 become a pipeline
+over C chunks (:class:`_ChunkedExperts`), so that the wire and the experts work at the same time::
+
+    dispatch 0 | shared experts
+    wait 0, dispatch 1 | experts on 0, combine 0
+    wait 1, dispatch 2 | experts on 1, combine 1  ...   then wait every combine
+
+and backward mirrors it (reverse combine of chunk i+1 in flight while the experts' backward runs
+on chunk i, whose reverse dispatch then runs under chunk i+1's). A chunk is a slice of *every*
+(source, expert) block: block of ``n`` rows -> part ``c`` = rows ``[c n // C, (c+1) n // C)``.
+Why not chunks of tokens: a token chunk's rows per expert are known only after another count
+exchange (C more latency-bound, synchronous collectives on the critical path, and more ledger
+bytes), while slicing each block needs only the one exchange of step 2 — sender and receiver
+compute every chunk's splits from the counts they already hold — and gives every chunk ~1/C of
+every expert's rows, so the pipeline stages are even however skewed the routing is. The
+exchanged rows are the same, so the bytes are unchanged; each row meets the same weights and
+the combine un-permutes back to step 1's order, so outputs are identical and only the expert
+weights' gradient is summed in C partial GEMMs instead of one (fp rounding).
+
 Every exchange goes through :mod:`meshweave.comm.ops`, so the ledger books it under the group's
 dim as ``"<dim>/all_to_all"``; the token all-to-alls are autograd functions whose backward is the
 reverse all-to-all (also through ``ops``). Per forward + backward a rank books
 ``(E - E/ep) * 8`` bytes of counts plus ``2 (sent_away + received_away) * width * itemsize`` where
-``width`` is ``low_dim`` when BigMac is on, else ``dim``.
+``width`` is ``low_dim`` when BigMac is on, else ``dim`` — whatever the number of chunks (in
+``1 + 4 C`` calls).
 
 Dropped slots (capacity mode) are removed before dispatch, so capacity bounds each (source,
 expert) block by ``capacity`` rows and the exchange stays variable-size (no padding); dropless
@@ -64,11 +84,14 @@ duration of each forward, activation-checkpoint recomputation included.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement
 
@@ -122,11 +145,175 @@ def _expert_major(counts: Tensor) -> Tensor:
     return torch.argsort(block % el, stable=True)
 
 
+def _parts(counts: Tensor, chunks: int) -> Tensor:
+    """``[..., chunks]`` sizes of cutting each block of ``counts[...]`` rows into ``chunks``
+    contiguous parts, part ``c`` = rows ``[c n // chunks, (c+1) n // chunks)``."""
+    cuts = counts.unsqueeze(-1) * torch.arange(chunks + 1, device=counts.device) // chunks
+    return cuts.diff(dim=-1)
+
+
+@dataclass
+class _ChunkPlan:
+    """Who sends what in each chunk of a chunked dispatch; all lists indexed ``[chunk]``.
+
+    ``send_order``: positions of the expert-sorted rows, chunk-major (within a chunk, expert order
+    as before, hence grouped by destination rank); ``send_sizes[c][r]`` / ``recv_sizes[c][r]``:
+    rows of chunk ``c`` to / from group rank ``r``; ``regroup[c]``: received ``[source][expert]``
+    -> ``[expert][source]`` (:func:`_expert_major`) and ``restore[c]`` its inverse;
+    ``expert_rows[c]``: rows per local expert.
+    """
+
+    send_order: Tensor
+    send_sizes: list[list[int]]
+    recv_sizes: list[list[int]]
+    regroup: list[Tensor]
+    restore: list[Tensor]
+    expert_rows: list[list[int]]
+
+    @classmethod
+    def make(cls, counts: Tensor, recv_counts: Tensor, chunks: int) -> _ChunkPlan:
+        """From this rank's rows per global expert ``counts [E]`` (in sorted order) and the rows
+        each source sends to each local expert ``recv_counts [ep, El]``; no communication."""
+        ep, el = recv_counts.shape
+        # chunk of each sorted row: row p of an n-row expert block is in part ceil((p+1) C / n) - 1
+        block = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        start = counts.cumsum(0) - counts
+        pos = torch.arange(block.numel(), device=counts.device) - start[block]
+        chunk_of = ((pos + 1) * chunks - 1) // counts[block]
+        sent = _parts(counts.view(ep, el), chunks).sum(1)  # [ep, C]
+        received = _parts(recv_counts, chunks)  # [ep, El, C]
+        regroup = [_expert_major(received[:, :, c]) for c in range(chunks)]
+        return cls(
+            send_order=torch.argsort(chunk_of, stable=True),
+            send_sizes=sent.T.tolist(),
+            recv_sizes=received.sum(1).T.tolist(),
+            regroup=regroup,
+            restore=[torch.argsort(r) for r in regroup],
+            expert_rows=received.sum(0).T.tolist(),
+        )
+
+
+@contextlib.contextmanager
+def _weights_as(experts: Experts, weights: Sequence[Tensor]) -> Iterator[None]:
+    """Run ``experts`` with ``weights`` (gate, up, down) in place of its own, then put them back."""
+    subs = (experts.gate_proj, experts.up_proj, experts.down_proj)
+    saved = [sub._parameters["weight"] for sub in subs]
+    for sub, w in zip(subs, weights, strict=True):
+        sub._parameters["weight"] = w  # type: ignore[assignment]  # a plain tensor, as LocalCompute does
+    try:
+        yield
+    finally:
+        for sub, old in zip(subs, saved, strict=True):
+            sub._parameters["weight"] = old
+
+
+def _expert_weights(experts: Experts) -> list[Tensor]:
+    return [experts.gate_proj.weight, experts.up_proj.weight, experts.down_proj.weight]
+
+
+class _ChunkedExperts(torch.autograd.Function):
+    """Sorted rows ``[N, w]`` (chunk-major, ``plan.send_order``) -> the experts' outputs for them,
+    same layout: dispatch, local experts and combine pipelined over the plan's chunks, forward
+    and backward (module docstring). Collective over the group, in the same order on every rank.
+
+    The experts of each chunk run under ``enable_grad`` on leaf copies of the rows and weights,
+    and backward back-propagates each chunk's small graph as its reverse combine arrives, so the
+    reverse exchanges are pipelined too; the weights' gradient is the chunks' sum. ``side`` gets
+    ``overlap()`` (run while the first dispatch is in flight, recorded by autograd as usual).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        rows: Tensor,
+        group: CommGroup,
+        plan: _ChunkPlan,
+        experts: Experts,
+        overlap: Callable[[], Tensor] | None,
+        side: list[Tensor],
+        track: bool,
+        *weights: Tensor,
+    ) -> Tensor:
+        chunks = len(plan.send_sizes)
+        sends = rows.split([sum(s) for s in plan.send_sizes])
+        recv = [rows.new_empty((sum(s), *rows.shape[1:])) for s in plan.recv_sizes]
+        back = [rows.new_empty(t.shape) for t in sends]
+
+        def dispatch(c: int) -> Handle:
+            return ops.all_to_all_single(
+                recv[c], sends[c].contiguous(), group, plan.recv_sizes[c], plan.send_sizes[c], async_op=True
+            )
+
+        leaves = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+        graphs: list[tuple[Tensor, Tensor]] = []
+        combines: list[Handle] = []
+        pending = dispatch(0)
+        if overlap is not None:
+            with torch.enable_grad():
+                side.append(overlap())
+        for c in range(chunks):
+            pending.wait()
+            if c + 1 < chunks:
+                pending = dispatch(c + 1)
+            x = recv[c][plan.regroup[c]]
+            if track:
+                x.requires_grad_()
+                with torch.enable_grad(), _weights_as(experts, leaves):
+                    y = experts(x, plan.expert_rows[c])
+                graphs.append((x, y))
+                y = y.detach()
+            else:
+                y = experts(x, plan.expert_rows[c])
+            out = y[plan.restore[c]]
+            combines.append(
+                ops.all_to_all_single(back[c], out, group, plan.send_sizes[c], plan.recv_sizes[c], async_op=True)
+            )
+        for h in combines:
+            h.wait()
+        ctx.group, ctx.plan, ctx.graphs, ctx.leaves = group, plan, graphs, leaves
+        return torch.cat(back)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        group, plan, graphs, leaves = ctx.group, ctx.plan, ctx.graphs, ctx.leaves
+        ctx.graphs = None  # the chunks' graphs are freed as they are used
+        chunks = len(plan.send_sizes)
+        grads = grad.split([sum(s) for s in plan.send_sizes])
+        at_experts = [grad.new_empty((sum(s), *grad.shape[1:])) for s in plan.recv_sizes]
+        at_origin = [grad.new_empty(g.shape) for g in grads]
+
+        def reverse_combine(c: int) -> Handle:
+            return ops.all_to_all_single(
+                at_experts[c], grads[c].contiguous(), group, plan.recv_sizes[c], plan.send_sizes[c], async_op=True
+            )
+
+        reverse_dispatches: list[Handle] = []
+        pending = reverse_combine(0)
+        for c in range(chunks):
+            pending.wait()
+            if c + 1 < chunks:
+                pending = reverse_combine(c + 1)
+            x, y = graphs[c]
+            graphs[c] = None
+            torch.autograd.backward(y, at_experts[c][plan.regroup[c]])
+            assert x.grad is not None  # x requires grad and every row reaches y
+            gx = x.grad[plan.restore[c]]
+            reverse_dispatches.append(
+                ops.all_to_all_single(at_origin[c], gx, group, plan.send_sizes[c], plan.recv_sizes[c], async_op=True)
+            )
+        for h in reverse_dispatches:
+            h.wait()
+        return (torch.cat(at_origin), None, None, None, None, None, None, *(w.grad for w in leaves))
+
+
 class ExpertParallel:
     """Shards MoE layers over an EP :class:`CommGroup` and provides their dispatch op."""
 
-    def __init__(self, group: CommGroup) -> None:
-        self.group = group
+    def __init__(self, group: CommGroup, chunks: int = 1) -> None:
+        if chunks < 1:
+            raise ValueError(f"dispatch chunks={chunks} must be >= 1")
+        self.group, self.chunks = group, chunks
         # (sent to each rank, received from each rank) rows of the newest dispatch, for metrics
         self.last_splits: tuple[list[int], list[int]] | None = None
 
@@ -172,6 +359,33 @@ class ExpertParallel:
         send_splits = counts.view(ep, el).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
 
+        if self.chunks > 1:
+            plan = _ChunkPlan.make(counts, recv_counts, self.chunks)
+            side_out: list[Tensor] = []
+            weights_ = _expert_weights(experts)
+            track = torch.is_grad_enabled() and (rows.requires_grad or any(w.requires_grad for w in weights_))
+            chunked = _ChunkedExperts.apply(
+                rows[plan.send_order], g, plan, experts, overlap, side_out, track, *weights_
+            )
+            returned = chunked[torch.argsort(plan.send_order)]  # back to the sorted order of step 1
+            side = side_out[0] if side_out else None
+        else:
+            returned, side = self._unchunked(rows, recv_counts, send_splits, recv_splits, experts, overlap)
+        self.last_splits = (send_splits, recv_splits)  # binder-wide; per layer on the experts:
+        experts.last_splits = self.last_splits  # type: ignore[assignment]  # a plain attribute of nn.Module
+        return combine(returned, order, weights, tokens.shape[0]), side
+
+    def _unchunked(
+        self,
+        rows: Tensor,
+        recv_counts: Tensor,
+        send_splits: list[int],
+        recv_splits: list[int],
+        experts: Experts,
+        overlap: Callable[[], Tensor] | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Steps 3-4 in one piece: the dispatch under ``overlap()``, experts, the combine."""
+        g = self.group
         handles: list[Handle] = []
         received = _AllToAll.apply(rows, g, recv_splits, send_splits, handles)
         side = overlap() if overlap is not None else None
@@ -180,20 +394,21 @@ class ExpertParallel:
         regroup = _expert_major(recv_counts)
         out_rows = experts(received[regroup], recv_counts.sum(0).tolist())
         back = out_rows[torch.argsort(regroup)]
-        returned = _AllToAll.apply(back, g, send_splits, recv_splits, None)
-        self.last_splits = (send_splits, recv_splits)  # binder-wide; per layer on the experts:
-        experts.last_splits = self.last_splits  # type: ignore[assignment]  # a plain attribute of nn.Module
-        return combine(returned, order, weights, tokens.shape[0]), side
+        return _AllToAll.apply(back, g, send_splits, recv_splits, None), side
 
 
-def bind(model: nn.Module, group: CommGroup) -> ExpertParallel:
-    """Shard every MoE layer of ``model`` over ``group`` and route its dispatch through it.
+def bind(model: nn.Module, group: CommGroup, chunks: int | None = None) -> ExpertParallel:
+    """Shard every MoE layer of ``model`` over ``group`` and route its dispatch through it, in
+    ``chunks`` pipelined chunks (default: the layers' ``moe.dispatch_chunks``).
 
     Call on every member of ``group`` with the same model structure, before materialisation (or
     after: materialised experts are sliced). Returns the binder (its ``last_splits`` for metrics).
     """
-    ep = ExpertParallel(group)
-    for moe in moe_layers(model):
+    layers = moe_layers(model)
+    if chunks is None:
+        chunks = layers[0].settings.dispatch_chunks if layers else 1
+    ep = ExpertParallel(group, chunks)
+    for moe in layers:
         ep.shard_experts(moe)
         moe.dispatch_op = ep.dispatch
     return ep

@@ -5,6 +5,8 @@ layer must compute exactly what the single-process layer with all experts comput
 tokens: outputs, input gradients, router / shared / projection gradients (per rank), and expert
 gradients (the owner's slice of the gradient summed over every rank's tokens). The ledger must
 book exactly the rows the split sizes send away, and BigMac must shrink those bytes by dim/low_dim.
+The chunked dispatch (``moe.dispatch_chunks``) must compute the same, book the same bytes, and
+actually pipeline: each chunk's exchanges in flight while the experts run on its neighbour.
 
 One job per world size (module-scoped fixtures, see ``meshweave.launch.harness.spawn``); each test checks one behaviour of
 the recorded results. Everything is float64, so the only differences are summation order.
@@ -32,6 +34,8 @@ SCENARIOS = {
     "capacity": {"capacity_factor": 1.0, "min_capacity": 1},
     "bigmac": {"low_dim": LOW},
 }
+# 2: even halves; 3: parts of unequal size (blocks of n rows, n not a multiple of 3), some empty
+CHUNKS = (2, 3)
 
 
 def settings(**overrides) -> MoEConfig:
@@ -79,6 +83,44 @@ def aux_router_grad(model: MoEFeedForward, rank: int) -> torch.Tensor:
     return model.gate.weight.grad.clone()
 
 
+class _Probe(torch.autograd.Function):
+    """Identity on the experts' output; its backward logs the all-to-alls launched so far, i.e.
+    where the experts' backward of a chunk starts."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, log: list) -> torch.Tensor:
+        ctx.log = log
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from meshweave.comm.ops import LEDGER
+
+        ctx.log.append(("backward", LEDGER.calls["ep/all_to_all"]))
+        return grad, None
+
+
+def pipeline_trace(group, rank: int, chunks: int) -> list[tuple[str, int]]:
+    """``("forward" | "backward", all-to-alls launched)`` each time the experts start on a chunk."""
+    from meshweave.comm.ops import LEDGER
+    from meshweave.parallel.expert import bind
+
+    model = full_layer()
+    bind(model, group, chunks=chunks)
+    log: list[tuple[str, int]] = []
+    experts_forward = model.experts.forward
+
+    def watched(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        log.append(("forward", LEDGER.calls["ep/all_to_all"]))
+        return _Probe.apply(experts_forward(rows, counts), log)
+
+    model.experts.forward = watched
+    LEDGER.reset()
+    x, probe = rank_batch(rank)
+    (model(x) * probe).sum().backward()
+    return log
+
+
 def ep_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
@@ -100,6 +142,15 @@ def ep_worker(rank: int, world: int) -> dict:
         results["ep"][name] = forward_backward(model, rank)
         results["ep"][name]["splits"] = binder.last_splits
         results["ledger"][name] = {"bytes": dict(LEDGER.total_bytes), "calls": dict(LEDGER.calls)}
+        for chunks in CHUNKS:
+            chunked = copy.deepcopy(full)
+            bind(chunked, group, chunks=chunks)
+            LEDGER.reset()
+            results.setdefault("chunked", {})[(chunks, name)] = {
+                **forward_backward(chunked, rank),
+                "bytes": dict(LEDGER.total_bytes),
+                "calls": dict(LEDGER.calls),
+            }
         if name == "dropless":
             results["aux_grad"] = {"ep": aux_router_grad(model, rank), "reference": aux_router_grad(full, rank)}
 
@@ -117,6 +168,16 @@ def ep_worker(rank: int, world: int) -> dict:
     LEDGER.reset()
     model(rank_batch(rank)[0])
     results["calls_seen_by_shared"] = seen
+    for chunks in CHUNKS:
+        model = full_layer()
+        bind(model, group, chunks=chunks)
+        shared_forward = model.shared_experts.forward
+        model.shared_experts.forward = watched_shared
+        seen.clear()
+        LEDGER.reset()
+        model(rank_batch(rank)[0])
+        results.setdefault("chunked_calls_seen_by_shared", {})[chunks] = list(seen)
+        results.setdefault("pipeline", {})[chunks] = pipeline_trace(group, rank, chunks)
 
     class IdentityExperts(Experts):
         def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -130,6 +191,8 @@ def ep_worker(rank: int, world: int) -> dict:
     idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(x.shape[0])])
     out, _ = ep.dispatch(x, idx, torch.full(idx.shape, 0.5, dtype=torch.float64), identity)
     results["identity_roundtrip"] = (x, out)
+    out, _ = ExpertParallel(group, chunks=3).dispatch(x, idx, torch.full(idx.shape, 0.5, dtype=torch.float64), identity)
+    results["chunked_identity_roundtrip"] = (x, out)
 
     with torch.device("meta"):
         meta = torch.nn.ModuleDict({"mlp": MoEFeedForward(DIM, settings())})
@@ -267,3 +330,52 @@ def test_binding_a_meta_model_shrinks_experts_and_reports_their_full_shape_and_s
         assert set(slices) == {f"mlp.experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
         full, sl = slices["mlp.experts.down_proj.weight"]
         assert full == (E, DIM, FFN) and sl == slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+# --------------------------------------------------------------------------------------------
+# chunked dispatch: the same numbers and bytes, pipelined
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_chunked_dispatch_output_and_gradients_equal_the_full_layer(results, scenario, chunks):
+    # same TOL: chunking adds only the split of each expert's gradient GEMM into partial sums
+    world = len(results)
+    for rank, r in enumerate(results):
+        got, ref = r["chunked"][(chunks, scenario)], r["reference"][scenario]
+        close(got["out"], ref[rank]["out"], f"rank {rank} output")
+        close(got["x_grad"], ref[rank]["x_grad"], f"rank {rank} input gradient")
+        for name, g in got["grads"].items():
+            close(g, expected_grad(ref, name, rank, world), f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_chunked_dispatch_books_the_same_bytes_in_one_count_exchange_and_four_per_chunk(results, chunks):
+    for scenario in SCENARIOS:
+        for r in results:
+            got = r["chunked"][(chunks, scenario)]
+            assert got["bytes"] == r["ledger"][scenario]["bytes"]
+            assert got["calls"] == {"ep/all_to_all": 1 + 4 * chunks}
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_chunked_dispatch_runs_shared_experts_while_the_first_chunk_is_in_flight(results, chunks):
+    for r in results:
+        assert r["chunked_calls_seen_by_shared"][chunks] == [{"ep/all_to_all": 2}]  # counts + dispatch 0
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_chunked_dispatch_pipelines_exchanges_with_expert_compute_forward_and_backward(results, chunks):
+    # When the experts start on chunk c: forward, launched = the counts, dispatches 0..c+1 (the
+    # next one already on the wire) and combines 0..c-1 (the previous one still may be);
+    # backward (after 1 + 2C forward calls), reverse combines 0..c+1 and reverse dispatches 0..c-1.
+    forward = [1 + min(c + 2, chunks) + c for c in range(chunks)]
+    backward = [1 + 2 * chunks + min(c + 2, chunks) + c for c in range(chunks)]
+    expected = [("forward", n) for n in forward] + [("backward", n) for n in backward]
+    for r in results:
+        assert r["pipeline"][chunks] == expected
+
+
+def test_chunked_dispatch_with_identity_experts_returns_every_token_exactly(results):
+    for x, out in (r["chunked_identity_roundtrip"] for r in results):
+        assert torch.equal(out, x)
