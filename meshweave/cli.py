@@ -14,8 +14,8 @@ from meshweave.config import ConfigError
 from meshweave.options import options_help
 from meshweave.validation import preflight, resolve
 
-TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--section.key=value ...]
-       meshweave run --nproc N [--config FILE] [--out DIR] [--section.key=value ...]
+TRAIN_USAGE = """usage: meshweave train [--config FILE] [--out DIR] [--dry-run] [--section.key=value ...]
+       meshweave run --nproc N [--config FILE] [--out DIR] [--dry-run] [--section.key=value ...]
 
 Train a model. `train` runs in this process, or in each worker under torchrun
 (`torchrun --nproc-per-node N -m meshweave train ...`); `run` starts torchrun itself on a free
@@ -24,6 +24,9 @@ loopback port. Options are read from --config (TOML, [section] tables), then ove
 
 options (--key=default):
   --config FILE                          TOML file of [section] tables
+  --dry-run                              print each rank's estimated memory (parameters, gradients,
+                                         optimizer state, activations, peak) for the layout and exit
+                                         without training; `run --nproc N --dry-run` for N ranks
 """
 
 
@@ -70,16 +73,54 @@ def _timed_out(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def _split_dry_run(args: list[str]) -> tuple[bool, list[str]]:
+    """Pull ``--dry-run`` out of the training arguments."""
+    rest = [a for a in args if a != "--dry-run"]
+    return len(rest) != len(args), rest
+
+
+def _dry_run(args: list[str], world_size: int) -> int:
+    """Print the layout's per-rank memory estimate (parallel/memory.py) for ``world_size`` ranks;
+    no process group, no data, nothing written. Config errors as for training (exit 2)."""
+    try:
+        cfg = resolve(*_split_config(args), world_size=world_size)
+    except ConfigError as e:
+        return _fail(str(e))
+    from meshweave.parallel.dims import resolve_degrees
+    from meshweave.parallel.memory import estimate, microbatch_shape, precision, table
+
+    dims = resolve_degrees(cfg, world_size)
+    kinds = estimate(cfg, dims)
+    n_micro, seqs, tokens = microbatch_shape(cfg, dims)
+    degrees = " ".join(f"{d}={getattr(dims, d)}" for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep"))
+    print(
+        f"memory estimate for {world_size} rank(s), {degrees}: {n_micro} microbatch(es) per step of {seqs} "
+        f"sequence(s), {tokens} tokens per rank; {precision(cfg)} activations, activation checkpointing "
+        f"{'on' if cfg.parallel.activation_checkpointing else 'off'}, {cfg.optim.name}\n"
+    )
+    print(table(kinds))
+    for kind in kinds:
+        print(f"{kind.name}: {'; '.join(kind.notes)}")
+    print(
+        "\nLive tensor bytes (what log.tensor_memory measures); add the CUDA context and allocator "
+        "slack on a GPU. The peak is the step's high-water mark, not the sum of the rows."
+    )
+    return 0
+
+
 def cmd_train(args: list[str]) -> int:
     if _wants_help(args):
         print(TRAIN_USAGE + options_help())
         return 0
+    dry_run, args = _split_dry_run(args)
     from meshweave.launch.env import LaunchError, rank_info
 
     try:
         info = rank_info()
     except LaunchError as e:
         return _fail(f"launch environment: {e}")
+    if dry_run:
+        return _dry_run(args, info.world_size)
     try:
         cfg = resolve(*_split_config(args))
         preflight(cfg)
@@ -120,6 +161,9 @@ def cmd_run(args: list[str]) -> int:
         return 0
     if known.nproc < 1:
         return _fail(f"--nproc={known.nproc}: must be >= 1")
+    dry_run, rest = _split_dry_run(rest)
+    if dry_run:
+        return _dry_run(rest, known.nproc)
     try:
         config_path, overrides = _split_config(rest)
         cfg = resolve(config_path, overrides, world_size=known.nproc)
