@@ -109,13 +109,18 @@ def preflight(cfg: Config) -> None:
     blended = _blend_sources(cfg.data.blend)
     for source in blended or ([cfg.data.source] if cfg.data.source != "embedded" else []):
         label = f"data.blend: source {source}" if blended else f"data.source={source}"
-        record = _check_dataset(source, spec, tok, label, cfg.data.eval_fraction)
+        record, documents = _check_dataset(source, spec, tok, label)
         if record is not None:
             why = tokenizer_mismatch(record, spec, tok)
             if why:
                 raise ConfigError(f"data.tokenizer={spec} did not write the tokens of {label}: {why}")
             if record["vocab_size"] > vocab or where == f"tokenizer {spec}":
                 vocab, where = record["vocab_size"], source
+        if cfg.data.eval_fraction > 0 and documents < 2:
+            raise ConfigError(
+                f"{label} holds {documents} document and data.eval_fraction={cfg.data.eval_fraction} holds "
+                "documents out for eval; use --data.eval_fraction=0 or prepare more than one document"
+            )
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
@@ -149,14 +154,11 @@ def _blend_sources(spec: str) -> list[str]:
     return sources
 
 
-def _check_dataset(
-    source: str, spec: str, tok: Tokenizer, label: str = "", eval_fraction: float = 0.0
-) -> dict[str, Any] | None:
+def _check_dataset(source: str, spec: str, tok: Tokenizer, label: str = "") -> tuple[dict[str, Any] | None, int]:
     """ConfigError unless ``source`` is a readable Megatron dataset whose .idx matches its .bin and
-    holds documents (two at least when ``eval_fraction`` holds some out); returns its meshweave
-    sidecar, or None for a prefix written elsewhere, whose first tokens must then be ids of ``tok``
-    (the tokenizer that is trusted to have written it). ``label`` names the source in errors
-    (default ``data.source=SOURCE``)."""
+    holds documents; returns its meshweave sidecar (None for a prefix written elsewhere, whose
+    first tokens must then be ids of ``tok``, the tokenizer trusted to have written it) and its
+    document count. ``label`` names the source in errors (default ``data.source=SOURCE``)."""
     from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix
 
     label = label or f"data.source={source}"
@@ -172,11 +174,6 @@ def _check_dataset(
             f"{label}: {text}; write the dataset again (`meshweave data prepare` from inputs that "
             "hold text, or copy PREFIX.bin together with its PREFIX.idx)"
         ) from None
-    if eval_fraction > 0 and summary.num_documents < 2:
-        raise ConfigError(
-            f"{label} holds {summary.num_documents} document and data.eval_fraction={eval_fraction} holds "
-            "documents out for eval; use --data.eval_fraction=0 or prepare more than one document"
-        )
     if record is not None:
         counts = (int(record.get("num_tokens", -1)), int(record.get("num_documents", -1)))
         if counts != (summary.num_tokens, summary.num_documents):
@@ -185,7 +182,7 @@ def _check_dataset(
                 f"documents, the .idx {summary.num_tokens} in {summary.num_documents}; the record belongs to "
                 "another dataset: write the dataset again with `meshweave data prepare`"
             )
-        return record
+        return record, summary.num_documents
     head = open_tokens(summary)[:_CHECKED_TOKENS]
     top = int(head.max())
     if top >= tok.vocab_size or int(head.min()) < 0:
@@ -193,7 +190,7 @@ def _check_dataset(
             f"data.tokenizer={spec} did not write the tokens of {label}: they hold id {top}, "
             f"the tokenizer has {tok.vocab_size} ids; use --data.tokenizer= the tokenizer that prepared them"
         )
-    return None
+    return None, summary.num_documents
 
 
 def resolve(config_path: str | None, overrides: list[str], world_size: int | None = None) -> Config:

@@ -239,7 +239,12 @@ def test_a_copy_of_the_preparing_model_directory_is_accepted(tmp_path, bpe):
     (tmp_path / "a.txt").write_text("the quick dog", encoding="utf-8")
     prepare([str(tmp_path / "a.txt")], str(d), str(tmp_path / "out"))
     copy = Path(shutil.copytree(d, tmp_path / "copy"))
-    preflight(config_for(tmp_path, f"--data.source={tmp_path / 'out'}", f"--data.tokenizer={copy / 'tokenizer.json'}"))
+    one_document = "--data.eval_fraction=0"
+    preflight(
+        config_for(
+            tmp_path, f"--data.source={tmp_path / 'out'}", f"--data.tokenizer={copy / 'tokenizer.json'}", one_document
+        )
+    )
 
 
 def test_embedded_corpus_ids_fit_the_vocabulary_preflight_checked(tmp_path, bpe):

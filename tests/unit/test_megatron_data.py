@@ -177,8 +177,7 @@ def test_megatron_ids_beyond_data_tokenizer_are_one_line_naming_data_tokenizer(t
     big.add_item(torch.tensor([5, 50_000, 7]))
     big.end_document()
     big.finalize(prefix + ".idx")
-    args = f"--data.source={prefix}", "--model.vocab_size=60000", "--data.eval_fraction=0"  # one document
-    msg = one_line_error(config_for(tmp_path, *args))
+    msg = one_line_error(config_for(tmp_path, f"--data.source={prefix}", "--model.vocab_size=60000"))
     assert msg.startswith("data.tokenizer=bytes ") and "50000" in msg
 
 
