@@ -159,13 +159,14 @@ def _check_dataset(source: str, spec: str, tok: Tokenizer, label: str = "") -> t
     holds documents; returns its meshweave sidecar (None for a prefix written elsewhere, whose
     first tokens must then be ids of ``tok``, the tokenizer trusted to have written it) and its
     document count. ``label`` names the source in errors (default ``data.source=SOURCE``)."""
-    from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix
+    from meshweave.data.indexed import open_loss_mask, open_tokens, read_index, read_sidecar, resolve_prefix
 
     label = label or f"data.source={source}"
     try:
         prefix = resolve_prefix(source)
         summary = read_index(prefix)
         record = read_sidecar(prefix)
+        open_loss_mask(prefix, summary.num_tokens)
     except (OSError, ValueError) as e:
         text = " ".join(str(e).split())
         if text.startswith("data.source="):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from meshweave.data.indexed import open_tokens, read_index, read_sidecar, resolve_prefix, token_dtype
+from meshweave.data.indexed import open_loss_mask, open_tokens, read_index, read_sidecar, resolve_prefix, token_dtype
 from meshweave.data.tokenizers import ByteTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # the label of a position that has no target (the loss skips it)
@@ -36,9 +36,18 @@ class TokenCorpus:
     """A flat token array and where each document (with its trailing eos) starts and ends.
 
     ``doc_offsets`` has ``num_documents + 1`` non-decreasing entries from 0 to ``len(tokens)``.
+    ``loss_mask`` (chat data), aligned with ``tokens``: 1 where a token is a training target, 0
+    where it is only context (a prompt); None trains on every token.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, vocab_size: int, eos_id: int) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_offsets: np.ndarray,
+        vocab_size: int,
+        eos_id: int,
+        loss_mask: np.ndarray | None = None,
+    ) -> None:
         offsets = np.asarray(doc_offsets, dtype=np.int64)
         if (
             offsets.ndim != 1
@@ -50,7 +59,10 @@ class TokenCorpus:
             raise ValueError(
                 f"doc_offsets must rise from 0 to the token count {len(tokens)} with at least one document"
             )
+        if loss_mask is not None and len(loss_mask) != len(tokens):
+            raise ValueError(f"loss_mask has {len(loss_mask)} entries for {len(tokens)} tokens")
         self.tokens = tokens
+        self.loss_mask = loss_mask
         self.doc_offsets = offsets
         self.vocab_size = int(vocab_size)
         self.eos_id = int(eos_id)
@@ -100,7 +112,8 @@ class TokenCorpus:
             vocab_size, eos_id = tok.vocab_size, tok.eos_id
         else:
             vocab_size, eos_id = int(record["vocab_size"]), int(record["eos_id"])
-        return cls(open_tokens(summary), summary.doc_offsets, vocab_size, eos_id)
+        mask = open_loss_mask(prefix, summary.num_tokens)
+        return cls(open_tokens(summary), summary.doc_offsets, vocab_size, eos_id, mask)
 
 
 def corpus_from_source(source: str, tokenizer: str = "bytes") -> TokenCorpus:
@@ -168,6 +181,7 @@ class PackedSequences:
     last ``seq_len``, with the label after an eos input, and after each document's last token, set
     to ``IGNORE_INDEX`` so no document is trained to predict the next one (the document ends
     matter for Megatron data tokenized without ``--append-eod``, whose documents end in no eos).
+    With a corpus ``loss_mask`` (chat data) a label whose token is not a target is ignored too.
     Windows are gathered from spans on demand, so a memory-mapped corpus is read only where a
     window lands.
     """
@@ -197,6 +211,10 @@ class PackedSequences:
 
     def window(self, i: int) -> np.ndarray:
         """The ``seq_len + 1`` stream tokens of window ``i`` as int64."""
+        return self._gather(self.corpus.tokens, i).astype(np.int64)
+
+    def _gather(self, values: np.ndarray, i: int) -> np.ndarray:
+        """Window ``i``'s ``seq_len + 1`` entries of ``values``, an array aligned with the corpus tokens."""
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} sequences")
         pos, stop = i * self.seq_len, (i + 1) * self.seq_len + 1
@@ -205,10 +223,10 @@ class PackedSequences:
         while pos < stop:
             begin = int(self._span_starts[k] + pos - self._cum[k])
             take = min(stop, int(self._cum[k + 1])) - pos
-            pieces.append(self.corpus.tokens[begin : begin + take])
+            pieces.append(values[begin : begin + take])
             pos += take
             k += 1
-        return np.concatenate(pieces).astype(np.int64)
+        return np.concatenate(pieces)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)``, both ``torch.long`` of shape ``[seq_len]``."""
@@ -218,6 +236,8 @@ class PackedSequences:
         pos = i * self.seq_len
         lo, hi = np.searchsorted(self._doc_ends, [pos, pos + self.seq_len], side="right")
         labels[self._doc_ends[lo:hi] - 1 - pos] = IGNORE_INDEX
+        if self.corpus.loss_mask is not None:  # chat data: only the targets' tokens are predicted
+            labels[self._gather(self.corpus.loss_mask, i)[1:] == 0] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def documents(self, i: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 SIDECAR_SUFFIX = ".meshweave.json"
+LOSS_MASK_SUFFIX = ".loss_mask"
 SIDECAR_FORMAT = 2  # format 1 was the tokens.bin + index.json directory
 # Megatron's DType.optimal_dtype: uint16 below this vocabulary size, int32 from it on.
 _UINT16_VOCAB_LIMIT = 65500
@@ -57,6 +58,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def sidecar_path(prefix: str | os.PathLike[str]) -> Path:
     """Where meshweave's record of a prefix lives: ``PREFIX.meshweave.json``."""
     return Path(f"{os.fspath(prefix)}{SIDECAR_SUFFIX}")
+
+
+def loss_mask_path(prefix: str | os.PathLike[str]) -> Path:
+    """Where a prefix's per-token loss mask lives (chat data): ``PREFIX.loss_mask``, one byte per
+    token of ``PREFIX.bin`` (1: the token is a training target). Megatron-LM does not read it."""
+    return Path(f"{os.fspath(prefix)}{LOSS_MASK_SUFFIX}")
+
+
+def open_loss_mask(prefix: str, num_tokens: int) -> np.ndarray | None:
+    """``PREFIX.loss_mask`` memory-mapped read-only (uint8, ``num_tokens`` entries), or None when
+    the dataset has none. ValueError when its length is not the token count."""
+    path = loss_mask_path(prefix)
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size != num_tokens:
+        raise ValueError(f"{path} has {size:,} entries, the dataset {num_tokens:,} tokens; prepare it again")
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(num_tokens,))
 
 
 def resolve_prefix(source: str | os.PathLike[str]) -> str:

@@ -211,3 +211,24 @@ def test_the_cli_rejects_a_truncated_bin_with_exit_2_and_leaves_out_untouched(tm
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"meshweave: error: data.source={out}: ")
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# per-token loss masks (chat data): PREFIX.loss_mask beside the .bin
+
+
+def test_a_loss_mask_beside_the_bin_leaves_only_target_tokens_as_labels(tmp_path):
+    prefix = megatron_prefix(tmp_path, [b"ab", b"cdef"])  # stream: a b eos c d e f eos
+    mask = np.array([0, 0, 0, 0, 0, 1, 1, 1], dtype=np.uint8)  # the second document's e f eos are targets
+    mask.tofile(prefix + ".loss_mask")
+    corpus = TokenCorpus.open(prefix)
+    inputs, labels = PackedSequences(corpus, [0, 1], seq_len=7)[0]
+    assert labels.tolist() == [IGNORE_INDEX] * 4 + [ord("e"), ord("f"), EOS]
+    assert inputs.tolist() == [ord("a"), ord("b"), EOS, ord("c"), ord("d"), ord("e"), ord("f")]
+
+
+def test_a_loss_mask_of_the_wrong_length_is_one_line_naming_data_source(tmp_path):
+    prefix = megatron_prefix(tmp_path, DOCS)
+    np.zeros(3, dtype=np.uint8).tofile(prefix + ".loss_mask")
+    msg = one_line_error(config_for(tmp_path, f"--data.source={prefix}"))
+    assert msg.startswith(f"data.source={prefix}: ") and ".loss_mask has 3 entries" in msg
