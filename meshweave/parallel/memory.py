@@ -22,13 +22,15 @@ Activations are what autograd saves for backward, per decoder layer, in bytes (`
 one microbatch on this rank, ``d`` the width, ``q``/``kv`` the query / key-value projection
 widths, ``f`` the SwiGLU width, ``t`` = tp; checked tensor by tensor in tests/unit/test_memory.py):
 
-- fp32: ``4 T (d + 2 d/t + (2q + 2kv + 4f)/t + 3 d/t)`` — the two norms' normalised inputs, the
-  attention/MLP inputs gathered from sequence shards (full ``d`` under sequence parallelism), q,
-  rotated k, v and the attention output, the SwiGLU gate, its SiLU, up and their product, the
-  residual after attention and the layer's output;
+- fp32: ``4 T (2 d + (4 d + 2q + 2kv + 4f)/t)`` — the two norms' inputs (the layer's input and
+  the residual after attention) and normalised inputs, the attention/MLP inputs gathered from
+  sequence shards (full ``d`` under sequence parallelism), q, rotated k, v and the attention
+  output, the SwiGLU gate, its SiLU, up and their product;
 - bf16 autocast: the residual stream and the norms stay fp32; each linear saves its own bf16
   cast of its input (three for q/k/v, two for gate/up) and of its weight (autocast's copies, live
   until backward); q/k/v/out and the MLP tensors are bf16;
+- bf16 parameters (FSDP ``mixed_precision=bf16``): everything bf16 but each norm's fp32 upcast
+  of its input, which it saves instead of the input;
 - activation checkpointing: a layer saves only its input; its activations come back, one layer
   at a time, when backward recomputes it;
 - MoE layers (approximate: balanced routing): the router's fp32 scores, each routed token's
@@ -165,10 +167,11 @@ def precision(cfg: Config) -> str:
 
 
 def _attention_half(cfg: Config, tokens: int, tp: int) -> int:
-    """Bytes a decoder layer saves outside its feed-forward: the first norm's normalised input,
-    the attention input gathered from sequence shards (a bf16 cast per q/k/v projection under
-    autocast), q, rotated k, v, the attention output and its lse, the residual after attention,
-    the second norm's normalised input and the layer's output (see the module docstring)."""
+    """Bytes a decoder layer saves outside its feed-forward: its input (which the first norm
+    saves; an fp32 upcast of it under bf16) and the first norm's normalised input, the attention
+    input gathered from sequence shards (a bf16 cast per q/k/v projection under autocast), q,
+    rotated k, v, the attention output and its lse, the residual after attention (the second
+    norm's input, likewise) and its normalised input (see the module docstring)."""
     m = cfg.model
     hd = m.attention_head_dim()
     q, kv, d = m.n_heads * hd, m.n_kv_heads * hd, m.dim
@@ -176,8 +179,8 @@ def _attention_half(cfg: Config, tokens: int, tp: int) -> int:
     mode = precision(cfg)
     if mode == "autocast":  # norms, residual and output fp32; three casts of the gathered input
         return FP32 * tokens * 4 * d // tp + BF16 * tokens * (3 * d + (2 * q + 2 * kv) // tp) + small
-    if mode == "bf16":  # each norm also saves its fp32 upcast of the input
-        return FP32 * tokens * 2 * d // tp + BF16 * tokens * (d + (4 * d + 2 * q + 2 * kv) // tp) + small
+    if mode == "bf16":  # each norm saves its fp32 upcast of its input instead of the input
+        return FP32 * tokens * 2 * d // tp + BF16 * tokens * (d + (2 * d + 2 * q + 2 * kv) // tp) + small
     return FP32 * tokens * (d + (4 * d + 2 * q + 2 * kv) // tp) + small
 
 
@@ -356,18 +359,20 @@ def _rank(
     head = m.vocab_size // tp * m.dim if last else 0
     casts = BF16 * (block_total.matrices + head) if mode == "autocast" else 0
     stream = BF16 if mode == "bf16" else FP32  # the residual stream between layers
-    boundary = stream * tokens * m.dim // tp  # the embedding's output, or the stage's received input
+    local = tokens * m.dim // tp  # one [tokens, dim] tensor on its sequence shard
     if cfg.parallel.activation_checkpointing:
-        saved = stream * tokens * m.dim // tp * len(held) + boundary
+        saved = stream * local * len(held)  # each layer's input
         recompute = max(layer_bytes, default=0) + casts // max(len(held), 1)
         casts = 0
     else:
-        saved = sum(layer_bytes) + boundary
+        saved = sum(layer_bytes)
         recompute = 0
     if last:
-        # final norm: its normalised input, and its output gathered for the head (cast under bf16)
-        norm_in = FP32 * tokens * m.dim // tp * (2 if mode == "bf16" else 1)  # (bf16: + its fp32 upcast)
-        saved += norm_in + act * tokens * m.dim
+        # the final norm's input (its fp32 upcast under bf16) and normalised input, and the head's
+        # input gathered from sequence shards (cast to bf16 under autocast)
+        saved += FP32 * local + stream * local + act * tokens * m.dim
+    else:
+        saved += stream * local  # the stage's output, kept by the schedule for backward
     in_flight = _in_flight(cfg, pp_rank, n_micro)
     activations = int(in_flight * (saved + casts))
     vocab = m.vocab_size // tp

@@ -1,0 +1,177 @@
+"""The memory estimate of ``meshweave train --dry-run`` (parallel/memory.py), process-free.
+
+Its arithmetic against layout invariants (FSDP divides parameters, gradients and optimizer state
+by dp_shard; TP halves everything but the replicated norms; pipeline stages partition the
+model; checkpointing and bf16 shrink activations), and its per-layer activation formulas
+against the tensors autograd actually saves for backward, counted storage by storage. The
+estimate against a measured training step is tests/dist/test_memory_estimate.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from meshweave.cli import main
+from meshweave.config import Config, ModelConfig
+from meshweave.models.llama import DecoderLayer, build_model, num_params
+from meshweave.models.rope import rope_frequencies, rotary_tables
+from meshweave.parallel.dims import resolve_degrees
+from meshweave.parallel.memory import dense_layer_activations, estimate
+from meshweave.validation import resolve
+
+SMALL = [
+    "--model.dim=64",
+    "--model.n_layers=4",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.ffn_dim=160",
+    "--model.vocab_size=256",
+    "--train.seq_len=64",
+    "--train.global_batch=8",
+]
+
+
+def kinds(world: int, *overrides: str):
+    cfg = resolve(None, [*SMALL, *overrides], world_size=world)
+    return estimate(cfg, resolve_degrees(cfg, world))
+
+
+def rows(world: int, *overrides: str) -> dict[str, int]:
+    (kind,) = kinds(world, *overrides)
+    return kind.rows
+
+
+def test_fsdp_divides_parameters_gradients_and_optimizer_state_by_dp_shard():
+    one = rows(1)
+    sharded = rows(4, "--parallel.dp_shard=4")
+    # every weight's dim 0 (64, 128, 160, 256) divides by 4: no padding, so exactly a quarter
+    for key in ("parameters", "gradients", "optimizer state"):
+        assert sharded[key] * 4 == one[key], key
+    assert one["parameters"] == 4 * num_params(build_model(_model()))
+
+
+def _model() -> ModelConfig:
+    cfg = resolve(None, SMALL, world_size=1)
+    return cfg.model
+
+
+def test_adamw_keeps_two_fp32_states_per_parameter_and_sgd_one():
+    adam, sgd = rows(1), rows(1, "--optim.name=sgd")
+    assert adam["optimizer state"] == 2 * adam["parameters"]
+    assert sgd["optimizer state"] == adam["parameters"]
+
+
+def test_tensor_parallel_halves_all_but_the_replicated_norm_weights():
+    one, tp = rows(1), rows(2, "--parallel.tp=2", "--parallel.dp_shard=1")
+    m = _model()
+    norms = 4 * m.dim * (2 * m.n_layers + 1)  # two RMSNorms per layer and the final one, fp32
+    assert 2 * tp["parameters"] - one["parameters"] == norms
+
+
+def test_pipeline_stages_partition_the_model_and_the_first_holds_more_microbatches():
+    one = rows(1)
+    first, last = kinds(2, "--parallel.pp=2", "--parallel.dp_shard=1")
+    assert first.rows["parameters"] + last.rows["parameters"] == one["parameters"]
+    assert last.rows["logits + loss"] > 0 == first.rows["logits + loss"]
+    # 1F1B with 2 microbatches: the first stage holds both in flight, the last one
+    assert "2 microbatches in flight" in "; ".join(first.notes)
+
+
+def test_tied_embeddings_are_counted_once():
+    untied, tied = rows(1), rows(1, "--model.tie_embeddings=true")
+    m = _model()
+    assert untied["parameters"] - tied["parameters"] == 4 * m.vocab_size * m.dim
+
+
+def test_activation_checkpointing_keeps_one_input_per_layer():
+    plain, ac = rows(1), rows(1, "--parallel.activation_checkpointing=true")
+    m = _model()
+    tokens = 8 * 64
+    # what stays saved: each layer's input, the last layer's output and the final norm's two
+    # tensors (normalised input and output), fp32
+    assert ac["activations"] == 4 * tokens * m.dim * (m.n_layers + 1 + 2)
+    assert ac["activations"] < plain["activations"] / 4
+    assert ac["recomputed layer"] > 0 == plain["recomputed layer"]
+
+
+def test_bf16_parameters_roughly_halve_activations():
+    fp32, bf16 = rows(2, "--parallel.dp_shard=2"), rows(2, "--parallel.dp_shard=2", "--parallel.mixed_precision=bf16")
+    # half, but for the norms' fp32 upcasts of their inputs
+    assert 0.5 < bf16["activations"] / fp32["activations"] < 0.65
+
+
+def test_context_parallel_divides_activations():
+    one, cp = rows(1), rows(2, "--parallel.cp=2", "--parallel.dp_shard=1")
+    assert cp["activations"] * 2 == one["activations"]
+
+
+def test_accumulation_keeps_gradients_through_forward():
+    whole, accumulated = kinds(1)[0], kinds(1, "--train.micro_batch=4")[0]
+    # half the tokens per forward, but the gradients of the first microbatch are held meanwhile
+    assert accumulated.rows["activations"] * 2 == whole.rows["activations"]
+    assert accumulated.peak > whole.peak - whole.rows["activations"] / 2 - whole.rows["logits + loss"] / 2
+
+
+# --------------------------------------------------------------------------------------------
+# the per-layer formulas against autograd's saved tensors
+
+
+def saved_bytes(mode: str, b: int = 3, s: int = 32) -> tuple[int, Config]:
+    """Bytes of the distinct storages one decoder layer saves for backward (its input included
+    when it saves it), its parameters and the shared rotary tables excluded; and the config."""
+    cfg = resolve(None, [*SMALL, "--model.n_kv_heads=1"], world_size=1)
+    if mode == "autocast":
+        cfg.train.dtype = "bf16"
+    if mode == "bf16":  # FSDP mixed precision: the layer computes with bf16 weights and inputs
+        cfg.parallel.mixed_precision = "bf16"
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg.model, 0)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    layer.to(dtype)
+    x = torch.randn(b, s, cfg.model.dim, dtype=dtype, requires_grad=True)
+    inv_freq, scale = rope_frequencies(cfg.model)
+    cos, sin = rotary_tables(torch.arange(s), inv_freq, scale, dtype)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    skip = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), cos, sin]}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        layer(x, cos, sin)
+    total = sum(n for ptr, n in seen.items() if ptr not in skip)
+    return total, cfg
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_dense_layer_formula_is_what_autograd_saves(mode):
+    saved, cfg = saved_bytes(mode)
+    expected = dense_layer_activations(cfg, 3 * 32, tp=1)
+    if mode == "autocast":
+        # autocast's bf16 weight copies, which the estimate counts apart (per layer, from the
+        # parameter count), and the rotary tables' bf16 casts (q and k each, [s, 1, head_dim])
+        matrices = sum(p.numel() for p in DecoderLayer(cfg.model, 0).parameters() if p.dim() >= 2)
+        tables = 4 * 2 * 32 * cfg.model.attention_head_dim()
+        saved -= 2 * matrices + tables
+    assert saved == expected
+
+
+def test_dry_run_prints_the_table_and_exits_without_training(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--nproc", "4", "--dry-run", *SMALL, "--parallel.pp=2", f"--out={out}"]) == 0
+    text = capsys.readouterr().out
+    for row in ("parameters", "gradients", "optimizer state", "activations", "peak (estimate)"):
+        assert row in text
+    assert "pp 0 (2 ranks)" in text and "pp 1 (2 ranks)" in text
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_dry_run_refuses_an_invalid_layout_like_training(capsys):
+    assert main(["run", "--nproc", "4", "--dry-run", *SMALL, "--parallel.tp=3"]) == 2
+    assert "parallel.tp" in capsys.readouterr().err
