@@ -179,7 +179,13 @@ def cmd_data(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meshweave data", description="Prepare token shards.")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize text files into a Megatron dataset OUT/text_document.{bin,idx}")
-    prep.add_argument("--input", nargs="+", required=True, help="text files (one document each) or .jsonl")
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="input files, streamed: .jsonl / .jsonl.gz / .jsonl.zst (one JSON object per line), .parquet, "
+        "else a text file (one document each)",
+    )
     prep.add_argument(
         "--tokenizer",
         default="bytes",
@@ -193,6 +199,17 @@ def cmd_data(args: list[str]) -> int:
         help="output directory: OUT/text_document.{bin,idx} (Megatron-LM's --data-path OUT/text_document) and "
         "text_document.meshweave.json; train with --data.source=OUT",
     )
+    prep.add_argument("--text-key", default="text", help="the field of a .jsonl object / parquet column with the text")
+    prep.add_argument(
+        "--workers", type=int, default=1, help="processes encoding batches (the output does not depend on it)"
+    )
+    prep.add_argument("--batch-size", type=int, default=512, help="records per batch (memory ~ 2 x workers batches)")
+    prep.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out malformed records (not UTF-8, not JSON, no or non-string text field), counted by reason "
+        "on stderr and in the sidecar, instead of stopping at the first",
+    )
     conv = sub.add_parser("convert", help="rewrite an old tokens.bin + index.json directory as a Megatron dataset")
     conv.add_argument("old_dir", help="directory holding tokens.bin and index.json")
     conv.add_argument("out_prefix", help="dataset prefix to write: OUT_PREFIX.bin, .idx and .meshweave.json")
@@ -203,7 +220,8 @@ def cmd_data(args: list[str]) -> int:
         if ns.action == "convert":
             index, where = convert(ns.old_dir, ns.out_prefix), ns.out_prefix
         else:
-            index, where = prepare(ns.input, ns.tokenizer, ns.out), ns.out
+            opts = dict(text_key=ns.text_key, workers=ns.workers, skip_bad=ns.skip_bad, batch_size=ns.batch_size)
+            index, where = prepare(ns.input, ns.tokenizer, ns.out, progress=sys.stderr, **opts), ns.out
     except (OSError, ValueError) as e:
         return _fail(" ".join(str(e).split()))
     print(

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import warnings
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,9 @@ def write_dataset(
 
     try:
         builder = megatron_indexed().IndexedDatasetBuilder(str(tmp[".bin"]), dtype=dtype.type)
+        # The index stays in memory until finalize writes the .idx; as machine ints it costs 12 bytes
+        # a document instead of two Python ints (~70), which keeps `data prepare`'s memory flat.
+        builder.sequence_lengths, builder.document_indices = array("i"), array("q", [0])
         num_tokens = num_documents = 0
         try:
             for ids in documents:
