@@ -153,6 +153,26 @@ def _fsdp_shards(cfg: Config, dims: ParallelDims) -> int:
     return dims.dp_shard * dims.cp if fsdp else 1
 
 
+def _fsdp_gathered(cfg: Config, shards: int, root: int, block: int, n_blocks: int) -> int:
+    """Bytes of FSDP's unsharded copies at the step's peak (0 without FSDP), bf16 under mixed
+    precision. The root (embedding / norm / head) stays gathered from forward to backward; of the
+    blocks, the one computing and those prefetched (FSDP2 prefetches one implicitly; measured:
+    ``fsdp_*_prefetch`` 0 and 1 peak alike, 2 holds one block more); with
+    ``fsdp_reshard_after_forward=false`` every block stays gathered until its backward (N: a copy
+    sharded over N ranks). ``root`` / ``block``: elements (TP-local) of the root and the largest block."""
+    if shards == 1:
+        return 0
+    p = cfg.parallel
+    width = BF16 if p.mixed_precision == "bf16" else FP32
+    live = 1 + max(1, p.fsdp_forward_prefetch, p.fsdp_backward_prefetch)
+    kept = 0
+    if p.fsdp_reshard_after_forward == "false":
+        kept = (n_blocks - 1) * block
+    elif p.fsdp_reshard_after_forward.isdigit():
+        kept = (n_blocks - 1) * block // int(p.fsdp_reshard_after_forward)
+    return width * (root + live * block + kept)
+
+
 # --------------------------------------------------------------------------------------------
 # activations
 
@@ -282,11 +302,13 @@ def _kind_name(dims: ParallelDims, pp_rank: int, held: list[int], first: bool, l
 
 
 def _ranges(ids: list[int]) -> str:
-    out, start = [], ids[0]
-    for a, b in zip(ids, [*ids[1:], None]):
-        if b != a + 1:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out: list[str] = []
+    start = ids[0] if ids else 0
+    for i, a in enumerate(ids):
+        if i + 1 == len(ids) or ids[i + 1] != a + 1:
             out.append(f"{start}-{a}" if a != start else str(a))
-            start = b
+            start = ids[i + 1] if i + 1 < len(ids) else a
     return ",".join(out)
 
 
@@ -343,6 +365,8 @@ def _rank(
     replicas = replica_mode(cfg)
     if replicas == "diloco":
         extra["replica state"] = 2 * params + params // cfg.comm.diloco.fragments
+    if replicas == "co2":
+        extra["replica state"] = 3 * params  # anchor, momentum, the round in flight
     if shards == 1 and (
         (replicas == "dp" and dims.dp_replicate * dims.cp > 1) or (replicas == "onebit" and dims.dp_replicate > 1)
     ):
@@ -380,12 +404,7 @@ def _rank(
     if last and dims.pp > 1:
         loss += act * tokens * vocab  # the schedule keeps the stage's output (the logits)
 
-    # FSDP's gathered copies: the root stays gathered from forward to backward, one block (and
-    # its unsharded gradient) at a time; bf16 under mixed precision
-    gathered = 0
-    if shards > 1:
-        width = BF16 if cfg.parallel.mixed_precision == "bf16" else FP32
-        gathered = width * (root.full + 2 * largest_block)
+    gathered = _fsdp_gathered(cfg, shards, root.full, largest_block, len(held))
 
     accumulating = dims.pp > 1 or n_micro > 1
     # backward of one layer: the gradients of its SwiGLU hidden tensors and of its input/residual
