@@ -17,7 +17,7 @@ processes, taking turns round by round (the order rotated every round). Reported
   method          forward                                     backward
   ==============  ==========================================  ==========================================
   Ulysses (U=P)   (U-1)/U x (|q| + |k'| + |v'| + |out|)        the same (dout; dq, dk', dv')
-  ring            (P-1) |K+V|                                 (P-1) |K+V| + P |dK+dV| (fp32 accumulators)
+  ring            K/V straight to each reader, rows it needs  the K/V again + each block's dK/dV home
   TokenRing       sum of Q hops + (out, lse) returns          (q, dout, out, lse) hops + dQ returns
   hybrid U x R    Ulysses over U + ring over R on head shards  the same two, backward
   DeepSpeed       as Ulysses (three all-to-alls for q, k, v    as Ulysses
@@ -25,11 +25,15 @@ processes, taking turns round by round (the order rotated every round). Reported
   ==============  ==========================================  ==========================================
 
   ``k'`` = K with its heads repeated up to U when U > h_kv (Ulysses never splits a KV group; DeepSpeed
-  asserts h_kv >= P instead, so for that case the bench repeats K/V before calling it). TokenRing, per
-  rank: P-1 query hops and P-1 result returns; causal, a block whose K/V rank is above the query owner
-  needs only the second half of the queries, so on average over ranks 3(P-1)/4 |Q| are passed and
-  3(P-1)/4 x (|out| + |lse|) returned (non-causal: (P-1) each); the exact per-rank sum is computed
-  below. With grouped-query attention |Q| = g |K|, so TokenRing moves about g times what the ring moves.
+  asserts h_kv >= P instead, so for that case the bench repeats K/V before calling it). Ring, per rank
+  r: its K/V to each of the P-1 others, in backward again plus the dK/dV (working dtype) of its block
+  of each other rank's K/V; causal, a rank above r reads only the first half of r's K/V, so r sends
+  (r + (P-1-r)/2) |K+V| forward ((P-1) non-causal; 3(P-1)/4 on average) and returns
+  (P-1-r + r/2) |dK+dV|. TokenRing, per rank: its queries to the P-1 others and P-1 result returns;
+  causal, a block whose K/V rank is above the query owner needs only the second half of the queries,
+  so on average over ranks 3(P-1)/4 |Q| are sent and 3(P-1)/4 x (|out| + |lse|) returned
+  (non-causal: (P-1) each); the exact per-rank sums are computed below. With grouped-query attention
+  |Q| = g |K|, so TokenRing moves about g times what the ring moves.
   Ulysses' bytes depend on N/P only (and on (P-1)/P): constant when N and P grow together; the ring's
   grow with N.
 - **time** per layer forward + backward: median over timed rounds of the slowest rank's time, each
@@ -90,14 +94,14 @@ def formula(
     if method == "ulysses" or method.startswith(DS_NAME):
         return (_ulysses_bytes(P, s, kv, esize),) * 2
     if method == "ring":
-        return _ring_bytes(P, s, kv, esize)
+        return _ring_bytes(P, s, kv, esize, rank, causal)
     if method == "tokenring":
         return _tokenring_bytes(P, s, rank, causal, esize)
     if method.startswith("hybrid"):
         u, r = ulysses, P // ulysses
         a2a = _ulysses_bytes(u, s, kv, esize)
         # After the all-to-all each rank holds N/R rows of h/U heads: the ring moves |K'+V'| of that.
-        ring_fwd, ring_bwd = _ring_bytes(r, s * u, max(kv, u) // u, esize)
+        ring_fwd, ring_bwd = _ring_bytes(r, s * u, max(kv, u) // u, esize, rank // u, causal)
         return a2a + ring_fwd, a2a + ring_bwd
     raise ValueError(method)
 
@@ -107,24 +111,28 @@ def _ulysses_bytes(u: int, s: int, kv: int, esize: int) -> int:
     return (u - 1) * (2 * HEADS + 2 * max(kv, u)) * per_head // u
 
 
-def _ring_bytes(p: int, rows: int, kv: int, esize: int) -> tuple[int, int]:
-    kv_block = 2 * BATCH * rows * kv * HEAD_DIM
-    return (p - 1) * kv_block * esize, (p - 1) * kv_block * esize + p * kv_block * ACC
+def _ring_bytes(p: int, rows: int, kv: int, esize: int, rank: int, causal: bool) -> tuple[int, int]:
+    kv_block = 2 * BATCH * rows * kv * HEAD_DIM * esize
+    fwd = ret = 0
+    for other in range(p):
+        if other != rank:
+            fwd += kv_block // 2 if causal and other > rank else kv_block  # our K/V to ``other``
+            ret += kv_block // 2 if causal and other < rank else kv_block  # dK/dV of ``other``'s K/V home
+    return fwd, fwd + ret
 
 
 def _tokenring_bytes(p: int, s: int, rank: int, causal: bool, esize: int) -> tuple[int, int]:
     q_row, lse_row = BATCH * HEADS * HEAD_DIM * esize, BATCH * HEADS * ACC
     fwd = bwd = 0
-    for step in range(p):
-        owner = (rank + step) % p
-        if step < p - 1:  # pass owner's queries (forward) / query package (backward) to rank - 1
-            rows = s // 2 if causal and (rank - 1) % p > owner else s
-            fwd += rows * q_row
-            bwd += rows * (3 * q_row + lse_row)
-        if step > 0:  # return the block's (out, lse) / dq to its owner
-            rows = s // 2 if causal and rank > owner else s
-            fwd += rows * (q_row + lse_row)
-            bwd += rows * q_row
+    for other in range(p):
+        if other == rank:
+            continue
+        rows = s // 2 if causal and other > rank else s  # our queries (package, backward) to ``other``
+        fwd += rows * q_row
+        bwd += rows * (3 * q_row + lse_row)
+        rows = s // 2 if causal and rank > other else s  # (out, lse) / dq of ``other``'s queries home
+        fwd += rows * (q_row + lse_row)
+        bwd += rows * q_row
     return fwd, bwd
 
 
@@ -132,7 +140,7 @@ def _tokenring_bytes(p: int, s: int, rank: int, causal: bool, esize: int) -> tup
 # the worker (one per rank; plain gloo on loopback or inside a shaped namespace)
 
 
-def _stub_attention(q, k, v, causal=True):
+def _stub_attention(q, k, v, causal=True, q_docs=None, k_docs=None):
     """Zero output of q's shape and lse 0. The output stays connected to q, k and v, so backward
     still runs every exchange that carries their gradients (DeepSpeed's dk / dv all-to-alls too)."""
     import torch
@@ -143,7 +151,7 @@ def _stub_attention(q, k, v, causal=True):
     return q * 0 + (k.sum() + v.sum()) * 0, lse
 
 
-def _stub_attention_backward(dout, q, k, v, out, lse, causal):
+def _stub_attention_backward(dout, q, k, v, out, lse, causal, q_docs=None, k_docs=None):
     import torch
 
     return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

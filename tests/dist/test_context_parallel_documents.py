@@ -6,9 +6,9 @@ shards equal single-device masked attention (kernels.attention with q_docs = k_d
 on the full sequence restricted to the rank's shard, at P in {2, 4}, causal or not, MHA and GQA,
 for one document per row (which must also equal the unmasked run), many documents shorter than a
 zigzag chunk, documents crossing chunk boundaries, and one-token documents. Blocks that hold no
-visible pair in one document are skipped without a message: each rank's ledger bytes equal the
-count predicted from a brute-force mask over global positions, and with short documents fall
-below the unmasked run's.
+visible pair in one document are skipped without a message, and the others carry only the rows
+that take part in one: each rank's ledger bytes equal the count predicted from a brute-force mask
+over global positions, and with short documents fall below the unmasked run's.
 
 One spawned job per world size computes every case and returns the measured differences and
 ledger entries; each test checks one behaviour of those results.
@@ -150,48 +150,43 @@ def test_one_document_per_row_equals_the_unmasked_run(world, method, causal):
         assert masked["forward"] == dense["forward"] and masked["backward"] == dense["backward"]
 
 
-def visible(documents: torch.Tensor, world: int, causal: bool, q_rank: int, k_rank: int) -> bool:
-    """Brute force: whether some query of ``q_rank`` may attend to some key of ``k_rank`` (same
-    document and, when causal, key not after query), from global positions."""
+def involved(documents: torch.Tensor | None, world: int, causal: bool, q_rank: int, k_rank: int) -> tuple[int, int]:
+    """Brute force: how many queries of ``q_rank`` and keys of ``k_rank`` take part in a pair that
+    may attend (same document and, when causal, key not after query), from global positions.
+    Without documents the positional mask alone: the zigzag halves."""
+    ids = torch.zeros(BATCH, SEQ, dtype=torch.long) if documents is None else documents
     layout = SequenceLayout(ring=world, ulysses=1, zigzag=True)
     qi, ki = layout.indices(SEQ, q_rank), layout.indices(SEQ, k_rank)
-    pairs = documents[:, qi, None] == documents[:, None, ki]
+    pairs = ids[:, qi, None] == ids[:, None, ki]
     if causal:
         pairs &= ki[None, :] <= qi[:, None]
-    return bool(pairs.any())
+    pairs = pairs.any(0)
+    return int(pairs.any(1).sum()), int(pairs.any(0).sum())
 
 
 def predicted_bytes(method: str, rank: int, world: int, causal: bool, kv_heads: int, case: str | None):
-    """(forward, backward) bytes ``rank`` sends, restated from the design: every transfer of the
-    dense schedule (tests/dist/test_context_parallel.py) whose block is non-empty, none other.
-
-    A block ``(q_rank, k_rank)`` with ``k_rank`` above ``q_rank`` under a causal mask involves the
-    second half of the queries and all keys; with ``k_rank`` below, all queries and the first half
-    of the keys. Ring: K/V go to the query rank, dK/dV come back. TokenRing: queries (backward:
-    q, dout, out, lse) go to the key rank, (out, lse) (backward: dq) come back."""
+    """(forward, backward) bytes ``rank`` sends, restated from the design: for every other rank, the
+    rows of each block between the two that take part in a visible pair (:func:`involved`), and
+    nothing for a block with none. Ring: our K/V rows go to the query rank, in forward and again in
+    backward, and the dK/dV rows of our block of its K/V go home. TokenRing: our query rows
+    (backward: q, dout, out, lse) go to the key rank, and the (out, lse) (backward: dq) rows of its
+    queries we computed go back."""
     documents = None if case is None else documents_of(case)
-    rows = SEQ // world
-    shown = lambda qr, kr: documents is None or visible(documents, world, causal, qr, kr)  # noqa: E731
-    q_half = lambda qr, kr: causal and kr > qr  # noqa: E731  second-half queries only
-    k_half = lambda qr, kr: causal and kr < qr  # noqa: E731  first-half keys only
     kv_row, q_row, lse_row = 2 * BATCH * kv_heads * HEAD_DIM * F64, BATCH * HEADS * HEAD_DIM * F64, BATCH * HEADS * F64
     forward = backward = 0
     for other in range(world):
         if other == rank:
             continue
         if method == "ring":
-            if shown(other, rank):  # our K/V to ``other``, in forward and again in backward
-                n = rows // 2 if k_half(other, rank) else rows
-                forward, backward = forward + n * kv_row, backward + n * kv_row
-            if shown(rank, other):  # dK/dV of our block of ``other``'s K/V go home
-                backward += (rows // 2 if k_half(rank, other) else rows) * kv_row
+            ours = involved(documents, world, causal, other, rank)[1]  # our keys ``other`` reads
+            theirs = involved(documents, world, causal, rank, other)[1]  # its keys we read
+            forward += ours * kv_row
+            backward += (ours + theirs) * kv_row
         else:
-            if shown(rank, other):  # our queries to ``other``
-                n = rows // 2 if q_half(rank, other) else rows
-                forward, backward = forward + n * q_row, backward + n * (3 * q_row + lse_row)
-            if shown(other, rank):  # results of ``other``'s queries against our K/V go back
-                n = rows // 2 if q_half(other, rank) else rows
-                forward, backward = forward + n * (q_row + lse_row), backward + n * q_row
+            ours = involved(documents, world, causal, rank, other)[0]  # our queries ``other`` serves
+            theirs = involved(documents, world, causal, other, rank)[0]  # its queries we serve
+            forward += ours * q_row + theirs * (q_row + lse_row)
+            backward += ours * (3 * q_row + lse_row) + theirs * q_row
     return forward, backward
 
 

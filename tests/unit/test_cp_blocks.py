@@ -2,8 +2,9 @@
 
 Pure index arithmetic on one process. On P zigzag ranks the block (query rank, key rank) is empty
 exactly when no query of the one shares a document with a key of the other that the causal mask
-lets it see; the plan's row / key slices hold every visible pair of a block and, off the diagonal,
-only visible pairs (so those blocks run unmasked). Checked against a brute-force mask over global
+lets it see; the plan's query / key rows hold every visible pair of a block and, off the diagonal,
+only rows that take part in one, all of whose pairs are visible by position (so those blocks run
+unmasked but for documents). Checked against a brute-force mask over global
 positions, for random packings and the edge cases (one document, one-token documents).
 """
 
@@ -64,20 +65,33 @@ def test_a_block_is_empty_exactly_when_no_pair_in_it_may_attend(documents, size,
             assert block_visible(sharing, size, qr, kr, causal) == want, (qr, kr)
 
 
+def selected(rows, seq: int) -> torch.Tensor:
+    """``bool [seq]``: the rows a plan's slice or index tensor picks."""
+    mask = torch.zeros(seq, dtype=torch.bool)
+    mask[rows] = True
+    return mask
+
+
 @pytest.mark.parametrize("documents", CASES)
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_block_slices_hold_every_visible_pair_and_off_the_diagonal_nothing_else(documents, size, causal):
-    plan = BlockPlan(documents, size, causal, documents.shape[1] // size)
+def test_block_rows_hold_every_visible_pair_and_off_the_diagonal_nothing_else(documents, size, causal):
+    seq = documents.shape[1] // size
+    plan = BlockPlan(documents, size, causal, seq)
     for qr in range(size):
         for kr in range(size):
+            if not plan.visible(qr, kr):
+                continue
             pairs = visible_pairs(documents, size, causal, qr, kr)
-            inside = torch.zeros_like(pairs)
-            inside[:, plan.rows(qr, kr), plan.cols(qr, kr)] = True
+            rows, cols = selected(plan.rows(qr, kr), seq), selected(plan.cols(qr, kr), seq)
+            inside = rows[:, None] & cols[None, :]
             assert not (pairs & ~inside).any(), (qr, kr)
-            if not plan.masked(qr, kr):  # run unmasked but for documents: position alone hides nothing
+            if not plan.masked(qr, kr):
+                # Run unmasked but for documents: position alone hides nothing inside, and every
+                # row and key kept takes part in a visible pair (the rest would be sent for nothing).
                 position = visible_pairs(torch.zeros_like(documents), size, causal, qr, kr)
-                assert position[inside].all(), (qr, kr)
+                assert position[:, inside].all(), (qr, kr)
+                assert torch.equal(pairs.any(0).any(1), rows) and torch.equal(pairs.any(0).any(0), cols), (qr, kr)
             layout = SequenceLayout(ring=size, ulysses=1, zigzag=True)
             q_pos = layout.indices(documents.shape[1], qr)[plan.rows(qr, kr)]
             k_pos = layout.indices(documents.shape[1], kr)[plan.cols(qr, kr)]

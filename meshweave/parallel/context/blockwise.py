@@ -20,9 +20,13 @@ involved and whether anything in it is visible:
 With ``documents`` (ids ``[b, S]`` of the whole sequence, the same on every rank) a block also
 takes the document ids of its rows and keys, and a block in which no query shares a document with
 any of its keys is **empty**: the methods skip it — no compute, and no message is sent for it.
-Emptiness is a pure function of ``(documents, P, causal, q_rank, k_rank)``
-(:func:`chunk_sharing` + :func:`block_visible`), so the two ends of every transfer decide alike
-without exchanging anything. The diagonal block is never empty (a token sees itself).
+A non-empty off-diagonal block is **trimmed** to the queries that share a document with one of its
+keys and the keys that share one with its queries (every such pair is visible by position), so
+its transfers carry only those rows. Emptiness and the trimmed rows are pure functions of
+``(documents, P, causal, q_rank, k_rank)`` (:func:`chunk_sharing` + :func:`block_visible`,
+:meth:`BlockPlan.rows` / :meth:`BlockPlan.cols`), so the two ends of every transfer decide alike
+— and size their buffers alike — without exchanging anything. The diagonal block is never empty
+(a token sees itself) and never trimmed.
 """
 
 from __future__ import annotations
@@ -61,10 +65,12 @@ def blockwise_function(name: str, forward: Callable, backward: Callable) -> type
     )
 
 
-def recv_buffer(like: Tensor) -> Tensor:
-    """A contiguous receive buffer of ``like``'s shape and dtype (P2P wants contiguous tensors;
-    ``empty_like`` of a strided view may keep its strides)."""
-    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+def recv_buffer(like: Tensor, rows: slice | Tensor, dim: int = 1) -> Tensor:
+    """A contiguous receive buffer shaped like ``like`` with only ``rows`` (a slice or an index
+    tensor, as :class:`BlockPlan` gives them) along ``dim``, in ``like``'s dtype; no copy of ``like``."""
+    n = len(range(*rows.indices(like.shape[dim]))) if isinstance(rows, slice) else rows.numel()
+    shape = (*like.shape[:dim], n, *like.shape[dim + 1 :])
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def chunk_sharing(documents: Tensor, size: int) -> Tensor:
@@ -110,9 +116,13 @@ def block_visible(sharing: Tensor | list, size: int, q_rank: int, k_rank: int, c
 
 class BlockPlan:
     """The blocks of one blockwise attention call on ``size`` zigzag ranks of ``seq`` local tokens:
-    their row slices, their document ids and whether they are empty (module docstring).
+    their rows, their document ids and whether they are empty (module docstring).
 
-    Without ``documents`` every block is visible and carries no ids (the dense kernels run).
+    Without ``documents`` every block is visible, its rows are the zigzag halves (slices) and it
+    carries no ids (the dense kernels run). With ``documents`` an off-diagonal block's rows are
+    trimmed further to the queries that share a document with one of its keys and the keys that
+    share one with its queries (index tensors; the rest would attend to nothing there), so the
+    transfers carry only those rows.
     """
 
     def __init__(self, documents: Tensor | None, size: int, causal: bool, seq: int) -> None:
@@ -122,18 +132,25 @@ class BlockPlan:
             sharing = chunk_sharing(documents, size).tolist()  # one device-to-host copy per call
             self._visible = [[block_visible(sharing, size, qr, kr, causal) for kr in range(size)] for qr in range(size)]
         self._ids: dict[int, Tensor] = {}
+        self._trimmed: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def visible(self, q_rank: int, k_rank: int) -> bool:
         """False when block ``(q_rank, k_rank)`` is empty: skip it, send nothing for it."""
         return self._visible is None or self._visible[q_rank][k_rank]
 
-    def rows(self, q_rank: int, k_rank: int) -> slice:
-        """The local query rows of ``q_rank`` that block ``(q_rank, k_rank)`` involves."""
-        return slice(self.seq // 2, None) if block_rows(q_rank, k_rank, self.causal)[0] else slice(None)
+    def rows(self, q_rank: int, k_rank: int) -> slice | Tensor:
+        """The local query rows of ``q_rank`` that block ``(q_rank, k_rank)`` involves (a slice, or
+        an index tensor with documents)."""
+        if self.documents is None or q_rank == k_rank:
+            return self._halves(q_rank, k_rank)[0]
+        return self._trim(q_rank, k_rank)[0]
 
-    def cols(self, q_rank: int, k_rank: int) -> slice:
-        """The local key rows of ``k_rank`` that block ``(q_rank, k_rank)`` involves."""
-        return slice(0, self.seq // 2) if block_rows(q_rank, k_rank, self.causal)[1] else slice(None)
+    def cols(self, q_rank: int, k_rank: int) -> slice | Tensor:
+        """The local key rows of ``k_rank`` that block ``(q_rank, k_rank)`` involves (a slice, or an
+        index tensor with documents)."""
+        if self.documents is None or q_rank == k_rank:
+            return self._halves(q_rank, k_rank)[1]
+        return self._trim(q_rank, k_rank)[1]
 
     def masked(self, q_rank: int, k_rank: int) -> bool:
         """Whether the block needs the causal mask (the diagonal only: the rest is all or nothing)."""
@@ -148,6 +165,27 @@ class BlockPlan:
             "q_docs": self._local_ids(q_rank)[:, self.rows(q_rank, k_rank)],
             "k_docs": self._local_ids(k_rank)[:, self.cols(q_rank, k_rank)],
         }
+
+    def _halves(self, q_rank: int, k_rank: int) -> tuple[slice, slice]:
+        q_late, k_early = block_rows(q_rank, k_rank, self.causal)
+        half = self.seq // 2
+        return (slice(half, None) if q_late else slice(None)), (slice(0, half) if k_early else slice(None))
+
+    def _trim(self, q_rank: int, k_rank: int) -> tuple[Tensor, Tensor]:
+        """(query rows, key rows) of an off-diagonal block with documents: within its zigzag halves,
+        the rows whose document the other side holds in the same batch row (in some batch row).
+        Every pair of those is visible by position (module docstring), so nothing else is needed."""
+        if (q_rank, k_rank) not in self._trimmed:
+            row_half, col_half = self._halves(q_rank, k_rank)
+            q_ids, k_ids = self._local_ids(q_rank)[:, row_half], self._local_ids(k_rank)[:, col_half]
+            row_keep = torch.zeros(q_ids.shape[1], dtype=torch.bool, device=q_ids.device)
+            col_keep = torch.zeros(k_ids.shape[1], dtype=torch.bool, device=k_ids.device)
+            for b in range(q_ids.shape[0]):
+                row_keep |= torch.isin(q_ids[b], k_ids[b])
+                col_keep |= torch.isin(k_ids[b], q_ids[b])
+            local = torch.arange(self.seq, device=q_ids.device)
+            self._trimmed[(q_rank, k_rank)] = (local[row_half][row_keep], local[col_half][col_keep])
+        return self._trimmed[(q_rank, k_rank)]
 
     def _local_ids(self, rank: int) -> Tensor:
         if rank not in self._ids:

@@ -12,7 +12,9 @@ sees ``src``'s first chunk, none its second), a rank below needs all of it for i
 queries. The sender sends exactly those rows, so every rank does ``1 + (P-1)/2`` causal-block
 equivalents of work (balanced) and moves no key nobody reads. Without a causal mask every block is
 whole. With ``documents`` an empty block — no query sharing a document with a visible key — is
-skipped on both ends: no compute, no K/V sent, no gradient returned.
+skipped on both ends: no compute, no K/V sent, no gradient returned; a non-empty one moves only
+the K/V rows of keys that share a document with one of the reader's queries (and computes only
+those queries), and returns only their dK/dV.
 
 Why K/V go straight from their owner instead of hopping round the ring: in the zigzag layout
 rank ``r``'s K/V are needed at ``r + 1`` and at ``r - 1``, i.e. all the way round, so a hop-by-hop
@@ -30,8 +32,10 @@ heads: independent of grouped-query sharing):
 - not causal: forward ``(P-1) |K+V|``; backward ``(P-1) |K+V| + (P-1) |dK+dV|``;
 - causal, dense: forward ``(r + (P-1-r)/2) |K+V|`` (whole to the ``r`` ranks below, the first
   half to the ``P-1-r`` above; ``3(P-1)/4 |K+V|`` on average); backward that again plus
-  ``(P-1-r + r/2) |dK+dV|`` (whole from the blocks of ranks above ``r``'s, half from below);
-- with documents: only the terms of non-empty blocks.
+  ``(P-1-r + r/2) |dK+dV|`` (whole for the K/V of ranks above ``r``, half for those below), which
+  is ``3(P-1)/2 |K+V|`` on every rank (``|dK+dV| = |K+V|``);
+- with documents: for each other rank, the K/V rows it reads (forward, and again in backward)
+  plus, in backward, the dK/dV rows of the keys this rank read from it; nothing for empty blocks.
 
 Every pair of ranks exchanges its K/V once per direction, and backward's dK/dV of a block travel
 after that block's K/V; all ranks post their batches in the same order (the transfers of step
@@ -59,7 +63,7 @@ def _fetch_kv(step: int, kv: Tensor, plan: BlockPlan, group: CommGroup) -> tuple
     sends = [(kv[:, plan.cols(dst, rank)].contiguous(), dst)] if plan.visible(dst, rank) else []
     incoming = None
     if plan.visible(rank, src):
-        incoming = recv_buffer(kv[:, plan.cols(rank, src)])
+        incoming = recv_buffer(kv, plan.cols(rank, src))
     return incoming, ops.exchange(sends, [(incoming, src)] if incoming is not None else [], group)
 
 
@@ -99,7 +103,7 @@ def _return_dkv(step: int, dkv: Tensor | None, kv: Tensor, plan: BlockPlan, grou
     rank, size = group.rank, group.size
     dst, src = (rank + step) % size, (rank - step) % size
     sends = [(dkv.contiguous(), src)] if dkv is not None else []
-    incoming = recv_buffer(kv[:, plan.cols(dst, rank)]) if plan.visible(dst, rank) else None
+    incoming = recv_buffer(kv, plan.cols(dst, rank)) if plan.visible(dst, rank) else None
     handle = ops.exchange(sends, [(incoming, dst)] if incoming is not None else [], group)
     return incoming, handle, plan.cols(dst, rank)
 

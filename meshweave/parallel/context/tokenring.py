@@ -15,7 +15,8 @@ exactly the rows the receiver needs and only half-size results come back from ra
 Without a causal mask every block is whole. With ``documents`` an empty block — no query sharing
 a document with a visible key — is skipped on both ends: the owner sends no queries, the holder
 computes nothing and returns nothing, and the owner expects nothing (the same pure function of
-the ids decides on every rank, see blockwise.py).
+the ids decides on every rank, see blockwise.py). A non-empty block moves only the query rows that
+share a document with one of the holder's keys, and their results back.
 
 Why straight from the owner rather than one hop down the ring per step (the published TokenRing):
 a hop-by-hop chain must carry a query block through every rank on its way, so a rank whose block
@@ -32,9 +33,10 @@ the owner, who accumulates it in fp32.
 Wire bytes per rank ``o`` per layer (``|x|`` this rank's shard of x; a block ``(o, r)`` with ``r``
 above ``o`` is halved when causal): forward, for every other rank ``r`` whose block of ``o``'s
 queries is non-empty, ``o``'s (halved) ``|Q|`` to ``r``, and for every non-empty block of another
-rank's queries it computed, that block's ``|out| + |lse|``; backward the same with ``(q, dout,
-out, lse)`` packages and ``|dQ|`` returns. Dense: ``(P-1)`` of each, halved for the ``P-1-o``
-ranks above (queries) / the blocks of owners below (results); ``3(P-1)/4`` on average. With
+rank's queries it computed, that block's ``|out| + |lse|`` — with documents, only the rows of the
+trimmed blocks; backward the same with ``(q, dout, out, lse)`` packages and ``|dQ|`` returns.
+Dense: ``(P-1)`` of each, halved for the ``P-1-o`` ranks above (queries) / the blocks of owners
+below (results); ``3(P-1)/4`` on average. With
 grouped-query attention |Q| = g |K| and TokenRing moves about g times what the ring moves
 (bench/cp_attention.py reports both).
 
@@ -57,9 +59,14 @@ from meshweave.parallel.context.blockwise import BlockPlan, blockwise_function, 
 Tensor = torch.Tensor
 
 
-def _rows(t: Tensor, rows: slice) -> Tensor:
+def _seq_dim(t: Tensor) -> int:
+    """The sequence dimension of ``t``: 1 for ``[b, s, h, d]``, 2 for an lse ``[b, h, s]``."""
+    return 1 if t.dim() == 4 else 2
+
+
+def _rows(t: Tensor, rows: slice | Tensor) -> Tensor:
     """Sequence rows ``rows`` of ``t`` (``[b, s, ...]``, or an lse ``[b, h, s]``)."""
-    return t[:, rows] if t.dim() == 4 else t[:, :, rows]
+    return t[:, rows] if _seq_dim(t) == 1 else t[:, :, rows]
 
 
 class _Schedule:
@@ -85,7 +92,7 @@ class _Schedule:
             sends = [(_rows(t, plan.rows(rank, receiver)).contiguous(), receiver) for t in package]
         recvs = None
         if plan.visible(owner, rank):
-            recvs = [recv_buffer(_rows(t, plan.rows(owner, rank))) for t in package]
+            recvs = [recv_buffer(t, plan.rows(owner, rank), _seq_dim(t)) for t in package]
         return recvs, ops.exchange(sends, [(t, owner) for t in recvs or []], self.group)
 
     def return_results(self, step: int, results: list[Tensor] | None, like: list[Tensor]):
@@ -95,7 +102,7 @@ class _Schedule:
         plan, rank, source = self.plan, self.rank, self.source(step)
         sends = [(t.contiguous(), self.owner(step)) for t in results] if results is not None else []
         rows = plan.rows(rank, source)
-        recvs = [recv_buffer(_rows(t, rows)) for t in like] if plan.visible(rank, source) else None
+        recvs = [recv_buffer(t, rows, _seq_dim(t)) for t in like] if plan.visible(rank, source) else None
         return recvs, ops.exchange(sends, [(t, source) for t in recvs or []], self.group), rows
 
 
