@@ -40,6 +40,12 @@ MODEL = [
         pytest.param(2, ["--parallel.dp_shard=2", "--parallel.activation_checkpointing=true"], id="fsdp2-ac"),
         pytest.param(2, ["--parallel.tp=2", "--parallel.dp_shard=1"], id="tp2"),
         pytest.param(2, ["--parallel.pp=2", "--parallel.dp_shard=1"], id="pp2"),
+        # bf16 parameters: bf16 matmuls are slow on CPU, so one sequence per rank
+        pytest.param(
+            2,
+            ["--parallel.dp_shard=2", "--parallel.mixed_precision=bf16", "--train.global_batch=2"],
+            id="fsdp2-bf16",
+        ),
     ],
 )
 def test_estimated_peak_is_within_tolerance_of_the_measured_tensor_peak(tmp_path, nproc, layout):
