@@ -130,3 +130,20 @@ def test_ids_are_compared_by_equality_only():
     documents = random_rows(64, 2, 5, seed=7)
     relabelled = 10**12 - 1_000_003 * documents  # another injective labelling: negative, huge, descending
     assert torch.equal(chunk_sharing(documents, 4), chunk_sharing(relabelled, 4))
+
+
+@pytest.mark.parametrize("documents", CASES)
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_own_block_pieces_cover_every_visible_pair_once(documents, size, causal):
+    seq = documents.shape[1] // size
+    plan = BlockPlan(documents, size, causal, seq)
+    for rank in range(size):
+        pairs = visible_pairs(documents, size, causal, rank, rank)
+        cover = torch.zeros(seq, seq, dtype=torch.int64)
+        for rows, cols, masked in plan.own_parts(rank):
+            cover[rows, cols] += 1
+            if not masked:  # a piece run without the causal mask holds no pair hidden by position
+                position = visible_pairs(torch.zeros_like(documents), size, causal, rank, rank)
+                assert position[:, rows, cols].all()
+        assert (cover <= 1).all() and not (pairs.any(0) & (cover == 0)).any(), rank

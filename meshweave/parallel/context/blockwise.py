@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from meshweave.kernels.attention import accumulation_dtype, merge_partial
 from meshweave.parallel.context.layout import SequenceLayout
 
 Tensor = torch.Tensor
@@ -128,9 +129,12 @@ class BlockPlan:
     def __init__(self, documents: Tensor | None, size: int, causal: bool, seq: int) -> None:
         self.documents, self.size, self.causal, self.seq = documents, size, causal, seq
         self._visible: list[list[bool]] | None = None
-        if documents is not None and size > 1:
-            sharing = chunk_sharing(documents, size).tolist()  # one device-to-host copy per call
-            self._visible = [[block_visible(sharing, size, qr, kr, causal) for kr in range(size)] for qr in range(size)]
+        self._sharing: list[list[bool]] | None = None
+        if documents is not None:
+            self._sharing = chunk_sharing(documents, size).tolist()  # one device-to-host copy per call
+            self._visible = [
+                [block_visible(self._sharing, size, qr, kr, causal) for kr in range(size)] for qr in range(size)
+            ]
         self._ids: dict[int, Tensor] = {}
         self._trimmed: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
@@ -166,6 +170,33 @@ class BlockPlan:
             "k_docs": self._local_ids(k_rank)[:, self.cols(q_rank, k_rank)],
         }
 
+    def own_parts(self, rank: int) -> list[tuple[slice, slice, bool]]:
+        """(query rows, key rows, causal mask) of the pieces of ``rank``'s own block to compute.
+
+        Without documents: the whole block. With documents: its two chunks against themselves
+        (causal as the block) and the later chunk against the earlier one (and, not causal, the
+        reverse) only when they share a document — with short documents the cross pieces are
+        usually empty, which halves the own block's work (the kernel does not skip masked tiles).
+        """
+        if self._sharing is None:
+            return [(slice(None), slice(None), self.causal)]
+        half = self.seq // 2
+        early, late = slice(0, half), slice(half, None)
+        chunk = {"early": rank, "late": 2 * self.size - 1 - rank}
+        parts = [(early, early, self.causal), (late, late, self.causal)]
+        if self._sharing[chunk["late"]][chunk["early"]]:
+            parts.append((late, early, False))  # all of the later chunk may see all of the earlier
+        if not self.causal and self._sharing[chunk["early"]][chunk["late"]]:
+            parts.append((early, late, False))
+        return parts
+
+    def own_kernel_args(self, rank: int, part: tuple[slice, slice, bool]) -> dict[str, Tensor]:
+        """:meth:`kernel_args` of one of :meth:`own_parts`."""
+        if self.documents is None:
+            return {}
+        ids = self._local_ids(rank)
+        return {"q_docs": ids[:, part[0]], "k_docs": ids[:, part[1]]}
+
     def _halves(self, q_rank: int, k_rank: int) -> tuple[slice, slice]:
         q_late, k_early = block_rows(q_rank, k_rank, self.causal)
         half = self.seq // 2
@@ -194,3 +225,58 @@ class BlockPlan:
             index = layout.indices(self.documents.shape[1], rank).to(self.documents.device)
             self._ids[rank] = self.documents.index_select(1, index)
         return self._ids[rank]
+
+
+def own_block(kernel: Callable, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, rank: int) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of ``rank``'s queries against its own K/V, in the accumulation dtype, from
+    :meth:`BlockPlan.own_parts` merged row-wise; ``kernel`` is the attention op (the caller's, so a
+    patched kernel applies)."""
+    parts = plan.own_parts(rank)
+    if len(parts) == 1:
+        return merge_partial(None, None, *kernel(q, k, v, parts[0][2], **plan.own_kernel_args(rank, parts[0])))
+    out = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=out.dtype, device=q.device)
+    for part in parts:
+        rows, cols, masked = part
+        block_out, block_lse = kernel(q[:, rows], k[:, cols], v[:, cols], masked, **plan.own_kernel_args(rank, part))
+        out[:, rows], lse[..., rows] = merge_partial(out[:, rows], lse[..., rows], block_out, block_lse)
+    return out, lse
+
+
+def own_block_backward(
+    kernel_backward: Callable,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plan: BlockPlan,
+    rank: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :func:`own_block`'s pieces from the final ``out`` / ``lse``, summed, in the
+    accumulation dtype."""
+    acc = accumulation_dtype(q.dtype)
+    parts = plan.own_parts(rank)
+    if len(parts) == 1:
+        dq, dk, dv = kernel_backward(dout, q, k, v, out, lse, parts[0][2], **plan.own_kernel_args(rank, parts[0]))
+        return dq.to(acc), dk.to(acc), dv.to(acc)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for part in parts:
+        rows, cols, masked = part
+        dq_p, dk_p, dv_p = kernel_backward(
+            dout[:, rows],
+            q[:, rows],
+            k[:, cols],
+            v[:, cols],
+            out[:, rows],
+            lse[..., rows],
+            masked,
+            **plan.own_kernel_args(rank, part),
+        )
+        dq[:, rows] += dq_p
+        dk[:, cols] += dk_p
+        dv[:, cols] += dv_p
+    return dq, dk, dv

@@ -49,8 +49,14 @@ import torch
 
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
-from meshweave.kernels.attention import accumulation_dtype, attention, attention_backward, merge_partial
-from meshweave.parallel.context.blockwise import BlockPlan, blockwise_function, recv_buffer
+from meshweave.kernels.attention import attention, attention_backward, merge_partial
+from meshweave.parallel.context.blockwise import (
+    BlockPlan,
+    blockwise_function,
+    own_block,
+    own_block_backward,
+    recv_buffer,
+)
 
 Tensor = torch.Tensor
 
@@ -79,8 +85,7 @@ def ring_forward(
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
     pending = _fetch_kv(1, kv, plan, group) if size > 1 else None
-    out, lse = attention(q, k, v, causal, **plan.kernel_args(rank, rank))
-    out, lse = merge_partial(None, None, out, lse)
+    out, lse = own_block(attention, q, k, v, plan, rank)
     for step in range(1, size):
         assert pending is not None
         incoming, handle = pending
@@ -124,14 +129,13 @@ def ring_backward(
     rank, size = group.rank, group.size
     plan = BlockPlan(documents, size, causal, q.shape[1])
     if size == 1:
-        return attention_backward(dout, q, k, v, out, lse, causal, **plan.kernel_args(0, 0))
-    acc = accumulation_dtype(q.dtype)
+        dq, dk, dv = own_block_backward(attention_backward, dout, q, k, v, out, lse, plan, 0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
     pending: tuple[Tensor | None, ops.Handle] | None = _fetch_kv(1, kv, plan, group)
-    dq_own, dk_own, dv_own = attention_backward(dout, q, k, v, out, lse, causal, **plan.kernel_args(rank, rank))
-    dq = dq_own.to(acc)
-    dkv = torch.cat([dk_own, dv_own], dim=2).to(acc)
+    dq, dk_own, dv_own = own_block_backward(attention_backward, dout, q, k, v, out, lse, plan, rank)
+    dkv = torch.cat([dk_own, dv_own], dim=2)
     returning = None
     for step in range(1, size):
         assert pending is not None

@@ -53,8 +53,14 @@ import torch
 
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup
-from meshweave.kernels.attention import accumulation_dtype, attention, attention_backward, merge_partial
-from meshweave.parallel.context.blockwise import BlockPlan, blockwise_function, recv_buffer
+from meshweave.kernels.attention import attention, attention_backward, merge_partial
+from meshweave.parallel.context.blockwise import (
+    BlockPlan,
+    blockwise_function,
+    own_block,
+    own_block_backward,
+    recv_buffer,
+)
 
 Tensor = torch.Tensor
 
@@ -118,8 +124,7 @@ def tokenring_forward(
     sched = _Schedule(group, plan)
     queries = [q.contiguous()]
     pending = sched.fetch_queries(1, queries) if size > 1 else None
-    out, lse = attention(q, k, v, causal, **plan.kernel_args(rank, rank))
-    out, lse = merge_partial(None, None, out, lse)
+    out, lse = own_block(attention, q, k, v, plan, rank)
     returning = None
     for step in range(1, size):
         assert pending is not None
@@ -164,12 +169,10 @@ def tokenring_backward(
     rank, size = group.rank, group.size
     plan = BlockPlan(documents, size, causal, q.shape[1])
     sched = _Schedule(group, plan)
-    acc = accumulation_dtype(q.dtype)
     package = [torch.cat([q, dout.to(q.dtype), out.to(q.dtype)], dim=2).contiguous(), lse.contiguous()]
     heads = q.shape[2]
     pending = sched.fetch_queries(1, package) if size > 1 else None
-    dq_own, dk_own, dv_own = attention_backward(dout, q, k, v, out, lse, causal, **plan.kernel_args(rank, rank))
-    dq, dk, dv = dq_own.to(acc), dk_own.to(acc), dv_own.to(acc)
+    dq, dk, dv = own_block_backward(attention_backward, dout, q, k, v, out, lse, plan, rank)
     returning = None
     for step in range(1, size):
         assert pending is not None
