@@ -180,13 +180,16 @@ def _encode_in_worker(batch: list[Record]) -> Encoded:
 
 
 def encoded_batches(
-    batches: Iterable[list[Record]], factory: Callable[[], Callable[[list[Record]], Encoded]], workers: int
+    batches: Iterable[list[Record]],
+    factory: Callable[[], Callable[[list[Record]], Encoded]],
+    workers: int,
+    local: Callable[[list[Record]], Encoded] | None = None,
 ) -> Iterator[Encoded]:
     """The encoding of each batch, in input order, by ``workers`` processes (spawned, each building
-    its encoder with ``factory``; 1 encodes in this process). At most ``2 * workers`` batches are
-    submitted ahead of the one being yielded."""
+    its encoder with ``factory``; 1 encodes in this process, with ``local`` when given, else one
+    from ``factory``). At most ``2 * workers`` batches are submitted ahead of the one yielded."""
     if workers == 1:
-        encoder = factory()
+        encoder = local if local is not None else factory()
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker is one core, as in the pool
         try:
@@ -342,7 +345,7 @@ def prepare(
     totals = {"documents": 0, "tokens": 0}
 
     def documents() -> Iterator[np.ndarray]:
-        for enc in encoded_batches(_batches(stream, batch_size), factory, workers):
+        for enc in encoded_batches(_batches(stream, batch_size), factory, workers, local=encoder):
             if enc.bad and not skip_bad:
                 raise ValueError(enc.bad[0][1])
             for reason, message in enc.bad:
