@@ -194,24 +194,28 @@ class CommLedger:
 LEDGER = CommLedger()
 
 
-def stall_begin(device: torch.device | None) -> float | Any:
+def stall_begin(device: torch.device | None) -> float | tuple[Any, Any]:
     """Mark the point where compute starts waiting on communication: the host clock, or on CUDA a
-    timing event recorded on the current (compute) stream. Pass the mark to :func:`stall_end`."""
+    timing event recorded on ``device``'s current (compute) stream, with that stream. Pass the mark
+    to :func:`stall_end`."""
     if device is not None and device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        event.record(stream)
+        return event, stream
     return time.perf_counter()
 
 
-def stall_end(mark: float | Any, dim: str, op: str) -> None:
-    """Book the wait since ``mark`` (from :func:`stall_begin`) as exposed time of ``dim/op``."""
+def stall_end(mark: float | tuple[Any, Any], dim: str, op: str) -> None:
+    """Book the wait since ``mark`` (from :func:`stall_begin`) as exposed time of ``dim/op``: on
+    CUDA an event recorded after the wait on the same stream; their gap is the stream's stall."""
     if isinstance(mark, float):
         LEDGER.add_exposed(dim, op, time.perf_counter() - mark)
     else:
+        before, stream = mark
         after = torch.cuda.Event(enable_timing=True)
-        after.record()
-        LEDGER.add_exposed_events(dim, op, mark, after)
+        after.record(stream)
+        LEDGER.add_exposed_events(dim, op, before, after)
 
 
 class Handle:
@@ -229,7 +233,7 @@ class Handle:
         op: str,
         started: float,
         device: torch.device | None = None,
-        stall: float | Any = None,
+        stall: float | tuple[Any, Any] | None = None,
     ) -> None:
         self._work, self._dim, self._op, self._started = work, dim, op, started
         self._device, self._stall = device, stall

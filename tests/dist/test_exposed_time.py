@@ -81,6 +81,46 @@ def test_cuda_event_pairs_resolve_when_the_step_is_taken():
     assert ledger.take_exposed() == {} and dict(ledger.total_exposed) == {}
 
 
+def test_cuda_wait_is_timed_by_events_on_the_compute_stream(monkeypatch):
+    # No GPU here: fake CUDA events whose timestamps are the GPU clock of the stream they were
+    # recorded on, to check the wiring — both events on the device's current stream, resolved late.
+
+    clock = {"ms": 100.0}
+    recorded: list[tuple[str, str]] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.ms = None
+
+        def record(self, stream=None) -> None:
+            recorded.append(("record", stream))
+            self.ms = clock["ms"]
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, other) -> float:
+            return other.ms - self.ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"compute-stream-of-{device}")
+    LEDGER.reset()
+    device = torch.device("cuda", 1)
+
+    class Work:
+        def wait(self) -> None:
+            clock["ms"] += 40.0  # the compute stream stalls 40 ms behind the communication
+
+        def is_completed(self) -> bool:
+            return False
+
+    Handle(Work(), "tp", "all_gather", time.perf_counter(), device).wait()  # type: ignore[arg-type]
+    assert recorded == [("record", "compute-stream-of-cuda:1")] * 2
+    assert LEDGER.take_exposed() == {"tp/all_gather": pytest.approx(0.040)}
+    LEDGER.reset()
+
+
 # --------------------------------------------------------------------------------------------
 # one 2-rank job: ops.py collectives and the ones torch issues
 
