@@ -46,7 +46,7 @@ from meshweave.data.indexed import (
     write_dataset,
 )
 from meshweave.data.readers import ROW, TEXT, InputStream, Record
-from meshweave.data.tokenizers import HFTokenizer, load_tokenizer, tokenizer_record
+from meshweave.data.tokenizers import load_tokenizer, tokenizer_record
 
 PREFIX_NAME = "text_document"  # Megatron's preprocess_data.py names its outputs PREFIX_text_document
 LEGACY_INDEX_FORMAT = 1  # tokens.bin + index.json, read only by convert
@@ -70,7 +70,8 @@ class TextEncoder:
     tokenized with the tokenizer's batch encoding, followed by eos.
 
     The encoder is what a record means; a later one (chat: token ids plus a loss mask) plugs into
-    :func:`prepare` in its place. Built once per worker process from a picklable factory.
+    :func:`prepare` in its place. Built once per worker process from a picklable factory. The
+    tokenizer's batch encoding (``encode_batch``) does the work.
     """
 
     def __init__(self, tokenizer: str, text_key: str = "text") -> None:
@@ -117,7 +118,7 @@ class TextEncoder:
                 texts.append(text)
             else:
                 bad.append(text)
-        ids = encode_batch(self.tok, texts)
+        ids = self.tok.encode_batch(texts)
         lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
         tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
         ends = np.cumsum(lengths)
@@ -125,16 +126,6 @@ class TextEncoder:
             tokens[end - len(d) - 1 : end - 1] = d
         tokens[ends - 1] = self.tok.eos_id
         return Encoded(tokens, lengths, bad)
-
-
-def encode_batch(tok: Any, texts: list[str]) -> list[list[int]]:
-    """``[tok.encode(t) for t in texts]``, through the ``tokenizers`` batch encoding for a Hugging
-    Face tokenizer (one Rust call; single-threaded when ``TOKENIZERS_PARALLELISM=false``)."""
-    if isinstance(tok, HFTokenizer):
-        inner = tok._tok
-        fast = getattr(inner, "encode_batch_fast", inner.encode_batch)  # tokenizers >= 0.21 skips offsets
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
-    return [tok.encode(t) for t in texts]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +217,11 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _hms(secs: float) -> str:
+    minutes, s = divmod(round(secs), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
 class Progress:
     """Documents, tokens, tokens/s and (when the input size is known) percent and ETA on
     ``stream``: redrawn in place at most every 0.25 s on a terminal, else one line every
@@ -250,7 +246,7 @@ class Progress:
             frac = min(bytes_read / self.total_bytes, 1.0)
             eta = secs * (1 - frac) / frac if frac > 0 else math.inf
             line += f", {100 * frac:.1f}% of {_si(self.total_bytes)}B"
-            line += f", ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if math.isfinite(eta) else ""
+            line += f", ETA {_hms(eta)}" if math.isfinite(eta) else ""
         self._emit(line, final=False)
 
     def finish(self, line: str) -> None:

@@ -31,6 +31,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -43,6 +45,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """The UTF-8 bytes of ``text``; no eos is appended."""
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``."""
+        return [list(t.encode("utf-8")) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids in ``ids``; eos is dropped and invalid UTF-8 becomes U+FFFD."""
@@ -131,6 +137,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without the tokenizer's own special tokens (no bos/eos)."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` in one call of the Rust batch encoder (on its thread pool
+        unless ``TOKENIZERS_PARALLELISM=false``; ``encode_batch_fast``, tokenizers >= 0.21, skips
+        the offsets)."""
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with every eos id (and any id outside the vocabulary) dropped."""
