@@ -136,7 +136,7 @@ class BlockPlan:
                 [block_visible(self._sharing, size, qr, kr, causal) for kr in range(size)] for qr in range(size)
             ]
         self._ids: dict[int, Tensor] = {}
-        self._trimmed: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._trimmed: dict[tuple[int, int], tuple[slice | Tensor, slice | Tensor]] = {}
 
     def visible(self, q_rank: int, k_rank: int) -> bool:
         """False when block ``(q_rank, k_rank)`` is empty: skip it, send nothing for it."""
@@ -165,10 +165,8 @@ class BlockPlan:
         (``q_docs`` / ``k_docs``), none without documents."""
         if self.documents is None:
             return {}
-        return {
-            "q_docs": self._local_ids(q_rank)[:, self.rows(q_rank, k_rank)],
-            "k_docs": self._local_ids(k_rank)[:, self.cols(q_rank, k_rank)],
-        }
+        q_docs = self._local_ids(q_rank)[:, self.rows(q_rank, k_rank)]
+        return _document_args(q_docs, self._local_ids(k_rank)[:, self.cols(q_rank, k_rank)])
 
     def own_parts(self, rank: int) -> list[tuple[slice, slice, bool]]:
         """(query rows, key rows, causal mask) of the pieces of ``rank``'s own block to compute.
@@ -195,14 +193,14 @@ class BlockPlan:
         if self.documents is None:
             return {}
         ids = self._local_ids(rank)
-        return {"q_docs": ids[:, part[0]], "k_docs": ids[:, part[1]]}
+        return _document_args(ids[:, part[0]], ids[:, part[1]])
 
     def _halves(self, q_rank: int, k_rank: int) -> tuple[slice, slice]:
         q_late, k_early = block_rows(q_rank, k_rank, self.causal)
         half = self.seq // 2
         return (slice(half, None) if q_late else slice(None)), (slice(0, half) if k_early else slice(None))
 
-    def _trim(self, q_rank: int, k_rank: int) -> tuple[Tensor, Tensor]:
+    def _trim(self, q_rank: int, k_rank: int) -> tuple[slice | Tensor, slice | Tensor]:
         """(query rows, key rows) of an off-diagonal block with documents: within its zigzag halves,
         the rows whose document the other side holds in the same batch row (in some batch row).
         Every pair of those is visible by position (module docstring), so nothing else is needed."""
@@ -215,7 +213,10 @@ class BlockPlan:
                 row_keep |= torch.isin(q_ids[b], k_ids[b])
                 col_keep |= torch.isin(k_ids[b], q_ids[b])
             local = torch.arange(self.seq, device=q_ids.device)
-            self._trimmed[(q_rank, k_rank)] = (local[row_half][row_keep], local[col_half][col_keep])
+            # Nothing trimmed: keep the slice, so the block's rows stay views, not copies.
+            rows = row_half if bool(row_keep.all()) else local[row_half][row_keep]
+            cols = col_half if bool(col_keep.all()) else local[col_half][col_keep]
+            self._trimmed[(q_rank, k_rank)] = (rows, cols)
         return self._trimmed[(q_rank, k_rank)]
 
     def _local_ids(self, rank: int) -> Tensor:
@@ -225,6 +226,15 @@ class BlockPlan:
             index = layout.indices(self.documents.shape[1], rank).to(self.documents.device)
             self._ids[rank] = self.documents.index_select(1, index)
         return self._ids[rank]
+
+
+def _document_args(q_docs: Tensor, k_docs: Tensor) -> dict[str, Tensor]:
+    """The kernel's ``q_docs`` / ``k_docs`` for a block, or none when each batch row of it lies in
+    one document: masking would change nothing there, and the unmasked kernels are faster."""
+    first = q_docs[:, :1]
+    if bool((q_docs == first).all()) and bool((k_docs == first).all()):
+        return {}
+    return {"q_docs": q_docs, "k_docs": k_docs}
 
 
 def own_block(kernel: Callable, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, rank: int) -> tuple[Tensor, Tensor]:
