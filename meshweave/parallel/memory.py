@@ -220,9 +220,10 @@ def dense_layer_activations(cfg: Config, tokens: int, tp: int) -> int:
 
 def moe_layer_activations(cfg: Config, tokens: int, tp: int) -> int:
     """Bytes an MoE decoder layer saves: the attention half as a dense layer's, and the MoE
-    block's on the full sequence (it runs replicated over tp) — approximate, balanced routing:
-    the router's fp32 input and scores, every routed copy of a token into and out of the experts
-    and the experts' SwiGLU tensors, the shared experts' on every token."""
+    block's on the full sequence (it runs replicated over tp) — balanced routing assumed (exact
+    for one process up to the router's small index tensors): the router's fp32 input and scores,
+    every routed copy of a token into and out of the experts and the experts' SwiGLU tensors,
+    the shared experts' on every token."""
     m, moe = cfg.model, cfg.moe
     act = FP32 if precision(cfg) == "fp32" else BF16
     d, ef, width = m.dim, moe.expert_ffn_dim, moe.low_dim or m.dim
@@ -230,7 +231,9 @@ def moe_layer_activations(cfg: Config, tokens: int, tp: int) -> int:
     if moe.capacity_factor > 0:
         slots = min(slots, moe.num_experts * capacity(tokens, moe))
     router = FP32 * tokens * (d + 3 * moe.num_experts)  # fp32 input, logits, scores, probabilities
-    routed = act * slots * (2 * width + 4 * ef)
+    # each routed copy: sorted in, expert out, unsorted out (``width``), the expert's SwiGLU
+    # tensors, and three int64 indices of its sort
+    routed = act * slots * (3 * width + 4 * ef) + 24 * slots
     if moe.low_dim:
         routed += act * tokens * (width + d)  # BigMac's projections down and back up
     shared = act * moe.shared_experts * tokens * (d + 4 * ef)

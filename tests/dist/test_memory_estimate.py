@@ -9,7 +9,8 @@ process) and parameters plus AdamW state (~40 MB) dwarf everything else.
 Tolerance: the issue asks for 25%; the estimate itemises the step's tensors (per-layer saved
 tensors checked exactly in tests/unit/test_memory.py), and lands within 6% of these measurements,
 so 15% holds it to that while leaving room for what it does not itemise (backward working sets,
-pipeline and FSDP communication buffers), which moves with torch's kernels.
+pipeline, FSDP and expert all-to-all buffers, routing imbalance under EP), which moves with torch's
+kernels and the router.
 """
 
 import pytest
@@ -40,6 +41,11 @@ MODEL = [
         pytest.param(2, ["--parallel.dp_shard=2", "--parallel.activation_checkpointing=true"], id="fsdp2-ac"),
         pytest.param(2, ["--parallel.tp=2", "--parallel.dp_shard=1"], id="tp2"),
         pytest.param(2, ["--parallel.pp=2", "--parallel.dp_shard=1"], id="pp2"),
+        pytest.param(
+            2,
+            ["--parallel.dp_shard=2", "--parallel.ep=2", "--moe.num_experts=4", "--moe.expert_ffn_dim=320"],
+            id="moe-ep2",
+        ),
         # bf16 parameters: bf16 matmuls are slow on CPU, so one sequence per rank
         pytest.param(
             2,
