@@ -171,22 +171,19 @@ class BlockPlan:
     def own_parts(self, rank: int) -> list[tuple[slice, slice, bool]]:
         """(query rows, key rows, causal mask) of the pieces of ``rank``'s own block to compute.
 
-        Without documents: the whole block. With documents: its two chunks against themselves
-        (causal as the block) and the later chunk against the earlier one (and, not causal, the
-        reverse) only when they share a document — with short documents the cross pieces are
-        usually empty, which halves the own block's work (the kernel does not skip masked tiles).
+        The whole block, unless documents leave its two zigzag chunks sharing none (then, causal,
+        the later chunk sees nothing of the earlier one): then each chunk against itself only —
+        with short documents the usual case, and half the work, since the kernel does not skip
+        masked tiles.
         """
+        whole = [(slice(None), slice(None), self.causal)]
         if self._sharing is None:
-            return [(slice(None), slice(None), self.causal)]
+            return whole
+        early, late = rank, 2 * self.size - 1 - rank
+        if self._sharing[late][early]:
+            return whole
         half = self.seq // 2
-        early, late = slice(0, half), slice(half, None)
-        chunk = {"early": rank, "late": 2 * self.size - 1 - rank}
-        parts = [(early, early, self.causal), (late, late, self.causal)]
-        if self._sharing[chunk["late"]][chunk["early"]]:
-            parts.append((late, early, False))  # all of the later chunk may see all of the earlier
-        if not self.causal and self._sharing[chunk["early"]][chunk["late"]]:
-            parts.append((early, late, False))
-        return parts
+        return [(slice(0, half), slice(0, half), self.causal), (slice(half, None), slice(half, None), self.causal)]
 
     def own_kernel_args(self, rank: int, part: tuple[slice, slice, bool]) -> dict[str, Tensor]:
         """:meth:`kernel_args` of one of :meth:`own_parts`."""
