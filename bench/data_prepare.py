@@ -25,9 +25,10 @@ downloaded. Printed and written to ``--out`` (``data_prepare.md`` and ``data_pre
 The machine is shared (2 cores, other jobs): the load average is printed with the report; the
 parallel speedup is the number most sensitive to it.
 
-    .venv/bin/python -m bench.data_prepare                 # ~25 min on 2 cores
+    .venv/bin/python -m bench.data_prepare                 # ~25-45 min on 2 busy cores
     .venv/bin/python -m bench.data_prepare --big-mb 400    # if 1 GB takes too long
-    .venv/bin/python -m bench.data_prepare --quick         # ~3 min: 20 MB and 80 MB corpora
+    .venv/bin/python -m bench.data_prepare --tables 1 --small-mb 20 --rounds 3   # throughput only, in turns
+    .venv/bin/python -m bench.data_prepare --quick         # ~7 min: 20 MB and 80 MB corpora
 """
 
 from __future__ import annotations
@@ -196,10 +197,95 @@ def trainer_rate(out: Path) -> dict[str, Any]:
     return {"steps": len(rates), "tokens_per_s": statistics.median(rates)}
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median tokens/s among ``runs`` (all its fields, so the row is one real run)."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
+def table_1(report: Report, work: Path, small: Path, tokenizer: Path, rounds: int) -> dict[str, Any]:
+    """Ceiling, 1 worker and 2 workers, taking turns ``rounds`` times (a change in the machine's
+    load hits all three alike); each row is the round of median tokens/s. The 1-worker run's."""
+    results: dict[str, list[dict[str, Any]]] = {"ceiling": [], "w1": [], "w2": []}
+    for r in range(rounds):
+        results["ceiling"].append(ceiling(small, tokenizer))
+        print(f"  round {r + 1}: ceiling {results['ceiling'][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+        results["w1"].append(run_prepare(small, tokenizer, work / "out1", 1))
+        results["w2"].append(run_prepare(small, tokenizer, work / "out2", 2))
+    ceil, one, two = (median_run(results[k]) for k in ("ceiling", "w1", "w2"))
+    same = (work / "out1" / "text_document.bin").read_bytes() == (work / "out2" / "text_document.bin").read_bytes()
+    report.raw |= {"corpus_bytes": small.stat().st_size, "rounds": results, "same_output": same}
+    rows = [["tokenizers encode_batch_fast, 1 thread", fmt_int(ceil["tokens_per_s"]), "1.00", "-", "-"]]
+    rows[0].append(fmt_int(ceil["tokens"] / ceil["cpu_s"]))
+    for run in (one, two):
+        rows.append(
+            [
+                f"data prepare --workers {run['workers']}",
+                fmt_int(run["tokens_per_s"]),
+                fmt_ratio(run["tokens_per_s"] / ceil["tokens_per_s"], 2),
+                fmt_ratio(run["tokens_per_s"] / one["tokens_per_s"], 2),
+                f"{run['wall_s']:.0f}",
+                fmt_int(run["tokens"] / run["cpu_s"]),
+            ]
+        )
+    each = "; ".join(
+        f"{k} " + ", ".join(fmt_int(x["tokens_per_s"]) for x in results[k]) for k in ("ceiling", "w1", "w2")
+    )
+    report.add(
+        f"## 1. Throughput ({small.stat().st_size / 1e6:.0f} MB .jsonl, {one['documents']:,} documents, "
+        f"{one['tokens']:,} tokens; median of {rounds} round(s))\n\n"
+        + md_table(HEADERS_1, rows, right=[1, 2, 3, 4, 5])
+        + f"\n\nGoals: 2 workers >= 1.6x one worker (measured {two['tokens_per_s'] / one['tokens_per_s']:.2f}x), "
+        f"one worker >= 0.8x the ceiling (measured {one['tokens_per_s'] / ceil['tokens_per_s']:.2f}x). "
+        f"Output of 1 and 2 workers byte-identical: {same}. Every round's tokens/s: {each}. tokens/CPU-s: all "
+        "processes' CPU time, interpreter start and imports included."
+    )
+    return one
+
+
+def table_3(report: Report, work: Path, prefix: Path, batches: int) -> None:
+    loader = loader_rate(prefix, batches)
+    trainer = trainer_rate(work / "trainer")
+    report.raw |= {"loader": loader, "trainer": trainer}
+    ratio = loader["tokens_per_s"] / trainer["tokens_per_s"]
+    rows = [
+        [f"ShardedLoader.next_batch, 32 x 128, {loader['batches']} batches", fmt_int(loader["tokens_per_s"])],
+        [f"train configs/tiny.toml, 1 process, median of {trainer['steps']} steps", fmt_int(trainer["tokens_per_s"])],
+    ]
+    report.add(
+        "## 3. Loader vs the demo trainer\n\n"
+        + md_table(["", "tokens/s"], rows, right=[1])
+        + f"\n\nGoal: loader >= 20x the trainer (measured {ratio:,.0f}x)."
+    )
+
+
+def table_2(report: Report, work: Path, small: Path, tokenizer: Path, one: dict[str, Any], big_mb: int) -> None:
+    big = work / f"corpus_{big_mb}mb.jsonl"
+    t0 = time.perf_counter()
+    big_size = repeat_corpus(small, big, big_mb)
+    print(f"  corpus {big.name}: {big_size:,} bytes in {time.perf_counter() - t0:.0f} s", flush=True)
+    try:
+        large = run_prepare(big, tokenizer, work / "out_big", 1)
+    finally:
+        big.unlink()
+        shutil.rmtree(work / "out_big", ignore_errors=True)
+    report.raw |= {"small": one, "big_corpus_bytes": big_size, "big": large}
+    growth = large["peak_rss_mb"] / one["peak_rss_mb"] - 1
+    rows = [
+        [f"{n / 1e6:.0f} MB", fmt_int(r["documents"]), fmt_int(r["tokens"]), f"{r['peak_rss_mb']:.0f}"]
+        for n, r in ((small.stat().st_size, one), (big_size, large))
+    ]
+    report.add(
+        "## 2. Peak memory of data prepare --workers 1\n\n"
+        + md_table(["corpus", "documents", "tokens", "peak RSS MB"], rows, right=[1, 2, 3])
+        + f"\n\nGoal: within 20% (measured {100 * growth:+.1f}%)."
+    )
+
+
 def main() -> int:
-    ap = options(__doc__ or "", "20 MB and 80 MB corpora, fewer loader batches")
+    ap = options(__doc__ or "", "20 MB and 80 MB corpora, fewer loader batches", tables="1,2,3")
     ap.add_argument("--small-mb", type=int, default=100, help="corpus of tables 1 and 3 and the small of table 2")
     ap.add_argument("--big-mb", type=int, default=1000, help="the large corpus of table 2 (in /tmp, deleted after)")
+    ap.add_argument("--rounds", type=int, default=1, help="table 1: turns of ceiling / 1 worker / 2 workers")
     args = ap.parse_args()
     small_mb, big_mb = (20, 80) if args.quick else (args.small_mb, args.big_mb)
     report = Report(args.out, "data_prepare", "data prepare: throughput, memory, loader")
@@ -211,90 +297,15 @@ def main() -> int:
         size = write_corpus(small, small_mb)
         print(f"  corpus {small.name}: {size:,} bytes in {time.perf_counter() - t0:.0f} s", flush=True)
         tokenizer = train_tokenizer(small, work / "tokenizer")
-
-        # -- table 1
-        ceil = ceiling(small, tokenizer)
-        print(f"  ceiling: {ceil['tokens_per_s']:,.0f} tokens/s", flush=True)
-        one = run_prepare(small, tokenizer, work / "out1", 1)
-        two = run_prepare(small, tokenizer, work / "out2", 2)
-        same = all((work / "out1" / f).read_bytes() == (work / "out2" / f).read_bytes() for f in ("text_document.bin",))
-        report.raw |= {"corpus_bytes": size, "ceiling": ceil, "workers_1": one, "workers_2": two, "same_output": same}
-        rows = [
-            [
-                "tokenizers encode_batch_fast, 1 thread",
-                fmt_int(ceil["tokens_per_s"]),
-                "1.00",
-                "-",
-                "-",
-                fmt_int(ceil["tokens"] / ceil["cpu_s"]),
-            ]  # fmt: skip
-        ]
-        for run in (one, two):
-            rows.append(
-                [
-                    f"data prepare --workers {run['workers']}",
-                    fmt_int(run["tokens_per_s"]),
-                    fmt_ratio(run["tokens_per_s"] / ceil["tokens_per_s"], 2),
-                    fmt_ratio(run["tokens_per_s"] / one["tokens_per_s"], 2),
-                    f"{run['wall_s']:.0f}",
-                    fmt_int(run["tokens"] / run["cpu_s"]),
-                ]
-            )
-        report.add(
-            f"## 1. Throughput ({size / 1e6:.0f} MB .jsonl, {one['documents']:,} documents, "
-            f"{one['tokens']:,} tokens)\n\n"
-            + md_table(
-                ["", "tokens/s", "x ceiling", "x 1 worker", "wall s", "tokens/CPU-s"], rows, right=[1, 2, 3, 4, 5]
-            )
-            + f"\n\nGoals: 2 workers >= 1.6x one worker (measured {two['tokens_per_s'] / one['tokens_per_s']:.2f}x), "
-            f"one worker >= 0.8x the ceiling (measured {one['tokens_per_s'] / ceil['tokens_per_s']:.2f}x). "
-            f"Output of 1 and 2 workers byte-identical: {same}. tokens/CPU-s (all processes' CPU time, "
-            "interpreter start and imports included) is the load-independent view of the overhead."
-        )
-
-        # -- table 3 (uses table 1's dataset before the large corpus takes the disk)
-        loader = loader_rate(work / "out1" / "text_document", 100 if args.quick else 400)
-        trainer = trainer_rate(work / "trainer")
-        report.raw |= {"loader": loader, "trainer": trainer}
-        ratio = loader["tokens_per_s"] / trainer["tokens_per_s"]
-        rows = [
-            [f"ShardedLoader.next_batch, 32 x 128, {loader['batches']} batches", fmt_int(loader["tokens_per_s"])],
-            [
-                f"train configs/tiny.toml, 1 process, median of {trainer['steps']} steps",
-                fmt_int(trainer["tokens_per_s"]),
-            ],
-        ]
-        report.add(
-            "## 3. Loader vs the demo trainer\n\n"
-            + md_table(["", "tokens/s"], rows, right=[1])
-            + f"\n\nGoal: loader >= 20x the trainer (measured {ratio:,.0f}x)."
-        )
-
-        # -- table 2
-        shutil.rmtree(work / "out2", ignore_errors=True)
-        big = work / f"corpus_{big_mb}mb.jsonl"
-        t0 = time.perf_counter()
-        big_size = repeat_corpus(small, big, big_mb)
-        print(f"  corpus {big.name}: {big_size:,} bytes in {time.perf_counter() - t0:.0f} s", flush=True)
-        large = run_prepare(big, tokenizer, work / "out_big", 1)
-        big.unlink()
-        report.raw |= {"big_corpus_bytes": big_size, "big": large}
-        growth = large["peak_rss_mb"] / one["peak_rss_mb"] - 1
-        rows = [
-            [
-                f"{n / 1e6:.0f} MB",
-                fmt_int(r["documents"]),
-                fmt_int(r["tokens"]),
-                f"{r['peak_rss_mb']:.0f}",
-                fmt_int(r["tokens_per_s"]),
-            ]  # fmt: skip
-            for n, r in ((size, one), (big_size, large))
-        ]
-        report.add(
-            "## 2. Peak memory of data prepare --workers 1\n\n"
-            + md_table(["corpus", "documents", "tokens", "peak RSS MB", "tokens/s"], rows, right=[1, 2, 3, 4])
-            + f"\n\nGoal: within 20% (measured {100 * growth:+.1f}%)."
-        )
+        if 1 in args.tables:
+            one = table_1(report, work, small, tokenizer, args.rounds)
+        elif {2, 3} & set(args.tables):
+            one = run_prepare(small, tokenizer, work / "out1", 1)
+        if 3 in args.tables:
+            table_3(report, work, work / "out1" / "text_document", 100 if args.quick else 400)
+        if 2 in args.tables:
+            shutil.rmtree(work / "out2", ignore_errors=True)
+            table_2(report, work, small, tokenizer, one, big_mb)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report.finish()
