@@ -61,6 +61,11 @@ class ModelConfig:
     max_seq_len: int = opt(2048, "longest sequence the model is built for")
     tie_embeddings: bool = opt(False, "share one matrix between the embedding and the head")
     init_std: float = opt(0.02, "std of the normal initialisation (residual outputs scaled by 1/sqrt(2 n_layers))")
+    ladder_residual: bool = opt(
+        False,
+        "Ladder Residual: each attention / MLP reads the residual stream without the previous one's output, "
+        "whose tensor-parallel reduction then runs under it (a different model: trains to its own loss)",
+    )
     hf_family: str = opt(
         "llama",
         "Hugging Face architecture `ckpt export-hf` writes",

@@ -366,6 +366,8 @@ def hf_config_from_model(cfg: ModelConfig, moe: MoEConfig | None = None) -> dict
             raise ConfigError(f"model.{key}: {family.architecture} cannot express it; export with another hf_family")
     if cfg.head_dim and not family.head_dim_key:
         raise ConfigError(f"model.head_dim={cfg.head_dim}: {family.architecture} has no head_dim setting")
+    if cfg.ladder_residual:
+        raise ConfigError(f"model.ladder_residual: {family.architecture} has no ladder residual stream")
     if cfg.sliding_window and not family.sliding_window:
         raise ConfigError(f"model.sliding_window={cfg.sliding_window}: {family.architecture} has no sliding window")
     hf: dict[str, Any] = {

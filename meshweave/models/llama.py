@@ -161,10 +161,21 @@ class DecoderLayer(nn.Module):
         sin: Tensor,
         cache: LayerCache | None = None,
         documents: Documents | None = None,
-    ) -> Tensor:
+        pending: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The block on the residual stream ``x``; with ``pending`` (Ladder Residual) each of
+        attention and MLP reads the stream *without* the output before it, which is added only
+        after, and the block returns ``(stream, its MLP output still to add)``."""
         # cos / sin by keyword: a tensor-parallel plan re-lays out only the block's first input.
-        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache, documents=documents)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if pending is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache, documents=documents)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # The previous output's reduction (an async collective under tensor parallelism) is first
+        # needed by the add after this module's compute, so it runs underneath it.
+        attn = self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, cache=cache, documents=documents)
+        x = x + pending
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + attn, mlp
 
 
 class Transformer(nn.Module):
@@ -179,6 +190,9 @@ class Transformer(nn.Module):
     ``documents`` ``[b, S]``: document ids of the whole packed sequence (kernels/documents.py),
     of which this model sees the ``rope_positions`` (all of it when unset). Each token then
     attends within its document only and its RoPE position restarts at its document's start.
+
+    With ``ladder_residual`` the stream between pipeline stages is ``[2, b, s, dim]``: the
+    residual stream and the last module's output not yet added to it.
     """
 
     family: ClassVar[ModelFamily]  # declared below the class: what parallel/ needs to know
@@ -214,6 +228,10 @@ class Transformer(nn.Module):
         documents: Tensor | None = None,
     ) -> Tensor:
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        pending: Tensor | None = None
+        if self.cfg.ladder_residual:
+            h, pending = (h, torch.zeros_like(h)) if self.embed_tokens is not None else h.unbind(0)
+            tokens = tokens if self.embed_tokens is not None else h
         start = cache.length if cache is not None else 0
         docs = None
         if documents is not None:
@@ -228,14 +246,20 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + tokens.shape[1], device=h.device)
         cos, sin = rotary_tables(positions, *self.rope_table(positions.device), h.dtype)
         for key, layer in self.layers.items():
+            extra = {} if pending is None else {"pending": pending}
             if cache is not None:
-                h = layer(h, cos, sin, cache=cache.layer(int(key)))
+                out = layer(h, cos, sin, cache=cache.layer(int(key)), **extra)
             elif self.checkpoint_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, documents=docs, use_reentrant=False)
+                out = checkpoint(layer, h, cos, sin, documents=docs, use_reentrant=False, **extra)
             else:
-                h = layer(h, cos, sin, documents=docs)
+                out = layer(h, cos, sin, documents=docs, **extra)
+            h, pending = out if pending is not None else (out, None)
         if cache is not None:
             cache.length += tokens.shape[1]
+        if pending is not None:
+            if self.lm_head is None and self.norm is None:  # a pipeline stage before the last
+                return torch.stack([h, pending])
+            h = h + pending
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
