@@ -26,7 +26,9 @@ its transfers carry only those rows. Emptiness and the trimmed rows are pure fun
 ``(documents, P, causal, q_rank, k_rank)`` (:func:`chunk_sharing` + :func:`block_visible`,
 :meth:`BlockPlan.rows` / :meth:`BlockPlan.cols`), so the two ends of every transfer decide alike
 — and size their buffers alike — without exchanging anything. The diagonal block is never empty
-(a token sees itself) and never trimmed.
+(a token sees itself) and never trimmed; when its two zigzag chunks share no document it runs as
+two half-size pieces (:meth:`BlockPlan.own_parts`, :func:`own_block`). A block lying in one
+document in every batch row runs the unmasked kernel (masking it would change nothing).
 """
 
 from __future__ import annotations
