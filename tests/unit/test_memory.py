@@ -80,6 +80,43 @@ def test_pipeline_stages_partition_the_model_and_the_first_holds_more_microbatch
     assert "2 microbatches in flight" in "; ".join(first.notes)
 
 
+@pytest.mark.parametrize(
+    "schedule, micro, expected",
+    [
+        ("gpipe", 4, [4, 4]),  # every forward before any backward
+        ("1f1b", 4, [2, 1]),  # pp - rank
+        # interleaved, 2 stages per rank: torch's warm-up of (v-1) pp + 2 (pp-1-rank) chunks, +1
+        ("interleaved_1f1b", 4, [2.5, 1.5]),
+    ],
+)
+def test_microbatches_in_flight_follow_the_schedule(schedule, micro, expected):
+    stages = kinds(
+        2,
+        "--parallel.pp=2",
+        "--parallel.dp_shard=1",
+        f"--parallel.pp_schedule={schedule}",
+        f"--parallel.pp_microbatches={micro}",
+    )
+    for kind, count in zip(stages, expected):
+        notes = "; ".join(kind.notes)
+        if count == 1:  # the ordinary case is not noted
+            assert "in flight" not in notes
+        else:
+            assert f"activations of {count:g} microbatches in flight" in notes
+
+
+def test_replica_modes_add_their_state():
+    ddp = rows(2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1")
+    diloco = rows(2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--comm.diloco.enabled=true")
+    onebit = rows(2, "--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--optim.name=onebit_adam")
+    params = ddp["parameters"]
+    assert ddp["gradient buckets"] == params  # the replicated all-reduce's flat buckets
+    assert diloco["replica state"] == 2 * params and "gradient buckets" not in diloco  # global + momentum
+    # exp_avg, exp_avg_sq, worker error, and the server error of the half this rank serves
+    assert onebit["optimizer state"] == 3 * params + params // 2
+    assert onebit["replica state"] == 6 * params  # three int64 indices per element
+
+
 def test_tied_embeddings_are_counted_once():
     untied, tied = rows(1), rows(1, "--model.tie_embeddings=true")
     m = _model()
