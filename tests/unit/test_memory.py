@@ -3,8 +3,9 @@
 Its arithmetic against layout invariants (FSDP divides parameters, gradients and optimizer state
 by dp_shard; TP halves everything but the replicated norms; pipeline stages partition the
 model; checkpointing and bf16 shrink activations), and its per-layer activation formulas
-against the tensors autograd actually saves for backward, counted storage by storage. The
-estimate against a measured training step is tests/dist/test_memory_estimate.py.
+against the tensors autograd actually saves for backward, counted storage by storage; and the
+live-tensor accounting (metrics/tensor_memory.py) the estimate is measured against, which
+tests/dist/test_memory_estimate.py does over real training steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from meshweave.cli import main
 from meshweave.config import Config, ModelConfig
+from meshweave.metrics.tensor_memory import TensorMemoryPeak
 from meshweave.models.llama import DecoderLayer, build_model, num_params
 from meshweave.models.rope import rope_frequencies, rotary_tables
 from meshweave.parallel.dims import resolve_degrees
@@ -235,3 +237,31 @@ def test_dry_run_prints_the_table_and_exits_without_training(capsys, tmp_path):
 def test_dry_run_refuses_an_invalid_layout_like_training(capsys):
     assert main(["run", "--nproc", "4", "--dry-run", *SMALL, "--parallel.tp=3"]) == 2
     assert "parallel.tp" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# the measurement the estimate is checked against (metrics/tensor_memory.py)
+
+
+def test_tensor_memory_peak_counts_each_live_storage_once():
+    model = torch.nn.Linear(256, 256, bias=False)  # 256 KiB of weight, there before tracking
+    weight = 256 * 256 * 4
+    with TensorMemoryPeak(model) as tracker:
+        a = torch.ones(1024, 256)  # 1 MiB
+        view = a[:10]  # a view: the same storage, not counted again
+        b = a * 2  # another 1 MiB
+        del a, view, b
+        c = torch.zeros(256, 256)
+        assert tracker.current == 2 * weight  # the weight and c; a and b are freed
+    assert tracker.peak_bytes() == weight + 2 * 1024 * 256 * 4
+    del c
+
+
+def test_tensor_memory_peak_follows_storage_resize():
+    with TensorMemoryPeak() as tracker:
+        t = torch.empty(1000)
+        t.untyped_storage().resize_(0)  # FSDP2 frees unsharded parameters this way
+        assert tracker.current == 0
+        t.untyped_storage().resize_(4 * 500)
+        assert tracker.current == 2000
+    assert tracker.peak_bytes() == 4000
