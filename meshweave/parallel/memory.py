@@ -32,6 +32,7 @@ widths, ``f`` the SwiGLU width, ``t`` = tp; checked tensor by tensor in tests/un
   until backward); q/k/v/out and the MLP tensors are bf16;
 - bf16 parameters (FSDP ``mixed_precision=bf16``): everything bf16 but each norm's fp32 upcast
   of its input, which it saves instead of the input;
+- q/k RMSNorm (Qwen3 per head, OLMoE over the projection): each saves its input and output;
 - activation checkpointing: a layer saves only its input; its activations come back, one layer
   at a time, when backward recomputes it;
 - MoE layers (balanced routing assumed under EP): the router's fp32 input and scores, each
@@ -206,6 +207,10 @@ def _attention_half(cfg: Config, tokens: int, tp: int) -> int:
     q, kv, d = m.n_heads * hd, m.n_kv_heads * hd, m.dim
     small = tokens * (m.n_heads // tp) * FP32 + 2 * (tokens // tp) * FP32  # lse, the norms' rsqrt
     mode = precision(cfg)
+    if m.qk_norm != "none":  # q/k RMSNorm: each saves its input (bf16: an fp32 upcast) and output
+        per_row = (m.n_heads + m.n_kv_heads) // tp if m.qk_norm == "head" else 2
+        small += (FP32 + BF16 if mode == "bf16" else 2 * FP32) * tokens * (q + kv) // tp
+        small += FP32 * tokens * per_row
     if mode == "autocast":  # norms, residual and output fp32; three casts of the gathered input
         return FP32 * tokens * 4 * d // tp + BF16 * tokens * (3 * d + (2 * q + 2 * kv) // tp) + small
     if mode == "bf16":  # each norm saves its fp32 upcast of its input instead of the input

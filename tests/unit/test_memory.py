@@ -158,10 +158,10 @@ def test_accumulation_keeps_gradients_through_forward():
 # the per-layer formulas against autograd's saved tensors
 
 
-def saved_bytes(mode: str, b: int = 3, s: int = 32) -> tuple[int, Config]:
+def saved_bytes(mode: str, *overrides: str, b: int = 3, s: int = 32) -> tuple[int, Config]:
     """Bytes of the distinct storages one decoder layer saves for backward (its input included
     when it saves it), its parameters and the shared rotary tables excluded; and the config."""
-    cfg = resolve(None, [*SMALL, "--model.n_kv_heads=1"], world_size=1)
+    cfg = resolve(None, [*SMALL, "--model.n_kv_heads=1", *overrides], world_size=1)
     if mode == "autocast":
         cfg.train.dtype = "bf16"
     if mode == "bf16":  # FSDP mixed precision: the layer computes with bf16 weights and inputs
@@ -188,9 +188,20 @@ def saved_bytes(mode: str, b: int = 3, s: int = 32) -> tuple[int, Config]:
     return total, cfg
 
 
-@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
-def test_dense_layer_formula_is_what_autograd_saves(mode):
-    saved, cfg = saved_bytes(mode)
+@pytest.mark.parametrize(
+    "mode, overrides",
+    [
+        ("fp32", []),
+        ("autocast", []),
+        ("bf16", []),
+        ("fp32", ["--model.qk_norm=head", "--model.qkv_bias=true"]),  # Qwen3-style (biases save nothing)
+        ("bf16", ["--model.qk_norm=head"]),
+        ("fp32", ["--model.qk_norm=full"]),  # OLMoE-style
+        ("bf16", ["--model.qk_norm=full"]),
+    ],
+)
+def test_dense_layer_formula_is_what_autograd_saves(mode, overrides):
+    saved, cfg = saved_bytes(mode, *overrides)
     expected = dense_layer_activations(cfg, 3 * 32, tp=1)
     if mode == "autocast":
         # autocast's bf16 weight copies, which the estimate counts apart (per layer, from the
