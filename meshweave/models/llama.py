@@ -246,13 +246,12 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + tokens.shape[1], device=h.device)
         cos, sin = rotary_tables(positions, *self.rope_table(positions.device), h.dtype)
         for key, layer in self.layers.items():
-            extra = {} if pending is None else {"pending": pending}
             if cache is not None:
-                out = layer(h, cos, sin, cache=cache.layer(int(key)), **extra)
+                out = layer(h, cos, sin, cache=cache.layer(int(key)), pending=pending)
             elif self.checkpoint_layers and torch.is_grad_enabled():
-                out = checkpoint(layer, h, cos, sin, documents=docs, use_reentrant=False, **extra)
+                out = checkpoint(layer, h, cos, sin, documents=docs, pending=pending, use_reentrant=False)
             else:
-                out = layer(h, cos, sin, documents=docs, **extra)
+                out = layer(h, cos, sin, documents=docs, pending=pending)
             h, pending = out if pending is not None else (out, None)
         if cache is not None:
             cache.length += tokens.shape[1]

@@ -12,7 +12,7 @@ Methods (ALGORITHMS.md has the published numbers):
 
 - ``ulysses`` (ulysses.py): all-to-all to head shards, local attention, all-to-all back.
   Contiguous layout. Needs the degree to divide the (per-TP-rank) head count.
-- ``ring`` (ring.py): K/V travel the ring, zigzag layout for causal balance.
+- ``ring`` (ring.py): each rank's K/V go straight to the ranks that read them (zigzag layout for causal balance).
 - ``tokenring`` (tokenring.py): Q travels, results return to their owner; trainable backward.
 - ``hybrid`` (hybrid.py): Ulysses over ``ulysses_degree`` consecutive ranks, ring (or TokenRing
   with ``inner="tokenring"``) across the groups of them.
