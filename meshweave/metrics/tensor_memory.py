@@ -38,10 +38,14 @@ from torch.utils._pytree import tree_leaves
 
 def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     """The storages holding ``t``'s bytes (a wrapper subclass's inner tensors, a DTensor's shard)."""
-    if is_traceable_wrapper_subclass(t):
+    if isinstance(t, DTensor):
+        yield from _storages(t._local_tensor)
+    elif is_traceable_wrapper_subclass(t):
         attrs, _ = t.__tensor_flatten__()
         for attr in attrs:
-            yield from _storages(getattr(t, attr))
+            inner = getattr(t, attr)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
     elif t.device.type != "meta":
         yield t.untyped_storage()
 
@@ -112,7 +116,7 @@ class TensorMemoryPeak(TorchDispatchMode):
                 self._count(storage)
             return out
 
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign,assignment]
         super().__enter__()
         return self
 
