@@ -216,3 +216,79 @@ def test_short_documents_send_fewer_bytes_than_unmasked_on_every_rank(world, met
         dense = rank_result[(method, "gqa", causal, "dense")]
         total = lambda r: sent(r["forward"]) + sent(r["backward"])  # noqa: E731
         assert total(short) < total(dense)
+
+
+# --------------------------------------------------------------------------------------------
+# the public API, every method: ContextParallel.attention(q, k, v, causal, documents=...)
+
+API_CASES = {
+    2: [("ulysses", None, "ring"), ("ring", None, "ring"), ("tokenring", None, "ring")],
+    4: [
+        ("ulysses", None, "ring"),
+        ("ring", None, "ring"),
+        ("tokenring", None, "ring"),
+        ("hybrid", 2, "ring"),
+        ("hybrid", 2, "tokenring"),
+    ],
+}
+
+
+def api_name(method: str, inner: str) -> str:
+    return f"{method}-{inner}" if method == "hybrid" else method
+
+
+def api_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from meshweave.kernels.attention import attention
+    from meshweave.parallel.context import ContextParallel
+
+    results: dict = {}
+    q, k, v, dout = full_inputs(HEAD_SHAPES["gqa"], seed=1)
+    for method, ulysses, inner in API_CASES[world]:
+        cp = ContextParallel(dist.group.WORLD, method, ulysses_degree=ulysses, inner=inner)
+        for causal in (True, False):
+            for case in ("short", "crossing"):
+                documents = documents_of(case)
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                ref, _ = attention(*leaves, causal, q_docs=documents, k_docs=documents)
+                ref.backward(dout)
+                local = [cp.shard(t, 1).clone().requires_grad_() for t in (q, k, v)]
+                out = cp.attention(*local, causal=causal, documents=documents)
+                out.backward(cp.shard(dout, 1))
+                got = [out.detach()] + [t.grad for t in local]
+                want = [cp.shard(t, 1) for t in [ref.detach()] + [leaf.grad for leaf in leaves]]
+                results[(api_name(method, inner), causal, case)] = [relative_error(g, w) for g, w in zip(got, want)]
+    try:
+        shard = cp.shard(q, 1)
+        cp.attention(shard, shard, shard, documents=cp.shard(documents_of("short"), 1))
+    except ValueError as e:
+        results["shard of the documents"] = str(e)
+    return results
+
+
+@functools.cache
+def api_run(world: int) -> list[dict]:
+    return spawn(api_worker, world, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "world,method",
+    [
+        pytest.param(w, api_name(m, i), id=f"P{w}-{api_name(m, i)}")
+        for w, cases in API_CASES.items()
+        for m, _, i in cases
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", ["short", "crossing"])
+def test_every_method_through_the_public_api_matches_masked_attention_in_fp64(world, method, causal, case):
+    for rank_result in api_run(world):
+        diffs = rank_result[(method, causal, case)]
+        assert max(diffs) < TOL, f"out/dq/dk/dv relative differences {diffs}"
+
+
+def test_the_public_api_refuses_a_shard_of_the_documents():
+    """Every rank must pass the whole sequence's ids (each needs all of them), not its own slice."""
+    for rank_result in api_run(2):
+        assert "whole sequence's ids" in rank_result["shard of the documents"]
