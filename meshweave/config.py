@@ -259,6 +259,36 @@ class DiLoCoConfig:
 
 
 @dataclass
+class CO2Config:
+    """CO2 across the dp_replicate replicas, used as it is by meshweave.lowcomm.co2."""
+
+    enabled: bool = opt(
+        False, "CO2: replicas (dp_replicate) update locally; each round's all-reduce runs during the next round"
+    )
+    inner_steps: int = opt(100, "H: inner steps per round (the outer all-reduce has a whole round to finish)")
+    outer_lr: float = opt(1.0, "outer SGD learning rate on the one-round-stale averaged pseudo-gradient")
+    outer_momentum: float = opt(0.3, "outer heavy-ball momentum (0.5 and more trained worse on the tiny model, H=8)")
+    gap_penalty: float = opt(1.0, "staleness-gap penalty lambda >= 1: the stale pseudo-gradient enters momentum / it")
+    clip: float = opt(0.0, "outer-update clipping: momentum clamped element-wise to [-clip, clip] (0: off)")
+
+    def validate(self) -> None:
+        """ConfigError naming the field and the fix."""
+        require(self.inner_steps >= 1, "comm.co2.inner_steps", f"co2.inner_steps={self.inner_steps} must be >= 1")
+        require(self.outer_lr > 0, "comm.co2.outer_lr", f"co2.outer_lr={self.outer_lr} must be > 0 (e.g. 1.0)")
+        require(
+            0.0 <= self.outer_momentum < 1.0,
+            "comm.co2.outer_momentum",
+            f"co2.outer_momentum={self.outer_momentum} must be in [0, 1) (e.g. 0.3)",
+        )
+        require(
+            self.gap_penalty >= 1.0,
+            "comm.co2.gap_penalty",
+            f"co2.gap_penalty={self.gap_penalty} must be >= 1 (1: no penalty)",
+        )
+        require(self.clip >= 0.0, "comm.co2.clip", f"co2.clip={self.clip} must be >= 0 (0: no clipping)")
+
+
+@dataclass
 class CommConfig:
     """The comm layer and the replicas' exchange."""
 
@@ -266,6 +296,7 @@ class CommConfig:
     overlap: bool = opt(True, "launch bucket all-reduces during backward")
     timeout_s: float = opt(600.0, "a collective that does not complete in this time fails the run, naming the op")
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    co2: CO2Config = field(default_factory=CO2Config)
 
 
 @dataclass

@@ -44,6 +44,13 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             "DiLoCo and optim.name=onebit_adam both replace the replicas' gradient exchange: choose one",
         )
         cfg.comm.diloco.validate(m.n_layers)
+    if cfg.comm.co2.enabled:
+        require(
+            not cfg.comm.diloco.enabled and cfg.optim.name != "onebit_adam",
+            "comm.co2.enabled",
+            "CO2, DiLoCo and optim.name=onebit_adam each replace the replicas' gradient exchange: choose one",
+        )
+        cfg.comm.co2.validate()
     if cfg.data.source != "embedded":
         from meshweave.data.indexed import resolve_prefix
 

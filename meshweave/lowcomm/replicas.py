@@ -1,6 +1,6 @@
 """How the ``dp_replicate`` replicas share what they learn, as the training loop sees it.
 
-Three modes, chosen by the config:
+Four modes, chosen by the config:
 
 - ``dp`` (default): gradients are summed over every data-parallel rank each step (HSDP or the
   bucketed reducer); the loss is normalised by the global token count.
@@ -11,6 +11,9 @@ Three modes, chosen by the config:
   every ``inner_steps`` (meshweave.lowcomm.diloco). Replicas hold different weights between syncs,
   so each saves its own model and optimizer; evaluation runs on the global weights. After the
   run's last step every fragment syncs once more and all replicas adopt the global weights.
+- ``co2`` (``comm.co2.enabled``): replicas train apart for rounds of ``inner_steps``; each round's
+  pseudo-gradient all-reduce runs during the next round and is applied one round stale
+  (meshweave.lowcomm.co2). Checkpoints, evaluation and the end of the run as for DiLoCo.
 
 While replicas are apart, a replica's loss is normalised by *its* token count (the gradient is
 the replica's own mean gradient, which the outer exchange then averages) and the reported loss is
@@ -26,16 +29,19 @@ import torch
 
 from meshweave.comm.ops import CommGroup
 from meshweave.config import Config
+from meshweave.lowcomm.co2 import CO2
 from meshweave.lowcomm.diloco import StreamingDiLoCo
 
-ReplicaMode = Literal["dp", "onebit", "diloco"]
+ReplicaMode = Literal["dp", "onebit", "diloco", "co2"]
 
 
 def replica_mode(cfg: Config) -> ReplicaMode:
     """How the ``dp_replicate`` replicas share what they learn: the one place that decides it
-    (validation rejects DiLoCo together with 1-bit Adam)."""
+    (validation rejects any two of DiLoCo, CO2 and 1-bit Adam together)."""
     if cfg.comm.diloco.enabled:
         return "diloco"
+    if cfg.comm.co2.enabled:
+        return "co2"
     return "onebit" if cfg.optim.name == "onebit_adam" else "dp"
 
 
@@ -44,7 +50,8 @@ class ReplicaExchange:
 
     ``replicas``: the dp_replicate group; ``everyone``: all ranks that see different tokens (dp x
     cp); ``inside``: those of them in this rank's replica; ``diloco``: the outer loop in DiLoCo
-    mode. 1-bit Adam's phase is read from the optimizer, bound with :meth:`bind_optimizer`.
+    or CO2 mode (:class:`StreamingDiLoCo` or :class:`CO2`, which share that interface). 1-bit
+    Adam's phase is read from the optimizer, bound with :meth:`bind_optimizer`.
     """
 
     def __init__(
@@ -54,7 +61,7 @@ class ReplicaExchange:
         replica_index: int,
         everyone: CommGroup,
         inside: CommGroup,
-        diloco: StreamingDiLoCo | None = None,
+        diloco: StreamingDiLoCo | CO2 | None = None,
     ) -> None:
         self.mode = mode
         self.replicas = replicas.size
@@ -71,7 +78,7 @@ class ReplicaExchange:
     @property
     def apart(self) -> bool:
         """Whether this step's gradients stay inside each replica."""
-        return self.mode == "diloco" or (self.mode == "onebit" and self.optimizer.compressing)
+        return self.mode in ("diloco", "co2") or (self.mode == "onebit" and self.optimizer.compressing)
 
     def token_group(self) -> CommGroup:
         """The ranks whose valid tokens normalise this step's loss."""
@@ -99,11 +106,11 @@ class ReplicaExchange:
 
     def checkpoint_replica(self) -> int | None:
         """The replica index checkpoints key the weights by, when replicas hold different weights."""
-        return self.replica_index if self.mode == "diloco" else None
+        return self.replica_index if self.mode in ("diloco", "co2") else None
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """State beside model and optimizer that every rank saves and loads collectively."""
-        return {"diloco": self.diloco.state_dict()} if self.diloco is not None else {}
+        return {self.mode: self.diloco.state_dict()} if self.diloco is not None else {}
 
     def rank_local(self) -> dict[str, torch.Tensor]:
         """State that differs per rank (1-bit Adam's error feedback)."""
@@ -112,7 +119,7 @@ class ReplicaExchange:
     def restore(self, extra: dict[str, Any], rank_local: dict[str, torch.Tensor] | None) -> str | None:
         """Apply loaded state; returns a warning to log when rank-local state could not be restored."""
         if self.diloco is not None:
-            self.diloco.load_state_dict(extra["diloco"])
+            self.diloco.load_state_dict(extra[self.mode])
         if self.mode == "onebit":
             if rank_local is None:
                 return (
@@ -127,5 +134,5 @@ class ReplicaExchange:
         if self.mode == "onebit":
             return {"onebit_compressing": self.optimizer.compressing}
         if self.diloco is not None:
-            return {"diloco_failed_syncs": self.diloco.failed_syncs}
+            return {f"{self.mode}_failed_syncs": self.diloco.failed_syncs}
         return {}

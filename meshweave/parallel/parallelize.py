@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 from meshweave.comm.ops import CommGroup
 from meshweave.config import Config
+from meshweave.lowcomm.co2 import CO2
 from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
 from meshweave.models.family import family_of, seam
@@ -99,12 +100,14 @@ def compile_blocks(model: nn.Module) -> None:
 
 def replica_exchange(cfg: Config, dims: ParallelDims, mesh: ParallelMesh, model: nn.Module) -> ReplicaExchange:
     """How this rank's replica exchanges with the others (lowcomm/replicas.py), over this mesh.
-    Collective over the job in DiLoCo mode."""
+    Collective over the job in DiLoCo and CO2 modes."""
     mode = replica_mode(cfg)
-    diloco = None
+    diloco: StreamingDiLoCo | CO2 | None = None
+    # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
     if mode == "diloco":
-        # ``agree``: the ranks of one sharded replica take each sync's keep/apply decision together.
         diloco = StreamingDiLoCo(model, mesh.group("dp_replicate"), cfg.comm.diloco, agree=CommGroup.world())
+    elif mode == "co2":
+        diloco = CO2(model, mesh.group("dp_replicate"), cfg.comm.co2, agree=CommGroup.world())
     return ReplicaExchange(
         mode,
         mesh.group("dp_replicate"),

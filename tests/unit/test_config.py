@@ -386,6 +386,29 @@ INVALID = [
         id="diloco-with-onebit-adam",
     ),
     pytest.param(
+        TRAIN,
+        ["--comm.co2.enabled=true", "--comm.diloco.enabled=true"],
+        "comm.co2.enabled",
+        id="co2-with-diloco",
+    ),
+    pytest.param(
+        TRAIN, ["--comm.co2.enabled=true", "--optim.name=onebit_adam"], "comm.co2.enabled", id="co2-with-onebit-adam"
+    ),
+    pytest.param(TRAIN, ["--comm.co2.enabled=true", "--comm.co2.inner_steps=0"], "comm.co2.inner_steps", id="co2-h-0"),
+    pytest.param(
+        TRAIN,
+        ["--comm.co2.enabled=true", "--comm.co2.gap_penalty=0.5"],
+        "comm.co2.gap_penalty",
+        id="co2-penalty-below-1",
+    ),
+    pytest.param(TRAIN, ["--comm.co2.enabled=true", "--comm.co2.clip=-1"], "comm.co2.clip", id="co2-negative-clip"),
+    pytest.param(
+        TRAIN,
+        ["--comm.co2.enabled=true", "--comm.co2.outer_momentum=1"],
+        "comm.co2.outer_momentum",
+        id="co2-momentum-1",
+    ),
+    pytest.param(
         TRAIN, ["--optim.name=onebit_adam", "--optim.freeze_step=0"], "optim.freeze_step", id="onebit-without-warmup"
     ),
     pytest.param(
