@@ -300,6 +300,19 @@ class CommConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (models/lora.py): the base model frozen, only the adapters trained."""
+
+    rank: int = opt(0, "adapter rank r; 0 = off (full finetune)")
+    alpha: float = opt(16.0, "scaling numerator: updates are scaled by alpha / rank (as peft, not rsLoRA)")
+    dropout: float = opt(0.0, "dropout on the adapters' input (the base path sees none)")
+    targets: str = opt("q,k,v,o,gate,up,down", "comma-separated projections that take adapters: q,k,v,o,gate,up,down")
+    base_dtype: str = opt(
+        "fp32", "storage of the adapted projections' frozen weights (adapters stay fp32)", ("fp32", "bf16")
+    )
+
+
+@dataclass
 class CheckpointConfig:
     """When and where checkpoints are written, and what a run starts from."""
 
@@ -356,6 +369,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     log: LogConfig = field(default_factory=LogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/default"

@@ -51,6 +51,8 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             "CO2, DiLoCo and optim.name=onebit_adam each replace the replicas' gradient exchange: choose one",
         )
         cfg.comm.co2.validate()
+    if cfg.lora.rank:
+        check_lora(cfg)
     if cfg.data.source != "embedded":
         from meshweave.data.indexed import resolve_prefix
 
@@ -86,6 +88,34 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
         for what, present in untested.items():
             require(not present, "train.compile", f"compiled blocks are not supported with {what} yet; drop one")
     return dims
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # models/lora.py TARGETS (no torch here)
+
+
+def check_lora(cfg: Config) -> None:
+    """ConfigError for ``[lora]`` values that cannot train: ranges, target names, experts."""
+    lo = cfg.lora
+    require(lo.rank > 0, "lora.rank", f"must be >= 0 (0: off), got {lo.rank}")
+    require(lo.alpha > 0, "lora.alpha", f"must be > 0 (updates are scaled by alpha / rank), got {lo.alpha}")
+    require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    targets = [t.strip() for t in lo.targets.split(",") if t.strip()]
+    require(bool(targets), "lora.targets", f"names no projection; choose from {','.join(LORA_TARGETS)}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    require(not unknown, "lora.targets", f"unknown {','.join(unknown)}; choose from {','.join(LORA_TARGETS)}")
+    mlp = [t for t in targets if t in ("gate", "up", "down")]
+    require(
+        not (cfg.moe.num_experts and mlp),
+        "lora.targets",
+        f"{','.join(mlp)} on an MoE model: adapters on experts are not supported; target q,k,v,o",
+    )
+    require(
+        cfg.optim.name != "onebit_adam" and not cfg.comm.diloco.enabled and not cfg.comm.co2.enabled,
+        "lora.rank",
+        "LoRA trains with the plain data-parallel exchange; drop optim.name=onebit_adam / comm.diloco / comm.co2",
+    )
+    require(not cfg.train.compile, "lora.rank", "compiled blocks are not supported with LoRA yet; drop train.compile")
+    require(not cfg.model.ladder_residual, "lora.rank", "LoRA on a ladder-residual model is not supported; drop one")
 
 
 def preflight(cfg: Config) -> None:

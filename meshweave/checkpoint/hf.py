@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -40,6 +40,7 @@ from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
 from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
 from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
 from meshweave.models.llama import build_model
+from meshweave.models.lora import is_adapter
 from meshweave.options import to_toml
 
 
@@ -134,6 +135,8 @@ def fill_from_hf(model: nn.Module, hf_dir: str | Path) -> None:
     _, _, files, sources = _complete_sources(hf_dir)
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if is_adapter(name):  # LoRA adapters are not in the base model: they keep their init
+                continue
             hf, stacked = sources[name]
             local, region = _local_region(param)
             if local.numel() == 0:
@@ -369,9 +372,10 @@ def load_initial_weights(model: nn.Module, cfg: Config) -> None:
         fill_from_hf(model, source)
         return
     verify(source)
-    state = get_model_state_dict(model)
+    # LoRA adapters start from their init: only the base comes from the source.
+    state = {k: v for k, v in get_model_state_dict(model).items() if not is_adapter(k)}
     dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(source)), planner=SafeLoadPlanner())
-    set_model_state_dict(model, state)
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

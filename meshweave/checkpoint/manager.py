@@ -350,7 +350,8 @@ def _to_tensors(values: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_info(cfg: Config, world_size: int, **extra: Any) -> dict[str, Any]:
-    """What every manifest records besides files: model and MoE sections, layout, world size."""
+    """What every manifest records besides files: model and MoE sections, layout, world size, and
+    for a LoRA run the adapters' settings and base (:func:`lora_info`)."""
     layout = {
         k: v for k, v in asdict(cfg.parallel).items() if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp", "ep")
     }
@@ -362,8 +363,16 @@ def checkpoint_info(cfg: Config, world_size: int, **extra: Any) -> dict[str, Any
         "moe": asdict(cfg.moe),
         "layout": layout,
         "world_size": world_size,
+        **({"lora": lora_info(cfg)} if cfg.lora.rank else {}),
         **extra,
     }
+
+
+def lora_info(cfg: Config) -> dict[str, Any]:
+    """The ``[lora]`` section and the base the adapters belong to (``checkpoint.init_from``, or
+    the seed's initial weights), as a LoRA run's manifests record them."""
+    base = cfg.checkpoint.init_from or f"seed {cfg.train.seed} (no checkpoint.init_from)"
+    return {**asdict(cfg.lora), "base": base}
 
 
 def describe(ckpt: str | Path) -> str:

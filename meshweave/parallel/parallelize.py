@@ -19,6 +19,7 @@ from meshweave.lowcomm.co2 import CO2
 from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
 from meshweave.models.family import family_of, seam
+from meshweave.models.lora import freeze_base, is_adapter, lora_init_value
 from meshweave.models.moe import init_moe_buffers, set_aux_loss_scale
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.data import (
@@ -62,6 +63,8 @@ def parallelize(
     if cp is not None:
         seam(model).set_attention_op(cp.attention_op)
     experts = expert_parallel(model, dims, mesh, cfg)
+    if cfg.lora.rank:  # before FSDP, which keeps each parameter's flag (TP styles may not)
+        freeze_base(model)
     for root in {id(r): r for r in [model, *roots]}.values():
         seam(root).checkpoint_layers = cfg.parallel.activation_checkpointing
     if cfg.train.compile:
@@ -178,9 +181,12 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     seam(model).tie_weights()
     init_moe_buffers(model)  # to_empty leaves buffers uninitialised
     for name, param in model.named_parameters():
+        value = (
+            lora_init_value(name, param.shape, seed) if is_adapter(name) else init_value(name, param.shape, cfg, seed)
+        )
         if isinstance(param, DTensor):
-            full = init_value(name, param.shape, cfg, seed).to(device=device, dtype=param.dtype)
+            full = value.to(device=device, dtype=param.dtype)
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(local.to_local())
         else:
-            param.copy_(init_value(name, param.shape, cfg, seed))
+            param.copy_(value)

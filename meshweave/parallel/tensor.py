@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -42,6 +42,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from meshweave.models.family import family_of, seam
+from meshweave.models.lora import LoRALinear
 from meshweave.models.moe import MoEFeedForward
 from meshweave.parallel.expert import local_compute
 
@@ -49,9 +50,13 @@ from meshweave.parallel.expert import local_compute
 def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
     """The DTensor style of an abstract plan entry (models/family.py's TP_STYLES) for ``module``."""
     if name == "colwise":
-        return ColwiseParallel()
+        return LoRAColwise() if isinstance(module, LoRALinear) else ColwiseParallel()
     if name == "rowwise":
-        return RowwiseParallel(output_layouts=Shard(1))
+        return (
+            LoRARowwise(output_layouts=Shard(1))
+            if isinstance(module, LoRALinear)
+            else RowwiseParallel(output_layouts=Shard(1))
+        )
     if name == "sequence_parallel":
         return SequenceParallel()
     if name == "head_norm":  # input [b, s, heads, d] holds this rank's heads: dim 2 is the sharded one
@@ -77,6 +82,36 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
             use_local_output=True,
         )
     raise ValueError(f"unknown tensor-parallel style {name!r}")
+
+
+def _shard_lora(module: nn.Module, mesh: DeviceMesh, layouts: dict[str, Placement]) -> None:
+    """Make each direct parameter of ``module`` a DTensor of the placement ``layouts`` gives its
+    name (``weight`` / ``bias``), keeping its ``requires_grad``."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        dist = distribute_tensor(p, mesh, [layouts[name]], src_data_rank=None)
+        module.register_parameter(name, nn.Parameter(dist, requires_grad=p.requires_grad))
+
+
+class LoRAColwise(ColwiseParallel):
+    """Column parallelism for a :class:`~meshweave.models.lora.LoRALinear`: the base weight and
+    bias and ``lora_B`` are sharded on their output dim, ``lora_A`` (whose output, rank wide, every
+    rank needs whole) is replicated, so ``B A x`` comes out sharded like ``W x``. ``A``'s gradient
+    sums the ranks' partial products through DTensor's backward (a tp all-reduce of ``r x in``)."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        layout: Placement = Replicate() if name == "lora_A" else Shard(0)
+        _shard_lora(module, device_mesh, {"weight": layout, "bias": Shard(0)})
+
+
+class LoRARowwise(RowwiseParallel):
+    """Row parallelism for a :class:`~meshweave.models.lora.LoRALinear`: the base weight and
+    ``lora_A`` are sharded on their input dim, ``lora_B`` and the bias replicated, so both ``W x``
+    and ``B (A x)`` are partial sums that add first and then share the base output's single
+    reduction (reduce-scatter onto the sequence shards)."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        layout: Placement = Replicate() if name == "lora_B" else Shard(1)
+        _shard_lora(module, device_mesh, {"weight": layout, "bias": Replicate()})
 
 
 class FeatureNorm(ParallelStyle):

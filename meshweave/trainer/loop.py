@@ -37,7 +37,9 @@ from meshweave.launch.preemption import StopRequest
 from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_per_token, peak_memory_bytes
 from meshweave.metrics.sinks import MetricsLogger
 from meshweave.metrics.tensor_memory import TensorMemoryPeak
+from meshweave.models.family import family_of
 from meshweave.models.llama import Transformer, build_model, num_params
+from meshweave.models.lora import apply_lora, count_parameters, freeze_base
 from meshweave.options import to_toml
 from meshweave.parallel.dims import resolve_degrees
 from meshweave.parallel.parallelize import parallelize
@@ -69,7 +71,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         model: Transformer = build_model(cfg.model, moe=cfg.moe)
+        if cfg.lora.rank:  # before the split: every stage's blocks carry their own adapters
+            apply_lora(family_of(model).block_dict(model).values(), cfg.lora)
+            freeze_base(model)
         self.n_params = num_params(model)
+        self.n_trainable, _ = count_parameters(model)
         self.flops_per_token = model_flops_per_token(
             num_params(model, exclude_embedding=True), cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len
         )
@@ -102,7 +108,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             cfg.checkpoint.keep,
             self.world,
-            checkpoint_info(cfg, self.info.world_size),
+            checkpoint_info(cfg, self.info.world_size, parameters=self._parameter_counts()),
             async_save=cfg.checkpoint.async_,
             replica=self.replicas.checkpoint_replica(),
         )
@@ -128,6 +134,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg))
 
+    def _parameter_counts(self) -> dict[str, int]:
+        """Trainable vs total parameters of the full model (manifests and the first event)."""
+        return {"trainable": self.n_trainable, "total": self.n_params}
+
     def _trainer_state(self) -> dict[str, int | float]:
         return {
             "step": self.step,
@@ -140,7 +150,8 @@ class Trainer:
     def _start(self) -> list[str]:
         """Resume from a checkpoint, or initialise from ``checkpoint.init_from``; returns the
         events to log (the logger starts at the resumed step, so it is created afterwards)."""
-        messages: list[str] = []
+        share = 100.0 * self.n_trainable / self.n_params
+        messages: list[str] = [f"trainable parameters: {self.n_trainable:,} of {self.n_params:,} ({share:.3g}%)"]
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume, messages.append)
         if path is None:
             messages.append(f"starting from scratch: {self.n_params:,} parameters, layout {self.dims}")
