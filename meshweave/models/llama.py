@@ -51,7 +51,9 @@ class RMSNorm(nn.Module):
         # Normalise in fp32: bf16 variance loses the small-activation tail.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # In x's dtype: under autocast q/k arrive in bf16 beside a bf16 v, and an fp32 weight
+        # would promote them back to fp32 (the attention kernels need one dtype).
+        return (self.weight * xf.to(x.dtype)).to(x.dtype)
 
 
 class LayerCache:

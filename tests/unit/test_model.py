@@ -445,3 +445,16 @@ def test_activation_checkpointing_is_skipped_without_grad():
     with torch.no_grad():
         out = model(x)
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_bf16_autocast_runs_with_qk_norms_and_stays_near_fp32(qk_norm):
+    """Under autocast q/k come out of their norms in bf16 like v (an fp32 norm weight used to
+    promote them back to fp32, which the attention kernels refuse). bf16 keeps ~3 significant
+    digits: 5e-2 of the logits' scale is a few bf16 roundings through two layers."""
+    model, x = materialized(tiny(qk_norm=qk_norm)), tokens(tiny())
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+    assert (got.float() - want).abs().max() <= 5e-2 * want.abs().max()
