@@ -278,8 +278,16 @@ def cmd_ckpt(args: list[str]) -> int:
         default=5 * 10**9,
         help="largest safetensors file, e.g. 5GB (default), 500MB; larger models get an index",
     )
+    exp.add_argument(
+        "--merge-lora", action="store_true", help="write a LoRA checkpoint's weights merged: W + (alpha/rank) B A"
+    )
+    peft = sub.add_parser(
+        "export-peft", help="a LoRA checkpoint (or a run's newest) -> a peft adapter directory for transformers"
+    )
+    peft.add_argument("ckpt", help="a step-N checkpoint or a run directory")
+    peft.add_argument("out")
     ns = parser.parse_args(args)
-    from meshweave.checkpoint import hf
+    from meshweave.checkpoint import adapters, hf
     from meshweave.checkpoint.manager import CheckpointError, describe
 
     try:
@@ -291,8 +299,14 @@ def cmd_ckpt(args: list[str]) -> int:
                 f"wrote {ckpt} and {Path(ns.out) / 'config.toml'}; train from it with "
                 f"--config {Path(ns.out) / 'config.toml'} --checkpoint.init_from={ckpt}"
             )
+        elif ns.action == "export-peft":
+            out = adapters.export_peft(ns.ckpt, ns.out)
+            print(f"wrote {out}: {adapters.ADAPTER_CONFIG} + {adapters.ADAPTER_WEIGHTS}")
         else:
-            out = hf.export_hf(ns.ckpt, ns.out, max_shard_bytes=ns.max_shard_size)
+            merge = adapters.merge_plan(Path(ns.ckpt)) if ns.merge_lora else None
+            if merge is None and adapters.is_lora_checkpoint(Path(ns.ckpt)):
+                print("note: LoRA checkpoint: writing the base weights only (--merge-lora merges the adapters in)")
+            out = hf.export_hf(ns.ckpt, ns.out, max_shard_bytes=ns.max_shard_size, lora_merge=merge)
             files = sorted(p.name for p in out.glob("*.safetensors"))
             print(f"wrote {out}: config.json + {len(files)} safetensors file(s)")
     except (ConfigError, CheckpointError, OSError, ValueError) as e:

@@ -40,7 +40,7 @@ from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
 from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
 from meshweave.models.hf_config import FAMILIES, hf_config_from_model, hf_names, read_hf_config
 from meshweave.models.llama import build_model
-from meshweave.models.lora import is_adapter
+from meshweave.models.lora import is_adapter, merged_weight
 from meshweave.options import to_toml
 
 
@@ -277,11 +277,26 @@ def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return groups
 
 
-def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
+def read_tensors(ckpt: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint entries ``keys`` (as stored, e.g. ``model.layers.0...``) as full tensors, each
+    read alone (:func:`_read_tensor`)."""
+    metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
+    return {k: _read_tensor(ckpt, metadata, k) for k in keys}
+
+
+def export_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    max_shard_bytes: int = 5 * 10**9,
+    lora_merge: tuple[float, dict[str, tuple[str, str]]] | None = None,
+) -> Path:
     """Write a checkpoint's model as a HF directory of ``cfg.hf_family``: ``config.json`` and
     ``model.safetensors``, or shards of at most ``max_shard_bytes`` with
     ``model.safetensors.index.json``. Streams tensor by tensor (each read alone from the
-    checkpoint, written straight into its shard): peak memory is about the largest tensor."""
+    checkpoint, written straight into its shard): peak memory is about the largest tensor.
+    ``lora_merge`` ``(scaling, weight name -> (lora_A key, lora_B key))`` (checkpoint/adapters.py
+    ``merge_plan``): those weights are written merged, ``W + scaling B A``; without it a LoRA
+    checkpoint's adapters are left out (the base alone is written)."""
     verify(Path(ckpt))
     cfg, moe = read_model_config(ckpt)
     config = hf_config_from_model(cfg, moe)  # a family that cannot express the model fails first
@@ -304,6 +319,9 @@ def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**
         with SafetensorsWriter(out / file, layout, {"format": "pt"}) as writer:
             for name in group:
                 value = _read_tensor(Path(ckpt), metadata, f"model.{name}")
+                if lora_merge is not None and name in lora_merge[1]:
+                    a, b = (_read_tensor(Path(ckpt), metadata, k) for k in lora_merge[1][name])
+                    value = merged_weight(value, a, b, lora_merge[0])
                 hf, stacked = sources[name]
                 for h, part in zip(hf, value.unbind(0) if stacked else [value], strict=True):
                     writer.write(h, part)

@@ -83,6 +83,12 @@ class LoRALinear(nn.Linear):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
+def merged_weight(weight: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``weight + scaling * (B @ A)`` computed in fp32, in ``weight``'s dtype: the merged weight
+    whose plain linear equals the adapted one (peft's ``merge`` adds the same delta)."""
+    return (weight.float() + (b.float() @ a.float()) * scaling).to(weight.dtype)
+
+
 def is_adapter(name: str) -> bool:
     """Whether parameter ``name`` belongs to a LoRA adapter (everything else is the frozen base)."""
     return any(m in name for m in ADAPTER_MARKERS)
