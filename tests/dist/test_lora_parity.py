@@ -1,7 +1,8 @@
 """LoRA trains the same on every layout, and only the adapters train.
 
-One process is the reference; tensor parallelism x FSDP, the pipeline and context parallelism
-must reproduce its losses within 1e-4 per step (fp32; the project's parity bound). The lr is
+One process is the reference; tensor parallelism x FSDP, the pipeline, context parallelism and
+activation checkpointing must reproduce its losses within 1e-4 per step (fp32; the project's
+parity bound). The lr is
 high enough (1e-2) that the adapters move the loss visibly within the 8 steps.
 """
 
@@ -22,6 +23,7 @@ LAYOUTS = {
     "tp2-fsdp2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
     "pp2": (2, ["--parallel.pp=2", "--parallel.pp_microbatches=4"]),
     "cp2": (2, ["--parallel.cp=2"]),
+    "activation-checkpointing": (1, ["--parallel.activation_checkpointing=true"]),
 }
 
 
@@ -48,6 +50,15 @@ def test_lora_training_lowers_the_loss(reference):
 def test_lora_layout_matches_one_process(reference_run, reference, layout):
     nproc, args = LAYOUTS[layout]
     assert_losses_match(reference, losses(reference_run(nproc, *LORA, *args, steps=STEPS)), rtol=1e-4)
+
+
+def test_bf16_base_under_fsdp2_and_tp2_matches_one_process(reference_run):
+    # The adapted projections' frozen weights stored in bf16 (cast up per call, adapters fp32):
+    # FSDP2 then all-gathers a group of mixed dtypes; every layout computes the same fp32 math.
+    bf16 = "--lora.base_dtype=bf16"
+    one = losses(reference_run(1, *LORA, bf16, steps=STEPS))
+    for nproc, layout in [(2, ["--parallel.dp_shard=2"]), (2, ["--parallel.tp=2"])]:
+        assert_losses_match(one, losses(reference_run(nproc, *LORA, bf16, *layout, steps=STEPS)), rtol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["one-process", "tp2-fsdp2"])
