@@ -22,6 +22,13 @@ Rows so far:
   sequence of 8 tokens minus that plain model's time on it (FSDP's own collectives, sizes
   independent of the batch, with ~no compute to hide under); both = the FSDP step on the real batch.
   Goal >= 80%. These rows are what chose the ``parallel.fsdp_*`` defaults.
+- **chunked expert dispatch** — ep=2, a stack of MoE layers, one row per ``moe.dispatch_chunks``
+  C in :data:`EP_CHUNKS` (C = 1: today's dispatch, only the shared experts under the first
+  all-to-all). Goal >= 50%. Worker and phases: bench/_overlap_workers.py.
+- **co2** — CO2's outer all-reduce of the pseudo-gradient under the next round of H inner steps
+  (H calibrated so the round's compute is ~3x the all-reduce). Goal: all of it (>= 95%). Its
+  phases run in blocks, not turns (a round leaves its all-reduce in flight on the link), so its
+  wall-clock "hidden" compares timings minutes apart; the ledger column is its reading.
 
 After the table, the DP case is checked against a real training run: ``meshweave train`` with
 ``dp_replicate=2`` on the same shaped link and model, one sequence per rank (so that a good part
@@ -398,7 +405,80 @@ def fsdp(ctx: Context) -> list[Row]:
     return rows
 
 
-MECHANISMS: list[Callable[[Context], list[Row]]] = [dp, fsdp]
+# ================================================================================================
+# chunked expert dispatch and CO2 (workers in bench/_overlap_workers.py)
+
+EP_CHUNKS = [1, 2, 4, 8]
+
+
+def chunked_experts(ctx: Context) -> list[Row]:
+    """One row per ``moe.dispatch_chunks`` C (1 = the unchunked dispatch, shared experts under the
+    first all-to-all only): forward + backward of a stack of MoE layers at ep=2. Goal >= 50%."""
+    from bench._overlap_workers import EPShape, ep_worker
+
+    shape = EPShape()
+    res = _ranks(ep_worker, ctx, f"ep-{ctx.rate:g}", shape, EP_CHUNKS, ctx.reps)[0]
+    ctx.notes["ep"] = res
+    rows = []
+    for chunks in EP_CHUNKS:
+        r = res[chunks]
+        why = {"all_to_all": _ep_why(chunks, r)}
+        label = f"C={chunks}, " + ("unchunked" if chunks == 1 else f"{1 + 4 * chunks} a2a per layer")
+        rows.append(
+            Row(
+                "chunked expert dispatch (ep=2)",
+                f"{label}; {shape.label()}",
+                ctx.rate,
+                r["comm_s"],
+                r["compute_s"],
+                r["both_s"],
+                0.50,
+                exposed=r["exposed"],
+                why=why,
+            )
+        )
+    return rows
+
+
+def _ep_why(chunks: int, r: dict[str, Any]) -> str:
+    if r["compute_s"] < r["comm_s"]:
+        return f"the wire: compute is {r['compute_s'] / r['comm_s']:.0%} of the all-to-alls, the rest cannot hide"
+    if chunks == 1:
+        return "no pipeline: the experts wait for the whole dispatch, the combine and both reverses are synchronous"
+    return (
+        f"pipeline fill and drain (first dispatch and last combine chunk each way, ~{2 / chunks:.0%} of the comm) "
+        "and the synchronous count exchange"
+    )
+
+
+def co2(ctx: Context) -> list[Row]:
+    """CO2's outer all-reduce under a round of H inner steps (H sized so the round's compute is
+    ~3x the all-reduce alone). Goal: all of it hidden (>= 95%: the timers' resolution on a shared machine)."""
+    from bench._overlap_workers import MLP_BATCH, MLP_DEPTH, MLP_WIDTH, co2_worker
+
+    r = _ranks(co2_worker, ctx, f"co2-{ctx.rate:g}", ctx.reps)[0]
+    ctx.notes["co2"] = r
+    config = (
+        f"H={r['inner_steps']} AdamW steps of an MLP {MLP_DEPTH}x{MLP_WIDTH} (batch {MLP_BATCH}), "
+        f"{r['numel'] * 4 / 2**20:.1f} MB pseudo-gradient"
+    )
+    why = {"all_reduce": "a round's compute shorter than the all-reduce, or gloo's thread slowed by the compute"}
+    return [
+        Row(
+            "co2 (outer all-reduce)",
+            config,
+            ctx.rate,
+            r["comm_s"],
+            r["compute_s"],
+            r["both_s"],
+            0.95,
+            exposed=r["exposed"],
+            why=why,
+        )
+    ]
+
+
+MECHANISMS: list[Callable[[Context], list[Row]]] = [dp, fsdp, chunked_experts, co2]
 
 # Why an op's exposed time is what it is, where the reason is known (for the "dominated by" column).
 WHY = {
