@@ -52,6 +52,15 @@ def test_lora_layout_matches_one_process(reference_run, reference, layout):
     assert_losses_match(reference, losses(reference_run(nproc, *LORA, *args, steps=STEPS)), rtol=1e-4)
 
 
+def test_lora_on_moe_attention_under_tp2_ep2_fsdp2_matches_one_process(reference_run):
+    # Adapters on the attention projections of an MoE model (experts take none: refused by
+    # validation); the frozen experts are split over ep and their all-to-alls still run.
+    moe = ("--lora.targets=q,k,v,o", "--moe.num_experts=4", "--moe.top_k=2", "--train.micro_batch=4")
+    one = losses(reference_run(1, *LORA, *moe, steps=STEPS))
+    layout = ("--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.ep=2")
+    assert_losses_match(one, losses(reference_run(4, *LORA, *moe, *layout, steps=STEPS)), rtol=1e-4)
+
+
 def test_bf16_base_under_fsdp2_and_tp2_matches_one_process(reference_run):
     # The adapted projections' frozen weights stored in bf16 (cast up per call, adapters fp32):
     # FSDP2 then all-gathers a group of mixed dtypes; every layout computes the same fp32 math.

@@ -37,6 +37,7 @@ SHAPE = dict(
 )
 LORA = ["--lora.rank=4", "--lora.alpha=8", "--lora.targets=q,v,o,down", "--optim.lr=1e-2"]
 TOL = 1e-5
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def finetuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-peft")
     save_tiny("llama", root / "hf", **SHAPE)
     start = [*model_overrides(root / "hf"), f"--checkpoint.init_from={root / 'hf'}"]
-    train_run(root / "run", 1, *start, *LORA, "--checkpoint.save_final=true", steps=4)
+    train_run(root / "run", 1, *start, *LORA, "--checkpoint.save_final=true", steps=STEPS)
     ckpt = resolve_checkpoint(root / "run")
     cfg, moe = read_model_config(ckpt)
     model = build_model(cfg, device="cpu", moe=moe)
@@ -53,6 +54,26 @@ def finetuned(tmp_path_factory):
     state = {k.removeprefix("model."): v for k, v in read_checkpoint(ckpt, prefix="model.").items()}
     model.load_state_dict(state, strict=True)
     return root / "hf", root / "run", model.eval()
+
+
+def test_run_reports_trainable_and_total_parameters(finetuned):
+    _, run, model = finetuned
+    adapters = sum(p.numel() for n, p in model.named_parameters() if is_adapter(n))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"trainable parameters: {adapters:,} of {total:,}" in (run / "events.log").read_text()
+    manifest = json.loads((resolve_checkpoint(run) / "manifest.json").read_text())
+    assert manifest["parameters"] == {"trainable": adapters, "total": total}
+
+
+def test_init_from_an_imported_checkpoint_equals_init_from_the_hf_dir(finetuned, tmp_path):
+    # The base comes from the checkpoint (DCP, adapters excluded), the adapters from their init.
+    hf_dir, run, _ = finetuned
+    imported = main(["ckpt", "import-hf", str(hf_dir), str(tmp_path / "imported")])
+    assert imported == 0
+    start = [*model_overrides(hf_dir), f"--checkpoint.init_from={tmp_path / 'imported' / 'checkpoints' / 'step-0'}"]
+    records = train_run(tmp_path / "run", 1, *start, *LORA, steps=STEPS)
+    reference = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == reference
 
 
 def _tokens() -> torch.Tensor:
