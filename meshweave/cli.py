@@ -210,6 +210,23 @@ def cmd_data(args: list[str]) -> int:
         help="leave out malformed records (not UTF-8, not JSON, no or non-string text field), counted by reason "
         "on stderr and in the sidecar, instead of stopping at the first",
     )
+    prep.add_argument(
+        "--format",
+        choices=("text", "chat"),
+        default="text",
+        help="chat: each .jsonl line is a conversation ({messages: [{role, content}]} or {prompt, completion}) "
+        "rendered with --tokenizer's chat template; only assistant tokens are trained (text_document.loss_mask)",
+    )
+    prep.add_argument("--train-on-prompt", action="store_true", help="chat: train on every token, not only replies")
+    prep.add_argument(
+        "--max-tokens", type=int, default=0, help="chat: longest conversation kept, e.g. train.seq_len (0: no limit)"
+    )
+    prep.add_argument(
+        "--overlong",
+        choices=("truncate", "drop"),
+        default="truncate",
+        help="chat: a conversation over --max-tokens is cut to its first tokens or left out (counted either way)",
+    )
     conv = sub.add_parser("convert", help="rewrite an old tokens.bin + index.json directory as a Megatron dataset")
     conv.add_argument("old_dir", help="directory holding tokens.bin and index.json")
     conv.add_argument("out_prefix", help="dataset prefix to write: OUT_PREFIX.bin, .idx and .meshweave.json")
@@ -220,7 +237,16 @@ def cmd_data(args: list[str]) -> int:
         if ns.action == "convert":
             index, where = convert(ns.old_dir, ns.out_prefix), ns.out_prefix
         else:
-            opts = dict(text_key=ns.text_key, workers=ns.workers, skip_bad=ns.skip_bad, batch_size=ns.batch_size)
+            opts = dict(
+                text_key=ns.text_key,
+                workers=ns.workers,
+                skip_bad=ns.skip_bad,
+                batch_size=ns.batch_size,
+                format=ns.format,
+                train_on_prompt=ns.train_on_prompt,
+                max_tokens=ns.max_tokens,
+                overlong=ns.overlong,
+            )
             index, where = prepare(ns.input, ns.tokenizer, ns.out, progress=sys.stderr, **opts), ns.out
     except (OSError, ValueError) as e:
         return _fail(" ".join(str(e).split()))

@@ -181,7 +181,8 @@ class PackedSequences:
     last ``seq_len``, with the label after an eos input, and after each document's last token, set
     to ``IGNORE_INDEX`` so no document is trained to predict the next one (the document ends
     matter for Megatron data tokenized without ``--append-eod``, whose documents end in no eos).
-    With a corpus ``loss_mask`` (chat data) a label whose token is not a target is ignored too.
+    With a corpus ``loss_mask`` (chat data) the mask decides instead of eos (templates end turns
+    with the eos token inside a conversation): a label whose token is not a target is ignored.
     Windows are gathered from spans on demand, so a memory-mapped corpus is read only where a
     window lands.
     """
@@ -232,7 +233,8 @@ class PackedSequences:
         """``(input_ids, labels)``, both ``torch.long`` of shape ``[seq_len]``."""
         w = self.window(i)
         inputs, labels = w[:-1], w[1:].copy()
-        labels[inputs == self.eos_id] = IGNORE_INDEX
+        if self.corpus.loss_mask is None:  # chat templates use the eos token inside conversations
+            labels[inputs == self.eos_id] = IGNORE_INDEX
         pos = i * self.seq_len
         lo, hi = np.searchsorted(self._doc_ends, [pos, pos + self.seq_len], side="right")
         labels[self._doc_ends[lo:hi] - 1 - pos] = IGNORE_INDEX

@@ -9,6 +9,10 @@ how many malformed records ``--skip-bad`` left out. ``data.source`` names the pr
 files. ``meshweave data convert`` rewrites a directory of the previous format (``tokens.bin`` +
 ``index.json``) as such a prefix.
 
+``--format chat`` reads ``.jsonl`` / parquet conversations instead (:mod:`meshweave.data.chat`:
+rendered with the model directory's chat template) and writes ``text_document.loss_mask`` beside
+the ``.bin``: one byte per token, 1 on the tokens that are trained (the assistant's).
+
 The pipeline is reader -> encoder -> writer. :class:`meshweave.data.readers.InputStream` streams
 records; they are cut into batches (``batch_size`` records, at most :data:`BATCH_BYTES` of input),
 each batch is encoded by an encoder (:class:`TextEncoder`: record batch -> token ids + lengths +
@@ -30,6 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,9 +42,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from meshweave.data.chat import ChatError, ChatTemplate, chat_messages, target_mask
 from meshweave.data.indexed import (
+    LOSS_MASK_SUFFIX,
     SIDECAR_SUFFIX,
     EmptyDatasetError,
+    loss_mask_path,
     megatron_indexed,
     sidecar_path,
     token_dtype,
@@ -52,7 +60,9 @@ PREFIX_NAME = "text_document"  # Megatron's preprocess_data.py names its outputs
 LEGACY_INDEX_FORMAT = 1  # tokens.bin + index.json, read only by convert
 BATCH_BYTES = 8 << 20  # a batch also ends at this much input, so huge documents do not pile up
 # Why a record is malformed: the sidecar's "skipped" keys.
-BAD_REASONS = ("not_utf8", "bad_json", "not_object", "missing_key", "not_string")
+BAD_REASONS = ("not_utf8", "bad_json", "not_object", "missing_key", "not_string", "not_a_conversation")
+FORMATS = ("text", "chat")
+OVERLONG = ("truncate", "drop")
 
 
 @dataclass
@@ -63,6 +73,8 @@ class Encoded:
     tokens: np.ndarray
     lengths: np.ndarray
     bad: list[tuple[str, str]] = field(default_factory=list)
+    loss_mask: np.ndarray | None = None  # chat: uint8 beside ``tokens``, 1 on trained tokens
+    cut: Counter[str] = field(default_factory=Counter)  # chat: conversations "truncated" / "dropped"
 
 
 class TextEncoder:
@@ -87,25 +99,16 @@ class TextEncoder:
     def _text(self, rec: Record) -> str | tuple[str, str]:
         """The document of ``rec``, or ``(reason, message)`` when it is malformed."""
         key = self.text_key
-        if rec.kind == ROW:
-            value = rec.data[key]
-        else:
-            try:
-                text = rec.data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                what = "text" if rec.kind == TEXT else "line"
-                return "not_utf8", f"{rec.where()}: not UTF-8 {what} ({e.reason} at byte {e.start})"
-            if rec.kind == TEXT:
-                return text
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                return "bad_json", f"{rec.where()}: not JSON ({e.msg}: column {e.colno})"
-            if not isinstance(value, dict):
-                return "not_object", f'{rec.where()}: expected a JSON object with a string "{key}" field'
-            if key not in value:
-                return "missing_key", f'{rec.where()}: no "{key}" field (name the text field with --text-key)'
-            value = value[key]
+        if rec.kind == TEXT:
+            return _decoded(rec)
+        value = _decoded(rec)
+        if isinstance(value, tuple):
+            return value
+        if not isinstance(value, dict):
+            return "not_object", f'{rec.where()}: expected a JSON object with a string "{key}" field'
+        if key not in value:
+            return "missing_key", f'{rec.where()}: no "{key}" field (name the text field with --text-key)'
+        value = value[key]
         if not isinstance(value, str):
             return "not_string", f'{rec.where()}: "{key}" is {type(value).__name__}, not a string'
         return value
@@ -126,6 +129,77 @@ class TextEncoder:
             tokens[end - len(d) - 1 : end - 1] = d
         tokens[ends - 1] = self.tok.eos_id
         return Encoded(tokens, lengths, bad)
+
+
+def _decoded(rec: Record) -> Any:
+    """A text file's text, a ``.jsonl`` line's JSON value or a parquet row's ``{column: value}``;
+    ``(reason, message)`` when the bytes are not UTF-8 or the line not JSON."""
+    if rec.kind == ROW:
+        return rec.data
+    try:
+        text = rec.data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        what = "text" if rec.kind == TEXT else "line"
+        return "not_utf8", f"{rec.where()}: not UTF-8 {what} ({e.reason} at byte {e.start})"
+    if rec.kind == TEXT:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return "bad_json", f"{rec.where()}: not JSON ({e.msg}: column {e.colno})"
+
+
+class ChatEncoder:
+    """Record batch -> :class:`Encoded` for chat data: each conversation rendered with the model
+    directory's chat template and tokenized as transformers' ``apply_chat_template`` does
+    (meshweave/data/chat.py), with its loss mask (1 on the assistant tokens; on every token with
+    ``train_on_prompt``). No eos is appended: the template ends each turn, and the ``.idx``
+    document boundary ends the conversation. A conversation longer than ``max_tokens`` (0: no
+    limit) is truncated to its first ``max_tokens`` tokens or dropped (``overlong``); one left with
+    no trained token is dropped; both are counted.
+    """
+
+    columns = ["messages", "prompt", "completion"]
+
+    def __init__(self, tokenizer: str, train_on_prompt: bool = False, max_tokens: int = 0, overlong: str = "truncate"):
+        self.tok = load_tokenizer(tokenizer)
+        if not hasattr(self.tok, "encode_batch_offsets"):
+            raise ValueError("--format chat needs --tokenizer= a Hugging Face model directory with a chat template")
+        self.template = ChatTemplate.from_model_dir(tokenizer)
+        self.train_on_prompt, self.max_tokens, self.overlong = train_on_prompt, max_tokens, overlong
+        self.dtype = token_dtype(self.tok.vocab_size)
+
+    def __call__(self, records: list[Record]) -> Encoded:
+        rendered, bad = [], []
+        for rec in records:
+            value = _decoded(rec)
+            if isinstance(value, tuple):
+                bad.append(value)
+                continue
+            if rec.kind == ROW:  # parquet: the columns a record has
+                value = {k: v for k, v in value.items() if v is not None}
+            try:
+                rendered.append(self.template.target_spans(chat_messages(value)))
+            except ChatError as e:
+                bad.append(("not_a_conversation", f"{rec.where()}: {e}"))
+        docs, masks, cut = [], [], Counter[str]()
+        encode = self.tok.encode_batch_offsets  # type: ignore[attr-defined]
+        for (_, spans), (ids, offsets) in zip(rendered, encode([t for t, _ in rendered]), strict=True):
+            mask = [1] * len(ids) if self.train_on_prompt else target_mask(offsets, spans)
+            if self.max_tokens and len(ids) > self.max_tokens:
+                cut[self.overlong] += 1
+                if self.overlong == "drop":
+                    continue
+                ids, mask = ids[: self.max_tokens], mask[: self.max_tokens]
+            if not any(mask):
+                cut["no_target"] += 1
+                continue
+            docs.append(ids)
+            masks.append(mask)
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        tokens = np.fromiter((t for d in docs for t in d), dtype=self.dtype, count=int(lengths.sum()))
+        loss_mask = np.fromiter((m for d in masks for m in d), dtype=np.uint8, count=int(lengths.sum()))
+        return Encoded(tokens, lengths, bad, loss_mask, cut)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +374,11 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     Path(f"{target}.idx").unlink(missing_ok=True)
     os.replace(tmp / f"{PREFIX_NAME}.bin", f"{target}.bin")
     os.replace(tmp / f"{PREFIX_NAME}{SIDECAR_SUFFIX}", sidecar_path(target))
+    mask = tmp / f"{PREFIX_NAME}{LOSS_MASK_SUFFIX}"
+    if mask.exists():
+        os.replace(mask, loss_mask_path(target))
+    else:  # an old dataset's mask must not outlive it
+        loss_mask_path(target).unlink(missing_ok=True)
     os.replace(tmp / f"{PREFIX_NAME}.idx", f"{target}.idx")
 
 
@@ -313,13 +392,19 @@ def prepare(
     skip_bad: bool = False,
     batch_size: int = 512,
     progress: TextIO | None = None,
+    format: str = "text",
+    train_on_prompt: bool = False,
+    max_tokens: int = 0,
+    overlong: str = "truncate",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into the Megatron dataset ``out_dir/text_document``; return its sidecar.
 
     Each document (a text file, a ``.jsonl`` line's or parquet row's ``text_key``) is one sequence
     and one document of the ``.idx``, followed by eos; documents keep input order for any
     ``workers``. A malformed record is a ValueError naming its file and line, or with ``skip_bad``
-    is left out and counted by reason in the sidecar's ``skipped``. Everything is written in a
+    is left out and counted by reason in the sidecar's ``skipped``. ``format="chat"``: each
+    ``.jsonl`` line is a conversation (:class:`ChatEncoder`), and ``text_document.loss_mask`` is
+    written beside the tokens; the sidecar's ``chat`` says how. Everything is written in a
     temporary directory beside ``out_dir`` and renamed into place at the end: a run that fails or
     is killed leaves ``out_dir`` as it was (a previous dataset there intact, or no dataset).
     """
@@ -329,16 +414,32 @@ def prepare(
         raise ValueError(f"prepare: --workers ({workers}) and --batch-size ({batch_size}) must be at least 1")
     if not text_key:
         raise ValueError("prepare: --text-key must name a field")
-    factory = partial(TextEncoder, tokenizer, text_key)
+    if format not in FORMATS or overlong not in OVERLONG or max_tokens < 0:
+        raise ValueError(
+            f"prepare: --format {format!r} / --overlong {overlong!r} / --max-tokens {max_tokens}: choose a format "
+            f"of {', '.join(FORMATS)}, overlong of {', '.join(OVERLONG)}, max-tokens >= 0"
+        )
+    chat = format == "chat"
+    if chat:
+        plain = [p for p in inputs if not any(p.endswith(f".{f}") for f in ("jsonl", "jsonl.gz", "jsonl.zst"))]
+        if plain:
+            raise ValueError(f"prepare --format chat reads conversations from .jsonl(.gz/.zst) files, not {plain[0]}")
+    factory: Callable[[], TextEncoder | ChatEncoder] = (
+        partial(ChatEncoder, tokenizer, train_on_prompt, max_tokens, overlong)
+        if chat
+        else partial(TextEncoder, tokenizer, text_key)
+    )
     encoder = factory()  # here too: a bad tokenizer fails before any worker starts
     stream = InputStream(inputs, encoder.columns)
-    record = {"vocab_size": encoder.tok.vocab_size, "eos_id": encoder.tok.eos_id}
+    record: dict[str, Any] = {"vocab_size": encoder.tok.vocab_size, "eos_id": encoder.tok.eos_id}
     record |= tokenizer_record(tokenizer, encoder.tok)
     megatron_indexed()  # imported before the clock starts: seconds that are not throughput
     meter = Progress(progress, stream.total_bytes)
     skipped: Counter[str] = Counter()
+    cut: Counter[str] = Counter()
     first_bad: dict[str, str] = {}
     totals = {"documents": 0, "tokens": 0}
+    mask_file: list[Any] = []  # the open loss-mask file of a chat run
 
     def documents() -> Iterator[np.ndarray]:
         for enc in encoded_batches(_batches(stream, batch_size), factory, workers, local=encoder):
@@ -347,6 +448,9 @@ def prepare(
             for reason, message in enc.bad:
                 skipped[reason] += 1
                 first_bad.setdefault(reason, message)
+            cut.update(enc.cut)
+            if enc.loss_mask is not None:
+                mask_file[0].write(enc.loss_mask.tobytes())
             ends = np.cumsum(enc.lengths)
             for start, end in zip(ends - enc.lengths, ends):
                 yield enc.tokens[start:end]
@@ -361,11 +465,25 @@ def prepare(
     tmp.mkdir()
     try:
         try:
-            sidecar = write_dataset(tmp / PREFIX_NAME, documents(), record)
+            with open(tmp / f"{PREFIX_NAME}{LOSS_MASK_SUFFIX}", "wb") if chat else _no_file() as mask_out:
+                mask_file.append(mask_out)
+                sidecar = write_dataset(tmp / PREFIX_NAME, documents(), record)
+                if mask_out is not None:
+                    mask_out.flush()
+                    os.fsync(mask_out.fileno())
         except EmptyDatasetError:
             why = f"; {sum(skipped.values())} malformed record(s) skipped" if skipped else ""
+            why += f"; conversations cut: {dict(cut)}" if cut else ""
             raise ValueError(f"prepare: {len(inputs)} input file(s) hold no documents{why}") from None
         sidecar["skipped"] = {r: skipped[r] for r in BAD_REASONS if skipped[r]}
+        if chat:
+            sidecar["chat"] = {
+                "loss_mask": f"{PREFIX_NAME}{LOSS_MASK_SUFFIX}",
+                "train_on_prompt": train_on_prompt,
+                "max_tokens": max_tokens,
+                "overlong": overlong,
+                "cut": dict(cut),
+            }
         side = sidecar_path(tmp / PREFIX_NAME)
         with open(side, "w", encoding="utf-8") as f:
             f.write(json.dumps(sidecar))
@@ -382,8 +500,15 @@ def prepare(
     if skipped:
         kinds = ", ".join(f"{r} {n:,} (first: {first_bad[r]})" for r, n in sidecar["skipped"].items())
         line += f"; skipped {sum(skipped.values()):,} malformed record(s): {kinds}"
+    if cut:
+        line += "; conversations " + ", ".join(f"{why.replace('_', ' ')}: {n:,}" for why, n in sorted(cut.items()))
     meter.finish(line)
     return sidecar
+
+
+@contextmanager
+def _no_file() -> Iterator[None]:
+    yield None
 
 
 def convert(old_dir: str, out_prefix: str) -> dict[str, Any]:

@@ -145,6 +145,11 @@ class HFTokenizer:
         batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [e.ids for e in batch(texts, add_special_tokens=False)]
 
+    def encode_batch_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``(ids, character offsets [start, end) of each token)`` of every text, no special tokens
+        added (chat data: which tokens fall in a trained span)."""
+        return [(e.ids, e.offsets) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with every eos id (and any id outside the vocabulary) dropped."""
         keep = [int(i) for i in ids if int(i) not in self.eos_ids and 0 <= int(i) < self._emits]

@@ -135,3 +135,101 @@ def test_a_directory_without_a_chat_template_is_an_error_naming_it(tmp_path, byt
     byte_bpe.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="no chat template"):
         ChatTemplate.from_model_dir(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# data prepare --format chat: tokens + text_document.loss_mask, read back by training
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+RECORDS = [
+    {"messages": CONVERSATION},
+    {"prompt": "And a shard?", "completion": "One rank's piece of a tensor."},
+    {"messages": CONVERSATION[1:3]},
+]
+
+
+def test_prepared_chat_data_trains_exactly_the_assistant_tokens(tmp_path, byte_bpe):
+    import numpy as np
+
+    from meshweave.data.datasets import IGNORE_INDEX, PackedSequences, TokenCorpus
+    from meshweave.data.prepare import prepare
+
+    path = model_dir(tmp_path / "model", byte_bpe, CHATML, eos_token="<|im_end|>")
+    sidecar = prepare(
+        [str(write_jsonl(tmp_path / "chat.jsonl", RECORDS))], str(path), str(tmp_path / "out"), format="chat"
+    )
+    want = ours(path, RECORDS)
+    corpus = TokenCorpus.open(tmp_path / "out")
+    assert corpus.tokens.tolist() == [t for ids, _ in want for t in ids]
+    assert corpus.loss_mask is not None and corpus.loss_mask.tolist() == [m for _, mask in want for m in mask]
+    assert sidecar["chat"]["loss_mask"] == "text_document.loss_mask" and sidecar["num_documents"] == 3
+    seq = PackedSequences(corpus, [0, 1, 2], seq_len=len(corpus.tokens) - 1)
+    inputs, labels = seq[0]
+    trained = labels != IGNORE_INDEX
+    # a label counts iff the token it predicts is a target and it does not cross a conversation
+    targets = np.asarray(corpus.loss_mask[1:], dtype=bool)
+    ends = np.cumsum([len(ids) for ids, _ in want])[:-1] - 1  # last token of each conversation but the last
+    targets[ends] = False
+    assert trained.tolist() == targets.tolist()
+
+
+@pytest.mark.parametrize("overlong, kept", [("truncate", 3), ("drop", 1)])
+def test_conversations_over_max_tokens_are_cut_or_dropped_and_counted(tmp_path, byte_bpe, overlong, kept):
+    from meshweave.data.prepare import prepare
+
+    path = model_dir(tmp_path / "model", byte_bpe, CHATML)
+    lengths = [len(ids) for ids, _ in ours(path, RECORDS)]
+    limit = sorted(lengths)[1] - 1  # two conversations are longer
+    sidecar = prepare(
+        [str(write_jsonl(tmp_path / "c.jsonl", RECORDS))],
+        str(path),
+        str(tmp_path / "out"),
+        format="chat",
+        max_tokens=limit,
+        overlong=overlong,
+    )
+    assert sidecar["num_documents"] == kept and sidecar["chat"]["cut"] == {overlong: 2}
+    assert sidecar["num_tokens"] <= kept * limit
+
+
+def test_a_record_that_is_no_conversation_is_a_one_line_error_or_skipped_and_counted(tmp_path, byte_bpe):
+    from meshweave.data.prepare import prepare
+
+    path = model_dir(tmp_path / "model", byte_bpe, CHATML)
+    data = str(write_jsonl(tmp_path / "c.jsonl", [*RECORDS, {"messages": [{"role": "user", "content": "hi"}]}]))
+    with pytest.raises(ValueError, match=r"c\.jsonl:4: the conversation has no assistant turn"):
+        prepare([data], str(path), str(tmp_path / "out"), format="chat")
+    assert not (tmp_path / "out").exists()
+    sidecar = prepare([data], str(path), str(tmp_path / "out"), format="chat", skip_bad=True)
+    assert sidecar["skipped"] == {"not_a_conversation": 1} and sidecar["num_documents"] == 3
+
+
+def test_text_data_written_over_chat_data_leaves_no_stale_loss_mask(tmp_path, byte_bpe):
+    from meshweave.data.datasets import TokenCorpus
+    from meshweave.data.prepare import prepare
+
+    path = model_dir(tmp_path / "model", byte_bpe, CHATML, eos_token="<|im_end|>")
+    prepare([str(write_jsonl(tmp_path / "c.jsonl", RECORDS))], str(path), str(tmp_path / "out"), format="chat")
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "a mesh of devices"}])
+    prepare([str(text)], str(path), str(tmp_path / "out"))
+    assert TokenCorpus.open(tmp_path / "out").loss_mask is None
+
+
+def test_chat_format_refuses_plain_text_inputs_and_the_bytes_tokenizer(tmp_path, byte_bpe):
+    from meshweave.data.prepare import prepare
+
+    (tmp_path / "a.txt").write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match="from .jsonl"):
+        prepare(
+            [str(tmp_path / "a.txt")],
+            str(model_dir(tmp_path / "m", byte_bpe, CHATML)),
+            str(tmp_path / "o"),
+            format="chat",
+        )
+    with pytest.raises(ValueError, match="chat template"):
+        prepare([str(write_jsonl(tmp_path / "c.jsonl", RECORDS))], "bytes", str(tmp_path / "o"), format="chat")
