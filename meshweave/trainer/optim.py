@@ -30,6 +30,8 @@ def build_optimizer(
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group (LoRA trains 2-D adapters only) breaks DCP's optimizer state_dict on load.
+    groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
     if cfg.name == "onebit_adam":
