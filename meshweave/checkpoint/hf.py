@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from meshweave.checkpoint.manager import checkpoint_info, read_manifest, verify, write_manifest
+from meshweave.checkpoint.manager import MANIFEST, checkpoint_info, read_manifest, verify, write_manifest
 from meshweave.checkpoint.safe_load import SafeEmptyLoadPlanner, SafeFileSystemReader, SafeLoadPlanner
 from meshweave.checkpoint.safetensors_stream import SafetensorsWriter
 from meshweave.config import Config, ConfigError, ModelConfig, MoEConfig
@@ -364,6 +364,14 @@ def check_init_from(cfg: Config) -> None:
     """ConfigError if ``checkpoint.init_from`` holds a differently shaped model (no process group)."""
     if not cfg.checkpoint.init_from:
         return
+    source = Path(cfg.checkpoint.init_from)
+    if (source / MANIFEST).is_file() and read_manifest(source).get("lora"):
+        # init_from loads a base; the trained adapters would be dropped without a word.
+        raise ConfigError(
+            f"checkpoint.init_from {source} holds trained LoRA adapters that a new run would drop; continue that "
+            f"run with --checkpoint.resume, or merge them first: meshweave ckpt export-hf {source} OUT --merge-lora "
+            "and --checkpoint.init_from=OUT"
+        )
     model, moe = initial_weights_config(cfg.checkpoint.init_from)
     pairs: list[tuple[str, str, Any, Any]] = [("model", k, model, cfg.model) for k in _SHAPE_KEYS]
     if moe.num_experts or cfg.moe.num_experts:

@@ -165,3 +165,21 @@ def test_adapters_on_experts_are_refused():
 def test_lora_base_dtype_choices_are_checked():
     with pytest.raises(ConfigError, match="lora.base_dtype"):
         validate(Config(lora=LoRAConfig(rank=4, base_dtype="fp16")), world_size=1)
+
+
+def test_init_from_a_checkpoint_with_trained_adapters_is_refused_not_silently_dropped(tmp_path):
+    """init_from loads a base only: a LoRA checkpoint's adapters would vanish; resume or merge instead."""
+    import json
+
+    from meshweave.checkpoint.hf import check_init_from
+    from meshweave.checkpoint.manager import MANIFEST
+    from meshweave.config import ConfigError
+    from meshweave.validation import resolve
+
+    ckpt = tmp_path / "step-3"
+    ckpt.mkdir()
+    (ckpt / MANIFEST).write_text(json.dumps({"lora": {"rank": 8, "alpha": 16.0, "base": "hf/model"}}))
+    for rank in (0, 8):
+        cfg = resolve(None, [f"--out={tmp_path}", f"--checkpoint.init_from={ckpt}", f"--lora.rank={rank}"], 1)
+        with pytest.raises(ConfigError, match="holds trained LoRA adapters.*--merge-lora"):
+            check_init_from(cfg)
