@@ -11,11 +11,22 @@ never a traceback from eight ranks. No torch is imported here.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshweave.config import Config, ConfigError, check_moe, check_sections, require
+from meshweave.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    check_moe,
+    divisors,
+    field_choices,
+    leaves,
+    require,
+)
 from meshweave.options import load
 from meshweave.parallel.dims import ParallelDims, resolve_degrees
 
@@ -116,6 +127,103 @@ def check_lora(cfg: Config) -> None:
     )
     require(not cfg.train.compile, "lora.rank", "compiled blocks are not supported with LoRA yet; drop train.compile")
     require(not cfg.model.ladder_residual, "lora.rank", "LoRA on a ladder-residual model is not supported; drop one")
+
+
+def check_rope(m: ModelConfig) -> None:
+    """ConfigError for rotary scaling settings that would not give a well-defined frequency table."""
+    require(m.rope_theta > 1, "model.rope_theta", f"must be > 1, got {m.rope_theta}")
+    if m.rope_scaling == "none":
+        return
+    require(m.rope_factor >= 1, "model.rope_factor", f"must be >= 1 with rope_scaling={m.rope_scaling}")
+    require(m.rope_original_max_len >= 0, "model.rope_original_max_len", "must be >= 0 (0: max_seq_len)")
+    if m.rope_scaling == "llama3":
+        require(
+            0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+            "model.rope_low_freq_factor",
+            f"must be > 0 and < rope_high_freq_factor={m.rope_high_freq_factor}",
+        )
+    if m.rope_scaling == "yarn":
+        require(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "must be > rope_beta_slow > 0")
+        require(m.rope_attention_factor >= 0, "model.rope_attention_factor", "must be >= 0 (0: from rope_factor)")
+
+
+def check_sections(cfg: Config) -> None:
+    """Raise ConfigError for the first value its own section rules out (types were checked on load):
+    ranges, choices, finiteness. Checks between sections, against the world size or the file system
+    live in meshweave.validation."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for section in SECTIONS:
+        for key, owner, name in leaves(getattr(cfg, section), section):
+            value = getattr(owner, name)
+            if isinstance(value, float):
+                require(math.isfinite(value), key, f"must be a finite number, got {value}")
+            allowed = field_choices(type(owner), name)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        require(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    require(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0: dim / n_heads), got {m.head_dim}")
+    require(
+        m.head_dim > 0 or m.dim % m.n_heads == 0,
+        "model.dim",
+        f"{m.dim} is not divisible by model.n_heads={m.n_heads} (head_dim must be whole; or set model.head_dim)",
+    )
+    require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        f"{m.n_kv_heads} does not divide n_heads={m.n_heads} (choose one of {divisors(m.n_heads)})",
+    )
+    require(
+        m.attention_head_dim() % 2 == 0,
+        "model.head_dim",
+        f"head_dim={m.attention_head_dim()} must be even for rotary embeddings",
+    )
+    check_rope(m)
+    require(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0: no window)")
+    require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(cfg.moe.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0: dense model), got {cfg.moe.num_experts}")
+
+    require(0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+
+    require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    require(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
+    require(t.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: no accumulation)")
+    require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
+    require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    require(t.eval_batches > 0, "train.eval_batches", "must be > 0")
+    require(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+    require(t.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: run to train.steps)")
+
+    require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    require(o.eps > 0, "optim.eps", "must be > 0")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(
+        o.freeze_step >= 1,
+        "optim.freeze_step",
+        "must be >= 1 (1-bit Adam needs exact Adam steps to freeze its variance)",
+    )
+
+    p = cfg.parallel
+    for key in ("fsdp_forward_prefetch", "fsdp_backward_prefetch"):
+        require(getattr(p, key) >= 0, f"parallel.{key}", f"must be >= 0 (layers to prefetch), got {getattr(p, key)}")
+    reshard = p.fsdp_reshard_after_forward
+    require(
+        reshard in ("auto", "true", "false") or (reshard.isdigit() and int(reshard) >= 1),
+        "parallel.fsdp_reshard_after_forward",
+        f"{reshard!r} is not auto, true, false or a positive number of ranks",
+    )
+    require(cfg.comm.bucket_mb > 0, "comm.bucket_mb", "must be > 0")
+    require(cfg.comm.timeout_s > 0, "comm.timeout_s", "must be > 0")
+    require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only at the end)")
+    require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    require(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    require(cfg.log.peak_tflops >= 0, "log.peak_tflops", "must be >= 0")
+    require(bool(cfg.out), "out", "must name a directory")
 
 
 def preflight(cfg: Config) -> None:
