@@ -216,26 +216,21 @@ def co2_args(inner: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, list[dict]]:
-    """CO2 and Streaming DiLoCo (both with their default outer optimizers), H = 8, 80 steps, eval
-    on the replicas' common weights after the final sync."""
+    """CO2 with its default outer optimizer, H = 8, 80 steps, eval on the replicas' common weights
+    after the final sync."""
     evaluate = [f"--train.eval_interval={LONG}", "--train.eval_batches=4"]
-    diloco = ["--comm.diloco.enabled=true", f"--comm.diloco.inner_steps={ROUND}"]
-    return {
-        name: train_run(tmp_path_factory.mktemp(name), 2, *REPLICAS, *evaluate, *args, steps=LONG)
-        for name, args in (("co2", co2_args(ROUND)), ("diloco", diloco))
-    }
+    return {"co2": train_run(tmp_path_factory.mktemp("co2"), 2, *REPLICAS, *evaluate, *co2_args(ROUND), steps=LONG)}
 
 
-def test_co2_trains_to_an_eval_loss_comparable_to_diloco_at_the_same_inner_steps(trained):
-    # Measured (tiny model, H = 8, 80 steps): CO2 3.393, DiLoCo 3.213 (+5.6%); at H = 4 CO2 3.362
-    # vs DiLoCo 3.686. The issue's goal, within 2% of DiLoCo, is missed at H = 8: a round starts
-    # from an anchor without the previous round's progress, and the outer momentum that lets
-    # DiLoCo take ~7x its pseudo-gradient per round (Nesterov 0.9) makes the one-round-stale step
-    # unstable (0.5 already trained worse: 3.48). 10%: the measured gap with margin (runs repeat
-    # exactly here; another BLAS or thread count moves the fp32 sums and so the trajectory).
-    co2, diloco = (trained[k][-1]["eval_loss"] for k in ("co2", "diloco"))
-    assert co2 <= 1.10 * diloco, f"CO2 eval {co2:.3f} vs DiLoCo {diloco:.3f}"
-    assert co2 < 0.65 * trained["co2"][0]["loss"]  # and it learned: step 1 is ~5.6
+def test_co2_trains_its_replicas_common_weights(trained):
+    # CO2 changes the math, so it is held to learning, not to a trajectory. Against DiLoCo at the
+    # same H (bench/README.md, overlap.py's CO2 row): H = 8, 80 steps: CO2 3.393, DiLoCo 3.213
+    # (+5.6%, the issue's 2% goal missed); H = 4: CO2 3.362, DiLoCo 3.686. The eval loss after ten
+    # rounds must be well below the first step's (~5.6): 0.65 x leaves room for BLAS / thread
+    # differences and fails a CO2 whose outer steps never reach the common weights (they would
+    # stay at the initial ~5.6).
+    records = trained["co2"]
+    assert records[-1]["eval_loss"] < 0.65 * records[0]["loss"]
 
 
 def test_co2_all_reduces_only_at_round_ends_the_same_bytes_each_round(trained):
