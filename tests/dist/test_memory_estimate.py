@@ -52,6 +52,8 @@ MODEL = [
             ["--parallel.dp_shard=2", "--parallel.mixed_precision=bf16", "--train.global_batch=2"],
             id="fsdp2-bf16",
         ),
+        # LoRA: gradients and AdamW state for the adapters only
+        pytest.param(2, ["--parallel.dp_shard=2", "--lora.rank=8"], id="fsdp2-lora"),
     ],
 )
 def test_estimated_peak_is_within_tolerance_of_the_measured_tensor_peak(tmp_path, nproc, layout):

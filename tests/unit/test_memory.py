@@ -276,3 +276,15 @@ def test_tensor_memory_peak_follows_storage_resize():
         t.untyped_storage().resize_(4 * 500)
         assert tracker.current == 2000
     assert tracker.peak_bytes() == 4000
+
+
+def test_lora_keeps_gradients_and_optimizer_state_for_the_adapters_only():
+    from meshweave.models.lora import apply_lora, freeze_base
+
+    full, lora = rows(1), rows(1, "--lora.rank=8")
+    model = build_model(_model())
+    apply_lora(model.layers.values(), resolve(None, [*SMALL, "--lora.rank=8"], world_size=1).lora)
+    freeze_base(model)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora["gradients"] == 4 * adapters and lora["optimizer state"] == 8 * adapters
+    assert lora["parameters"] == full["parameters"] + 4 * adapters
