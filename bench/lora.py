@@ -1,8 +1,10 @@
-"""LoRA vs full finetuning of a tiny imported model: what is trained, stored and exchanged.
+"""LoRA vs full finetuning of a tiny imported chat model: what is trained, stored and exchanged.
 
-A Llama built locally by transformers (random weights, nothing downloaded; 4 layers, width 256,
-~3M parameters) is imported with ``--checkpoint.init_from`` and finetuned on the plain-text data
-path (the embedded corpus, bytes tokenizer) by full finetuning and by LoRA rank 8 on every
+The model and data are examples/tiny_chat_model.py's, built locally (random weights, nothing
+downloaded): a Llama of :data:`SHAPE` (~3M parameters) with a byte-level BPE and a ChatML template,
+and 237 conversations about Python's doc topics, prepared with ``data prepare --format chat
+--max-tokens 128`` (only assistant tokens are trained; 10% of the conversations held out for eval).
+It is imported with ``--checkpoint.init_from`` and finetuned fully and with LoRA rank 8 on every
 projection (``lora.targets`` default), each under two data-parallel modes on 2 gloo ranks:
 replicated (``dp_replicate=2``: the gradient all-reduce is the whole exchange) and FSDP
 (``dp_shard=2``: gradients are reduce-scattered, and the base's all-gathers remain). Per run:
@@ -13,9 +15,11 @@ replicated (``dp_replicate=2``: the gradient all-reduce is the whole exchange) a
   2..N), gradient traffic and FSDP's all-gathers in separate columns, and LoRA / full;
 - peak live tensor bytes per rank (``log.tensor_memory`` in a separate short run, since tracking
   slows the steps) and the process's peak RSS;
-- median step time (steps 2..N) and the final eval loss on the held-out documents.
+- median step time (steps 2..N) and the final eval loss on the held-out conversations (mean over
+  their assistant tokens).
 
-The chat-SFT data of issue 17 does not exist yet; eval loss here is on held-out plain text.
+The base has random weights, so eval loss compares what each run learns in N steps, not how well
+an adapter adapts a pretrained model.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from pathlib import Path
 import torch
 
 from bench._common import ROOT, CliRun, Report, options, run_cli
+from examples.tiny_chat_model import build
 from meshweave.checkpoint.adapters import resolve_checkpoint
 from meshweave.checkpoint.hf import import_hf
 from meshweave.checkpoint.manager import read_manifest
 from meshweave.checkpoint.safe_load import SafeFileSystemReader
+from meshweave.data.prepare import prepare
 
 SHAPE = dict(
     hidden_size=256,
@@ -39,8 +45,8 @@ SHAPE = dict(
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=4,
-    vocab_size=260,
     max_position_embeddings=512,
+    initializer_range=0.1,
 )
 MODES = {
     "full": ["--optim.lr=1e-3"],
@@ -50,15 +56,6 @@ LAYOUTS = {
     "dp_replicate=2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
     "dp_shard=2": ["--parallel.dp_shard=2"],
 }
-
-
-def save_tiny_llama(path: Path) -> None:
-    """A random-weight Llama of :data:`SHAPE`, saved by transformers (``initializer_range`` 0.1)."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(initializer_range=0.1, **SHAPE)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
 
 
 def optimizer_state_bytes(run: Path) -> int:
@@ -87,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, "lora", "meshweave bench: LoRA rank 8 vs full finetuning (tiny imported Llama)")
     report.raw["args"] = {k: str(v) for k, v in vars(args).items()}
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    save_tiny_llama(work / "hf")
-    import_hf(work / "hf", work / "imported")
+    hf, chat = build(work, **SHAPE)
+    import_hf(hf, work / "imported")
+    prepare([str(chat)], str(hf), str(work / "data"), format="chat", max_tokens=128)
     common = [
         f"--config={work / 'imported' / 'config.toml'}",
-        f"--checkpoint.init_from={work / 'hf'}",
+        f"--checkpoint.init_from={hf}",
+        f"--data.source={work / 'data'}",
+        f"--data.tokenizer={hf}",
+        "--data.eval_fraction=0.1",
         "--train.seq_len=128",
         "--train.global_batch=8",
         "--optim.warmup_steps=2",
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     report.add(
         f"{report.environment('torch')}; {steps} steps, 2 gloo ranks, global batch 8 x 128 tokens, "
-        "tiny Llama (4 layers, width 256) imported from a transformers directory; full lr 1e-3, LoRA lr 5e-3 "
+        "tiny chat Llama (4 layers, width 256, examples/tiny_chat_model.py) imported from a transformers directory, "
+        "chat data (assistant tokens trained, 10% of conversations held out); full lr 1e-3, LoRA lr 5e-3 "
         "(alpha 16, all seven projections)"
     )
     report.add(

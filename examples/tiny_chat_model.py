@@ -15,6 +15,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -57,14 +58,12 @@ def train_tokenizer(texts: list[str]):
     return tok
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__)
-        return 2
+def build(out: Path, **shape: Any) -> tuple[Path, Path]:
+    """Write ``out/model`` and ``out/chat.jsonl`` (see the module docstring); ``shape`` overrides
+    the Llama config's sizes. Returns (model directory, chat file)."""
     import torch
     import transformers
 
-    out = Path(argv[0])
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     records = conversations()
@@ -80,21 +79,32 @@ def main(argv: list[str]) -> int:
     }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     torch.manual_seed(0)
-    llama = transformers.LlamaConfig(
+    sizes = dict(
         hidden_size=128,
         intermediate_size=352,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=tok.get_vocab_size(),
         max_position_embeddings=512,
+    )
+    llama = transformers.LlamaConfig(
+        **{**sizes, **shape},
+        vocab_size=tok.get_vocab_size(),
         eos_token_id=eos,
         pad_token_id=tok.token_to_id("<|endoftext|>"),
         bos_token_id=None,
     )
     transformers.LlamaForCausalLM(llama).save_pretrained(model_dir)
-    print(f"wrote {model_dir} (tiny Llama, random weights, {tok.get_vocab_size()} token ids)")
-    print(f"wrote {out / 'chat.jsonl'} ({len(records)} conversations)")
+    return model_dir, out / "chat.jsonl"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    model_dir, chat = build(Path(argv[0]))
+    print(f"wrote {model_dir} (tiny Llama, random weights)")
+    print(f"wrote {chat} ({sum(1 for _ in chat.open())} conversations)")
     return 0
 
 
