@@ -58,8 +58,15 @@ def test_moe_section_round_trips_through_toml(tmp_path):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("top_k", 9), ("low_dim", 64), ("every", 0), ("capacity_factor", -1.0), ("num_experts", -1), ("score", "relu"),
-     ("dispatch_chunks", 0)],
+    [
+        ("top_k", 9),
+        ("low_dim", 64),
+        ("every", 0),
+        ("capacity_factor", -1.0),
+        ("num_experts", -1),
+        ("score", "relu"),
+        ("dispatch_chunks", 0),
+    ],
 )
 def test_invalid_moe_value_names_its_moe_key(field, value):
     cfg = moe_config(**{field: value})
