@@ -294,6 +294,9 @@ class CommConfig:
 
     bucket_mb: float = opt(25.0, "gradient bucket size for the replicated all-reduce")
     overlap: bool = opt(True, "launch bucket all-reduces during backward")
+    tp_overlap: bool = opt(
+        False, "tensor parallelism: sequence all-gathers / reduce-scatters as ring steps under the matmuls (tp > 1)"
+    )
     timeout_s: float = opt(600.0, "a collective that does not complete in this time fails the run, naming the op")
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     co2: CO2Config = field(default_factory=CO2Config)

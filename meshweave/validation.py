@@ -91,6 +91,11 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
             f"{reshard} does not divide the FSDP shard group (dp_shard x cp = {shard_ranks}); "
             f"choose one of {[d for d in range(1, shard_ranks + 1) if shard_ranks % d == 0]}, true or false",
         )
+    require(
+        not cfg.comm.tp_overlap or dims.tp > 1,
+        "comm.tp_overlap",
+        "overlaps tensor-parallel communication: set parallel.tp > 1 or drop it",
+    )
     if t.compile:
         # Compiled blocks are proven with data parallelism (FSDP / HSDP / replicas), activation
         # checkpointing and the pipeline; with TP's DTensor hooks inside a block, CP's attention

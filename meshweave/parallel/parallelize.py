@@ -58,7 +58,7 @@ def parallelize(
     pipeline = split_model(model, cfg, mesh["pp"].get_local_rank()) if dims.pp > 1 else None
     roots = pipeline.stages if pipeline else [model]
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], overlap=cfg.comm.tp_overlap)
     cp = context_parallel(dims, mesh, cfg)
     if cp is not None:
         seam(model).set_attention_op(cp.attention_op)

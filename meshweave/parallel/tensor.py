@@ -45,6 +45,7 @@ from meshweave.models.family import family_of, seam
 from meshweave.models.lora import LoRALinear
 from meshweave.models.moe import MoEFeedForward
 from meshweave.parallel.expert import local_compute
+from meshweave.parallel.tp_overlap import overlap_styles
 
 
 def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
@@ -134,10 +135,12 @@ class FeatureNorm(ParallelStyle):
         return distribute_module(module, device_mesh, shard_weights, to_dtensor, to_local)  # type: ignore[arg-type]
 
 
-def _apply_plan(root: nn.Module, plan: Mapping[str, str], tp_mesh: DeviceMesh) -> None:
+def _apply_plan(root: nn.Module, plan: Mapping[str, str], tp_mesh: DeviceMesh, overlap: bool = False) -> None:
     styles = {
         path: _style(name, root.get_submodule(path), tp_mesh) for path, name in plan.items() if _present(root, path)
     }
+    if overlap:  # parallel/tp_overlap.py: the same layouts, communication under the matmuls
+        styles |= overlap_styles(root, plan)
     parallelize_module(root, tp_mesh, styles)
 
 
@@ -150,13 +153,14 @@ def _present(root: nn.Module, path: str) -> bool:
     return True
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, overlap: bool = False) -> None:
     """Shard ``model`` in place over ``tp_mesh`` (1-D) by its family's plan. Call on the meta
-    model, before FSDP."""
+    model, before FSDP. ``overlap``: the blocks' gathers and reduce-scatters run as ring steps
+    under their matmuls (parallel/tp_overlap.py)."""
     family = family_of(model)
     _apply_plan(model, family.root_tp_plan, tp_mesh)
     for block in family.block_dict(model).values():
-        _apply_plan(block, family.block_tp_plan(block), tp_mesh)
+        _apply_plan(block, family.block_tp_plan(block), tp_mesh, overlap)
     seam(model).tie_weights()  # a tied head must stay the embedding's (now sharded) parameter
 
 
