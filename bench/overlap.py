@@ -29,6 +29,8 @@ Rows so far:
   (H calibrated so the round's compute is ~3x the all-reduce). Goal: all of it (>= 95%). Its
   phases run in blocks, not turns (a round leaves its all-reduce in flight on the link), so its
   wall-clock "hidden" compares timings minutes apart; the ledger column is its reading.
+- **tensor parallel** — tp=2 decoder blocks, ``comm.tp_overlap`` off (reference) and on. Goal
+  >= 50% hidden and >= 2x less exposed than without. Rows and worker: bench/_overlap_tp.py.
 
 After the table, the DP case is checked against a real training run: ``meshweave train`` with
 ``dp_replicate=2`` on the same shaped link and model, one sequence per rank (so that a good part
@@ -62,6 +64,7 @@ from typing import Any
 
 from bench._common import Report, md_table, options, run_nodes, run_ranks
 from bench._netns import ShapedNetwork, available
+from bench._overlap_tp import tensor_parallel
 
 # The model: big enough that its gradients take a visible time on the wire, 12 layers so the
 # reducer has many buckets (the last one, which backward fills last, is never hidden).
@@ -478,7 +481,7 @@ def co2(ctx: Context) -> list[Row]:
     ]
 
 
-MECHANISMS: list[Callable[[Context], list[Row]]] = [dp, fsdp, chunked_experts, co2]
+MECHANISMS: list[Callable[[Context], list[Row]]] = [dp, fsdp, chunked_experts, co2, tensor_parallel]
 
 # Why an op's exposed time is what it is, where the reason is known (for the "dominated by" column).
 WHY = {

@@ -1,0 +1,164 @@
+"""The gloo worker of bench/overlap.py's tensor-parallel rows (``comm.tp_overlap`` off and on).
+
+2 ranks, tp=2 (sequence parallelism), the decoder blocks of bench/overlap.py's model (with 2 KV
+heads, not 3: tp=2 must split them) run alone on
+a ``[batch, seq/2, dim]`` sequence shard: one forward + backward per repetition. The embedding,
+head and loss are left out — their TP collectives are not what ``tp_overlap`` decomposes — so
+every ``tp`` byte measured is a block's all-gather or reduce-scatter (forward and backward).
+
+- both: the real forward + backward of the blocks (plain: DTensor's collectives; overlap: the
+  ring steps of parallel/tp_overlap.py);
+- compute alone: the overlapped blocks with ``ops.exchange`` replaced by a no-op (the same
+  matmuls, chunk by chunk, on whatever the receive buffers hold) — the same compute serves both
+  rows (the plain plan runs the same matmuls unchunked);
+- comm alone: the step's own collectives replayed with nothing beside them — plain: as many
+  all-gathers and reduce-scatters of the same sizes as the step booked (``ops.all_gather_into`` /
+  ``ops.reduce_scatter_into``); overlap: the step's ring exchanges, the same sizes in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TP_KV_HEADS = 2  # bench/overlap.py's model has 3 KV heads, which tp=2 cannot split
+TP_BATCH = 4  # sequences per tp pair: a chunk's matmuls of the order of its transfer at 1 Gbit/s
+
+
+def tensor_parallel(ctx: Any) -> list[Any]:
+    """tp=2 decoder blocks with ``comm.tp_overlap`` off and on (worker: bench/_overlap_tp.py);
+    compute alone is the overlapped blocks with the ring's transfers not sent, for both rows. Goal
+    (overlap row): >= 50% hidden and >= 2x less exposed than without."""
+    from bench.overlap import MODEL, SEQ, Row, _ranks
+
+    r = _ranks(tp_worker, ctx, f"tp-{ctx.rate:g}", TP_BATCH, ctx.reps)[0]
+    ctx.notes["tp"] = r
+    compute = r["overlap"]["compute"]
+    exposed = {k: max(r[k]["both"] - compute, 1e-9) for k in ("plain", "overlap")}
+    ratio = exposed["plain"] / exposed["overlap"]
+    mib = sum(r["plain"]["tp_bytes"].values()) / 2**20
+    shape = f"{MODEL['n_layers']} blocks, {TP_BATCH}x{SEQ} tokens, {mib:.1f} MiB"
+    plain_why = "DTensor's collectives are waited at first use, right after launch: nothing runs beside them"
+    ring_why = (
+        f"the wire: a transfer hides only under one chunk's matmuls (tp=2: 2 chunks; the first reduce-scatter "
+        f"partial and the last gathered chunk's matmul have nothing on the wire), compute/comm = "
+        f"{compute / r['overlap']['comm']:.2f}; beside compute gloo's thread shares the 2 cores"
+    )
+    return [
+        Row("tensor parallel (no overlap)", f"{shape} per step; reference, no goal", ctx.rate, r["plain"]["comm"],
+            compute, r["plain"]["both"], 0.0, exposed=r["plain"]["exposed"],
+            why={"all_gather": plain_why, "reduce_scatter": plain_why}),
+        Row("tensor parallel (tp_overlap)",
+            f"{shape} per step; exposed {exposed['overlap']:.3f} s vs {exposed['plain']:.3f} s without: "
+            f"{ratio:.1f}x less (goal >= 2x: {'met' if ratio >= 2 else 'MISSED'})", ctx.rate,
+            r["overlap"]["comm"], compute, r["overlap"]["both"], 0.50, exposed=r["overlap"]["exposed"],
+            why={"send": ring_why}),
+    ]  # fmt: skip
+
+
+def tp_worker(rank: int, world: int, batch: int, reps: int) -> dict[str, Any]:
+    import torch
+
+    from bench.overlap import MODEL, SEQ, _config, _exposed_during, _runtime, _timed
+    from meshweave.comm import ops
+    from meshweave.comm.ops import LEDGER, CommGroup, barrier
+    from meshweave.models.family import family_of
+    from meshweave.models.llama import rotary_tables
+
+    torch.set_num_threads(1)
+    world_group = CommGroup.world()
+    sync = lambda: barrier(world_group)  # noqa: E731
+    g = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(batch, SEQ // world, MODEL["dim"], generator=g).requires_grad_()
+    out: dict[str, Any] = {}
+    real_exchange = ops.exchange
+    for overlap in (False, True):
+        cfg = _config({"tp": world, "dp_shard": 1}, batch, world)
+        cfg.comm.tp_overlap = overlap
+        cfg.model.n_kv_heads = TP_KV_HEADS
+        model = _runtime(cfg, world).model
+        blocks = list(family_of(model).block_dict(model).values())
+        cos, sin = rotary_tables(torch.arange(SEQ), *model.rope_table(torch.device("cpu")), x.dtype)
+
+        def step(blocks: list = blocks, model: Any = model, cos: Any = cos, sin: Any = sin) -> None:
+            h = x
+            for block in blocks:
+                h = block(h, cos, sin)
+            h.float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=False)
+            x.grad = None
+
+        step()
+        LEDGER.take_step()
+        sends: list[tuple[torch.Size, torch.dtype]] = []
+
+        def recording(sends_: Any, recvs: Any, group: CommGroup, sends: list = sends) -> Any:
+            sends.extend((t.shape, t.dtype) for t, _ in sends_)
+            return real_exchange(sends_, recvs, group)
+
+        before = dict(LEDGER.calls)
+        ops.exchange = recording  # type: ignore[assignment]
+        step()
+        ops.exchange = real_exchange  # type: ignore[assignment]
+        booked, _ = LEDGER.take_step()
+        calls = {k: v - before.get(k, 0) for k, v in LEDGER.calls.items() if k.startswith("tp/")}
+        tp_group = CommGroup(model.layers["0"].self_attn.q_proj.weight.device_mesh.get_group(), "tp")
+        phases = {"both": step, "comm": _replay(booked, calls, sends, tp_group, overlap)}
+        if overlap:
+            phases["compute"] = _without_exchange(step)
+        t = _timed(phases, reps, sync)
+        key = "overlap" if overlap else "plain"
+        out[key] = {
+            **t,
+            "exposed": _exposed_during(step, reps, sync),
+            "tp_bytes": {k: v for k, v in booked.items() if k.startswith("tp/")},
+        }
+    return out
+
+
+def _without_exchange(step: Any) -> Any:
+    """``step`` with the ring's exchanges not sent: the compute alone."""
+    from meshweave.comm import ops
+
+    def run() -> None:
+        real = ops.exchange
+        ops.exchange = lambda sends, recvs, group: ops._DONE  # type: ignore[assignment]
+        try:
+            step()
+        finally:
+            ops.exchange = real  # type: ignore[assignment]
+
+    return run
+
+
+def _replay(booked: dict[str, int], calls: dict[str, int], sends: list, group: Any, overlap: bool) -> Any:
+    """The step's tp communication with nothing beside it (see the module docstring): ``booked``
+    bytes and ``calls`` per ``tp/<op>`` during one step, ``sends`` the ring exchanges' tensors."""
+    import torch
+
+    from meshweave.comm import ops
+
+    n = group.size
+    nxt, prv = (group.rank + 1) % n, (group.rank - 1) % n
+    ring = [(torch.zeros(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for shape, dtype in sends]
+    plain: list[tuple[str, Any, Any]] = []
+    for op in ("all_gather", "reduce_scatter"):
+        count = calls.get(f"tp/{op}", 0)
+        if overlap or not count:
+            continue
+        sent = booked[f"tp/{op}"] // count  # fp32 bytes one rank sends per call (the plan's ops are equal-sized)
+        if op == "all_gather":  # sends (n-1) x its input
+            plain += [(op, torch.zeros(sent // 4 // (n - 1)), torch.empty(sent // 4 // (n - 1) * n))] * count
+        else:  # sends (n-1)/n x its input
+            whole = sent * n // (n - 1) // 4
+            plain += [(op, torch.zeros(whole), torch.empty(whole // n))] * count
+
+    def run() -> None:
+        for send, recv in ring:
+            ops.exchange([(send, nxt)], [(recv, prv)], group).wait()
+        for op, t, o in plain:
+            if op == "all_gather":
+                ops.all_gather_into(o, t, group)
+            else:
+                ops.reduce_scatter_into(o, t, group)
+
+    return run
