@@ -21,6 +21,9 @@ under a matmul:
   Backward: all-gather + matmul of the output gradient (the input gradient chunk by chunk), then
   the weight gradient in one matmul on the gathered output gradient.
 
+Each shard travels in :data:`PIECES` pieces, several in flight, so the pieces still on the wire
+hide under the matmuls of those already in hand, not only under the matmuls of the own shard.
+
 Bytes: a rank sends ``tp-1`` chunks of ``1/tp`` of the full tensor in each ring, exactly what the
 ledger books for the collective it replaces (all-gather: ``(tp-1) x`` input bytes; reduce-scatter:
 ``(tp-1)/tp x`` input bytes), so the ``tp`` dim's bytes per step are unchanged; they are booked
@@ -56,66 +59,104 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from meshweave.comm import ops
 from meshweave.comm.ops import CommGroup, dim_of
 
+# Each rank's sequence shard travels in this many pieces, several in flight: a piece's matmuls
+# start as soon as it arrives (all-gather) and a partial sum leaves as soon as it is computed
+# (reduce-scatter), so the matmuls of the shard on the wire hide the transfer too, not only the
+# shard in hand (with one piece at tp = 2, half the matmuls could run under the wire).
+PIECES = 4
+
 
 def _ring(group: CommGroup) -> tuple[int, int]:
     """(next, previous) group ranks on the ring."""
     return (group.rank + 1) % group.size, (group.rank - 1) % group.size
 
 
+def _pieces(rows: int, pieces: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of ``min(pieces, rows)`` near-equal pieces of ``rows`` rows."""
+    m = max(1, min(pieces, rows))
+    bounds = [i * rows // m for i in range(m + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def ring_all_gather_matmul(
-    x: Tensor, weights: Sequence[Tensor], group: CommGroup, under_first: Callable[[], None] | None = None
+    x: Tensor,
+    weights: Sequence[Tensor],
+    group: CommGroup,
+    under_first: Callable[[], None] | None = None,
+    pieces: int | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """All-gather ``x`` ``[b, s/n, in]`` (this rank's sequence shard) over ``group`` along dim 1 and
     multiply by each ``w`` ``[out_i, in]``: returns the gathered ``[b, s, in]`` and ``x_full @ w_i^T``
-    ``[b, s, out_i]``, each chunk's transfer under the previous chunk's matmuls. ``under_first``
-    runs beside the first transfer. Collective over ``group``."""
+    ``[b, s, out_i]``. Ring steps, each shard in ``pieces`` (default :data:`PIECES`): a piece is
+    forwarded and multiplied as soon as it arrives, while the next pieces are on the wire.
+    ``under_first`` runs beside the first transfer. Collective over ``group``."""
     n, r = group.size, group.rank
     nxt, prv = _ring(group)
     b, sl, d = x.shape
     full = x.new_empty(b, n * sl, d)
     outs = [x.new_empty(b, n * sl, w.shape[0]) for w in weights]
-    cur = x.contiguous()
+    bounds = _pieces(sl, pieces or PIECES)
+    cur = [x[:, lo:hi].contiguous() for lo, hi in bounds]
+    arriving: list = [None] * len(bounds)
     for k in range(n):
-        handle, incoming = None, None
-        if k < n - 1:  # forward the shard in hand while multiplying it
-            incoming = torch.empty_like(cur)
-            handle = ops.exchange([(cur, nxt)], [(incoming, prv)], group)
-        rows = slice(((r - k) % n) * sl, ((r - k) % n + 1) * sl)
-        full[:, rows] = cur
-        for w, out in zip(weights, outs, strict=True):
-            out[:, rows] = torch.matmul(cur, w.t())
-        if k == 0 and under_first is not None:
-            under_first()
-        if handle is not None and incoming is not None:
-            handle.wait()
-            cur = incoming
+        base = ((r - k) % n) * sl  # whose shard is in hand: rank r - k's
+        incoming: list[Tensor] = []
+        for p, (lo, hi) in enumerate(bounds):
+            if arriving[p] is not None:
+                arriving[p].wait()
+            if k < n - 1:  # pass the piece on before multiplying it
+                incoming.append(torch.empty_like(cur[p]))
+                arriving[p] = ops.exchange([(cur[p], nxt)], [(incoming[p], prv)], group)
+            rows = slice(base + lo, base + hi)
+            full[:, rows] = cur[p]
+            for w, out in zip(weights, outs, strict=True):
+                out[:, rows] = torch.matmul(cur[p], w.t())
+            if k == 0 and p == 0 and under_first is not None:
+                under_first()
+        cur = incoming
     return full, outs
 
 
 def ring_matmul_reduce_scatter(
-    partial: Callable[[int], Tensor], group: CommGroup, under_first: Callable[[], None] | None = None
+    partial: Callable[[int, int, int], Tensor],
+    group: CommGroup,
+    under_first: Callable[[], None] | None = None,
+    rows: int = 0,
+    pieces: int | None = None,
 ) -> Tensor:
-    """Sum over ``group`` of ``partial(c)`` for this rank's chunk ``c = rank``: ``partial(c)`` is a
-    rank's contribution to chunk ``c`` (``[b, s/n, out]``), computed while the previous chunk's
-    accumulated sum travels the ring. ``under_first`` runs beside the first transfer. Collective."""
+    """Sum over ``group`` of ``partial(c, lo, hi)`` for this rank's chunk ``c = rank``:
+    ``partial(c, lo, hi)`` is a rank's contribution to rows ``[lo, hi)`` of sequence chunk ``c``
+    (``[b, hi - lo, out]``; a chunk has ``rows`` rows). Ring steps, each chunk in ``pieces``
+    (default :data:`PIECES`): a
+    piece's accumulated sum leaves as soon as it is computed, under the next pieces' matmuls.
+    ``under_first`` runs beside the first transfer. Collective."""
     n, r = group.size, group.rank
     nxt, prv = _ring(group)
-    acc = partial((r - 1) % n)
-    for k in range(1, n):
-        incoming = torch.empty_like(acc)
-        handle = ops.exchange([(acc, nxt)], [(incoming, prv)], group)
-        mine = partial((r - 1 - k) % n)
-        if k == 1 and under_first is not None:
-            under_first()
-        handle.wait()
-        acc = mine + incoming
-    return acc
+    bounds = _pieces(rows, pieces or PIECES)
+    arriving: list = [None] * len(bounds)
+    received: list = [None] * len(bounds)
+    done: list[Tensor] = []
+    for k in range(n):
+        c = (r - 1 - k) % n  # the chunk whose sum passes through here now: rank r's at the last step
+        for p, (lo, hi) in enumerate(bounds):
+            acc = partial(c, lo, hi)
+            if arriving[p] is not None:
+                arriving[p].wait()
+                acc = acc + received[p]
+            if k < n - 1:
+                received[p] = torch.empty_like(acc)
+                arriving[p] = ops.exchange([(acc, nxt)], [(received[p], prv)], group)
+                if k == 0 and p == 0 and under_first is not None:
+                    under_first()
+            else:
+                done.append(acc)
+    return torch.cat(done, dim=1) if len(done) > 1 else done[0]
 
 
-def _rows(t: Tensor, c: int, n: int) -> Tensor:
-    """Chunk ``c`` of ``n`` of ``t`` along the sequence (dim 1)."""
-    sl = t.shape[1] // n
-    return t[:, c * sl : (c + 1) * sl]
+def _rows(t: Tensor, c: int, n: int, lo: int, hi: int) -> Tensor:
+    """Rows ``[lo, hi)`` of chunk ``c`` of ``n`` of ``t`` along the sequence (dim 1)."""
+    base = c * (t.shape[1] // n)
+    return t[:, base + lo : base + hi]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -146,13 +187,13 @@ class AllGatherMatmul(torch.autograd.Function):
                 if g is not None:
                     dws[i] = _flat(g).t() @ _flat(full)
 
-        def partial(c: int) -> Tensor:
-            total = torch.matmul(_rows(used[0][0], c, n), used[0][1])
+        def partial(c: int, lo: int, hi: int) -> Tensor:
+            total = torch.matmul(_rows(used[0][0], c, n, lo, hi), used[0][1])
             for g, w in used[1:]:
-                total = total + torch.matmul(_rows(g, c, n), w)
+                total = total + torch.matmul(_rows(g, c, n, lo, hi), w)
             return total
 
-        dx = ring_matmul_reduce_scatter(partial, group, under_first=weight_grads)
+        dx = ring_matmul_reduce_scatter(partial, group, weight_grads, full.shape[1] // n)
         if n == 1:
             weight_grads()
         return (dx, None, *dws)
@@ -182,7 +223,7 @@ class MatmulReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, token: Tensor, group: CommGroup) -> Tensor:
         ctx.group, ctx.keep = group, token.grad_fn
-        return ring_matmul_reduce_scatter(lambda c: torch.matmul(_rows(x, c, group.size), w.t()), group)
+        return _matmul_rs(x, w, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -191,10 +232,17 @@ class MatmulReduceScatter(torch.autograd.Function):
         return dx, _flat(full_grad).t() @ _flat(x), None, None
 
 
+def _matmul_rs(x: Tensor, w: Tensor, group: CommGroup) -> Tensor:
+    n = group.size
+    return ring_matmul_reduce_scatter(
+        lambda c, lo, hi: torch.matmul(_rows(x, c, n, lo, hi), w.t()), group, None, x.shape[1] // n
+    )
+
+
 def matmul_reduce_scatter(x: Tensor, w: Tensor, group: CommGroup) -> Tensor:
     """:class:`MatmulReduceScatter` of ``x`` and ``w`` (differentiable when either needs a gradient)."""
     if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-        return ring_matmul_reduce_scatter(lambda c: torch.matmul(_rows(x, c, group.size), w.t()), group)
+        return _matmul_rs(x, w, group)
     return MatmulReduceScatter.apply(x, w, _KeepInputs.apply(x, w), group)
 
 
