@@ -1,4 +1,5 @@
-"""The gloo worker of bench/overlap.py's tensor-parallel rows (``comm.tp_overlap`` off and on).
+"""bench/overlap.py's tensor-parallel rows: ``comm.tp_overlap`` off, on with 1 and 4 pieces per
+shard, and Ladder Residual (``model.ladder_residual=true``, tp_overlap off) for comparison.
 
 2 ranks, tp=2 (sequence parallelism), the decoder blocks of bench/overlap.py's model (with 2 KV
 heads, not 3: tp=2 must split them) run alone on
@@ -9,11 +10,12 @@ every ``tp`` byte measured is a block's all-gather or reduce-scatter (forward an
 - both: the real forward + backward of the blocks (plain: DTensor's collectives; overlap: the
   ring steps of parallel/tp_overlap.py);
 - compute alone: the overlapped blocks with ``ops.exchange`` replaced by a no-op (the same
-  matmuls, chunk by chunk, on whatever the receive buffers hold) — the same compute serves both
-  rows (the plain plan runs the same matmuls unchunked);
+  matmuls, chunk by chunk, on whatever the receive buffers hold); the plain and Ladder rows take
+  the one-piece run's (the same matmuls, unchunked / reordered);
 - comm alone: the step's own collectives replayed with nothing beside them — plain: as many
   all-gathers and reduce-scatters of the same sizes as the step booked (``ops.all_gather_into`` /
-  ``ops.reduce_scatter_into``); overlap: the step's ring exchanges, the same sizes in order.
+  ``ops.reduce_scatter_into``); overlap: the step's ring exchanges, the same sizes in order, as
+  many in flight as the ring has.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 TP_KV_HEADS = 2  # bench/overlap.py's model has 3 KV heads, which tp=2 cannot split
-PIECES = (1, 4)  # pieces per shard measured (parallel/tp_overlap.py PIECES; 4 is the default)
+PIECES = (1, 4)  # pieces per shard measured (parallel/tp_overlap.py PIECES; 1 is the default)
 TP_BATCH = 4  # sequences per tp pair: a chunk's matmuls of the order of its transfer at 1 Gbit/s
 
 
@@ -35,6 +37,7 @@ def tensor_parallel(ctx: Any) -> list[Any]:
     r = _ranks(tp_worker, ctx, f"tp-{ctx.rate:g}", TP_BATCH, ctx.reps)[0]
     ctx.notes["tp"] = r
     r["plain"]["compute"] = r[f"overlap{PIECES[0]}"]["compute"]
+    r["ladder"]["compute"] = r["plain"]["compute"]  # the same matmuls, reordered
     exposed = {k: max(v["both"] - v["compute"], 1e-9) for k, v in r.items()}
     mib = sum(r["plain"]["tp_bytes"].values()) / 2**20
     shape = f"{MODEL['n_layers']} blocks, {TP_BATCH}x{SEQ} tokens, {mib:.1f} MiB per step"
@@ -44,6 +47,13 @@ def tensor_parallel(ctx: Any) -> list[Any]:
             r["plain"]["compute"], r["plain"]["both"], 0.0, exposed=r["plain"]["exposed"],
             why={"all_gather": plain_why, "reduce_scatter": plain_why}),
     ]  # fmt: skip
+    lad = r["ladder"]
+    rows.append(
+        Row("ladder residual (no tp_overlap)", f"model.ladder_residual=true; {shape}; changes the model", ctx.rate,
+            lad["comm"], lad["compute"], lad["both"], 0.80, exposed=lad["exposed"],
+            why={"all_gather": "the gathers before attention / MLP are needed at once: Ladder defers only "
+                 "the reduce-scatters", "reduce_scatter": "the next module's compute is shorter than the transfer"}),
+    )  # fmt: skip
     for pieces in PIECES:
         o = r[f"overlap{pieces}"]
         ratio = exposed["plain"] / exposed[f"overlap{pieces}"]
@@ -78,20 +88,24 @@ def tp_worker(rank: int, world: int, batch: int, reps: int) -> dict[str, Any]:
     x = torch.randn(batch, SEQ // world, MODEL["dim"], generator=g).requires_grad_()
     out: dict[str, Any] = {}
     real_exchange = ops.exchange
-    for pieces in (0, *PIECES):  # 0: no overlap
-        overlap = pieces > 0
+    for pieces in (0, *PIECES, -1):  # 0: no overlap; -1: Ladder Residual, no tp_overlap
+        overlap, ladder = pieces > 0, pieces < 0
         tp_overlap.PIECES = max(pieces, 1)
         cfg = _config({"tp": world, "dp_shard": 1}, batch, world)
         cfg.comm.tp_overlap = overlap
         cfg.model.n_kv_heads = TP_KV_HEADS
+        cfg.model.ladder_residual = ladder
         model = _runtime(cfg, world).model
         blocks = list(family_of(model).block_dict(model).values())
         cos, sin = rotary_tables(torch.arange(SEQ), *model.rope_table(torch.device("cpu")), x.dtype)
 
-        def step(blocks: list = blocks, model: Any = model, cos: Any = cos, sin: Any = sin) -> None:
-            h = x
-            for block in blocks:
-                h = block(h, cos, sin)
+        def step(
+            blocks: list = blocks, model: Any = model, cos: Any = cos, sin: Any = sin, ladder: bool = ladder
+        ) -> None:
+            h, pending = x, (torch.zeros_like(x) if ladder else None)
+            for block in blocks:  # Ladder: each block returns (stream, its MLP output still to add)
+                h, pending = block(h, cos, sin, pending=pending) if ladder else (block(h, cos, sin), None)
+            h = h + pending if pending is not None else h
             h.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=False)
             x.grad = None
@@ -115,7 +129,7 @@ def tp_worker(rank: int, world: int, batch: int, reps: int) -> dict[str, Any]:
         if overlap:
             phases["compute"] = _without_exchange(step)
         t = _timed(phases, reps, sync)
-        key = f"overlap{pieces}" if overlap else "plain"
+        key = f"overlap{pieces}" if overlap else "ladder" if ladder else "plain"
         out[key] = {
             **t,
             "exposed": _exposed_during(step, reps, sync),

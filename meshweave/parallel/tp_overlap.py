@@ -21,8 +21,9 @@ under a matmul:
   Backward: all-gather + matmul of the output gradient (the input gradient chunk by chunk), then
   the weight gradient in one matmul on the gathered output gradient.
 
-Each shard travels in :data:`PIECES` pieces, several in flight, so the pieces still on the wire
-hide under the matmuls of those already in hand, not only under the matmuls of the own shard.
+Each shard can travel in :data:`PIECES` pieces, several in flight, so the pieces still on the wire
+hide under the matmuls of those already in hand, not only under the matmuls of the own shard
+(default 1: see :data:`PIECES`).
 
 Bytes: a rank sends ``tp-1`` chunks of ``1/tp`` of the full tensor in each ring, exactly what the
 ledger books for the collective it replaces (all-gather: ``(tp-1) x`` input bytes; reduce-scatter:
@@ -61,9 +62,11 @@ from meshweave.comm.ops import CommGroup, dim_of
 
 # Each rank's sequence shard travels in this many pieces, several in flight: a piece's matmuls
 # start as soon as it arrives (all-gather) and a partial sum leaves as soon as it is computed
-# (reduce-scatter), so the matmuls of the shard on the wire hide the transfer too, not only the
-# shard in hand (with one piece at tp = 2, half the matmuls could run under the wire).
-PIECES = 4
+# (reduce-scatter), so the matmuls of the shard on the wire could hide the transfer too, not only
+# the shard in hand. 1 from measurement (bench/overlap.py's tp rows, gloo on a loaded 2-core CPU):
+# 4 pieces left as much or more exposed than 1 — each extra exchange costs gloo's thread CPU the
+# matmuls need. Worth re-measuring where communication has its own engine (NCCL).
+PIECES = 1
 
 
 def _ring(group: CommGroup) -> tuple[int, int]:

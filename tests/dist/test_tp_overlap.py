@@ -35,12 +35,16 @@ def _problem() -> dict[str, torch.Tensor]:
     }
 
 
-def functions_worker(rank: int, world: int) -> dict:
-    """Both Functions on this rank's shards of :func:`_problem`, with a fixed output gradient."""
+def functions_worker(rank: int, world: int, pieces: int) -> dict:
+    """Both Functions on this rank's shards of :func:`_problem`, with a fixed output gradient,
+    each shard sent in ``pieces`` pieces."""
     import torch.distributed as dist
 
     from meshweave.comm.ops import LEDGER, CommGroup
+    from meshweave.parallel import tp_overlap
     from meshweave.parallel.tp_overlap import AllGatherMatmul, matmul_reduce_scatter
+
+    tp_overlap.PIECES = pieces
 
     group = CommGroup(dist.group.WORLD, "tp")
     p = _problem()
@@ -68,9 +72,10 @@ def functions_worker(rank: int, world: int) -> dict:
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
+@pytest.fixture(scope="module", params=[(2, 1), (3, 1), (2, 3)], ids=["tp2", "tp3", "tp2-3pieces"])
 def ranks(request):
-    return request.param, spawn(functions_worker, request.param)
+    n, pieces = request.param
+    return n, spawn(functions_worker, n, pieces)
 
 
 def test_all_gather_matmul_equals_the_gathered_matmul_and_its_gradients(ranks):
