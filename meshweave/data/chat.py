@@ -38,6 +38,12 @@ def chat_messages(record: Any) -> list[Message]:
     missing or malformed."""
     if not isinstance(record, dict):
         raise ChatError(f"expected a JSON object with 'messages' or 'prompt'/'completion', got {type(record).__name__}")
+    # apply_chat_template hands these to the template, which would render them: not understood here
+    unread = [key for key in ("tools", "documents") if record.get(key)]
+    if unread:
+        raise ChatError(f"the record's {unread[0]!r} would change the rendered text; meshweave renders messages only")
+    if "messages" in record and ("prompt" in record or "completion" in record):
+        raise ChatError("the record has both 'messages' and 'prompt'/'completion'; keep one")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:

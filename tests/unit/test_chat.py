@@ -118,6 +118,8 @@ def test_train_on_prompt_counts_every_token(tmp_path, byte_bpe):
         ({"messages": []}, "non-empty list"),
         ({"prompt": "hi"}, "'completion'"),
         (["not", "an", "object"], "JSON object"),
+        ({"messages": [{"role": "assistant", "content": "x"}], "tools": [{"name": "f"}]}, "'tools'"),
+        ({"messages": [{"role": "assistant", "content": "x"}], "prompt": "p"}, "keep one"),
     ],
 )
 def test_a_malformed_record_is_a_chat_error_saying_what_is_wrong(record, why):
