@@ -80,7 +80,7 @@ def _kill_pidfile(path: Path) -> None:
 
 
 def _daemon_logs(d: Path) -> str:
-    return "\n".join(f"--- {log.name}\n{log.read_text()[-1500:]}" for log in sorted(d.glob("*.log")))
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in sorted(d.glob("*.log")))
 
 
 def _start_cluster(d: Path, conf: Path, env: dict) -> str | None:
@@ -169,6 +169,12 @@ def job_state(env: dict, job_id: str) -> str:
         if field.startswith("JobState="):
             return field.split("=", 1)[1]
     return "UNKNOWN"
+
+
+def cluster_report(env: dict, job_id: str) -> str:
+    """SLURM's record of a job and the tail of every daemon log, for a failing assertion's message."""
+    record = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return f"--- scontrol show job {job_id}\n{record}\n{_daemon_logs(Path(env['SLURM_CONF']).parent)}"
 
 
 def wait_for_state(env: dict, job_id: str, states: set[str], timeout: float = 600) -> str:

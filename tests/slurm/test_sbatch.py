@@ -12,7 +12,7 @@ from pathlib import Path
 
 from meshweave.launch.harness import free_port, read_metrics
 from tests.parity import TINY, losses, train_run
-from tests.slurm.conftest import job_state, wait_for_state
+from tests.slurm.conftest import cluster_report, job_state, wait_for_state
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUT = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
@@ -36,11 +36,16 @@ def _job_log(cwd, job_id):
     return logs[0].read_text() if logs else "(no job output)"
 
 
+def _failure(env, cwd, job_id):
+    """Everything needed to tell why a job did not complete: its output, SLURM's record, daemon logs."""
+    return f"{_job_log(cwd, job_id)}\n{cluster_report(env, job_id)}"
+
+
 def test_sbatch_on_two_nodes_trains_like_two_local_processes(slurm, tmp_path, reference_run):
     local = losses(reference_run(2, *LAYOUT, steps=10))
     job_id = _sbatch(slurm, tmp_path, tmp_path / "run", 10)
     state = wait_for_state(slurm, job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
-    assert state == "COMPLETED", _job_log(tmp_path, job_id)
+    assert state == "COMPLETED", _failure(slurm, tmp_path, job_id)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 11))
     assert losses(records) == local
@@ -54,8 +59,8 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm, tmp_path):
     job_id = _sbatch(slurm, tmp_path, out, steps, "--checkpoint.interval=10", "--checkpoint.resume=auto")
     deadline = time.monotonic() + 300
     while len(read_metrics(out)) < 5:
-        assert time.monotonic() < deadline and job_state(slurm, job_id) in ("PENDING", "RUNNING"), _job_log(
-            tmp_path, job_id
+        assert time.monotonic() < deadline and job_state(slurm, job_id) in ("PENDING", "RUNNING"), _failure(
+            slurm, tmp_path, job_id
         )
         time.sleep(0.5)
     # What SLURM does at --signal=B:USR1@T: signal the batch shell only.
@@ -65,7 +70,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm, tmp_path):
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
     state = wait_for_state(slurm, job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     log = _job_log(tmp_path, job_id)
-    assert state == "COMPLETED", log
+    assert state == "COMPLETED", _failure(slurm, tmp_path, job_id)
     events = (out / "events.log").read_text()
     assert "stop requested" in events and "resumed from" in events, events
     assert "requeueing" in log and "restart 1" in log
