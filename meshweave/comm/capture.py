@@ -24,8 +24,13 @@ Exposed time (see ops.py) of these collectives:
   recorded here pass through untouched).
 - a functional collective (DTensor redistributions of tensor parallelism): the time its
   ``wait_tensor`` blocks — the first wait on any view of the result, which is where
-  ``AsyncCollectiveTensor`` synchronises. A functional collective waited inside torch.compile'd
-  code is not seen (compile and TP are not combined in meshweave).
+  ``AsyncCollectiveTensor`` synchronises.
+
+Inside ``torch.compile``'d code (``--train.compile`` with tensor parallelism) no wrapper runs when
+the graph does. While a functional collective is traced, the wrapper puts a
+``meshweave::book_collective`` op beside it (an ordered side effect, so it is neither removed nor
+reordered), which books the collective's bytes each time the graph runs, forward and backward;
+its seconds and exposed time are not measured (the wait happens inside the compiled code).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
+from torch._library.effects import EffectType
 
 from meshweave.comm import ops
 
@@ -118,6 +124,9 @@ def _wrap(
 
     @functools.wraps(fn)
     def recorded(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            _book_in_graph(_arg(args, kwargs, *tensor_at), _arg(args, kwargs, *group_at), op, kind)
+            return fn(*args, **kwargs)
         if ops.recording_suspended():
             return fn(*args, **kwargs)
         payload = _arg(args, kwargs, *tensor_at)
@@ -156,6 +165,32 @@ def _wrap(
     return recorded
 
 
+@torch.library.custom_op("meshweave::book_collective", mutates_args=())
+def _book_collective(payload: Tensor, dim: str, op: str, nbytes: int) -> None:
+    """Book a collective of a compiled graph in the ledger each time the graph runs."""
+    ops.LEDGER.record(dim, op, nbytes, 0.0)
+
+
+@_book_collective.register_fake
+def _(payload: Tensor, dim: str, op: str, nbytes: int) -> None:
+    return None
+
+
+# Ordered side effect: compiled graphs keep the call (no dead-code elimination) in program order.
+torch.library._register_effectful_op("meshweave::book_collective", EffectType.ORDERED)
+
+
+def _book_in_graph(payload: Any, group: Any, op: str, kind: str) -> None:
+    """While torch.compile traces a functional collective, put a booking op beside it in the graph
+    (bytes from the traced shapes; seconds and exposed time are not measurable from inside)."""
+    if not isinstance(payload, Tensor):
+        return
+    pg = _resolve(group)
+    n = dist.get_world_size(pg)
+    if n > 1:
+        _book_collective(payload, ops.dim_of(pg), op, ops.wire_bytes(kind, _nbytes(payload), n))
+
+
 def _timed_work_wait(original: Callable) -> Callable:
     @functools.wraps(original)
     def wait(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -177,7 +212,9 @@ def _timed_work_wait(original: Callable) -> Callable:
 def _timed_wait_tensor(original: Callable) -> Callable:
     @functools.wraps(original)
     def wait_tensor(tensor: Tensor) -> Tensor:
-        entry = _PENDING_TENSORS.pop(tensor.untyped_storage().data_ptr(), None) if isinstance(tensor, Tensor) else None
+        if torch.compiler.is_compiling() or not isinstance(tensor, Tensor):
+            return original(tensor)
+        entry = _PENDING_TENSORS.pop(tensor.untyped_storage().data_ptr(), None)
         if entry is None:
             return original(tensor)
         dim, op, device, started = entry

@@ -25,7 +25,7 @@ length from the replicated input. Divisibility is checked by config validation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -67,7 +67,7 @@ def _style(name: str, module: nn.Module, tp_mesh: DeviceMesh) -> ParallelStyle:
     if name == "gather_sequence":
         return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     if name == "vocab_embedding":
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+        return VocabEmbedding(input_layouts=Replicate(), output_layouts=Shard(1))
     if name == "vocab_head":
         return ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     if name == "replicated_block":
@@ -113,6 +113,24 @@ class LoRARowwise(RowwiseParallel):
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         layout: Placement = Replicate() if name == "lora_B" else Shard(1)
         _shard_lora(module, device_mesh, {"weight": layout, "bias": Replicate()})
+
+
+class VocabEmbedding(RowwiseParallel):
+    """The vocab-parallel embedding, whose reduce-scatter onto the sequence shards completes before
+    it returns (``RowwiseParallel`` leaves it in flight). The first block needs the result at once
+    anyway; and a compiled block handed the in-flight ``AsyncCollectiveTensor`` returns a plain
+    gradient where the eager redistribute behind it needs a DTensor one (torch 2.13)."""
+
+    @staticmethod
+    def _prepare_output_fn(
+        output_layouts: Sequence[Placement],
+        use_local_output: bool,
+        mod: nn.Module,
+        outputs: DTensor,
+        device_mesh: DeviceMesh,
+    ) -> object:
+        outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
 
 
 class FeatureNorm(ParallelStyle):

@@ -4,9 +4,9 @@
 fused pointwise chains differs (observed <= 1e-7; a block that missed its compiled gradient or ran
 twice would be off by far more). Checked where compile meets the rest of the stack: one process,
 dp_shard2 with activation checkpointing (compiled blocks inside FSDP units, recomputation in
-backward), HSDP 2x2, and the pipeline (pp2). With tp, cp or MoE a compiled run is refused
-before launch (a compiled block under TP's DTensor hooks returned plain-tensor gradients to an
-eager redistribute, and trained 3e-3 off with FSDP): see tests/unit/test_config.py.
+backward), HSDP 2x2, the pipeline (pp2), and tp2 x dp_shard2 (TP's DTensor hooks and their
+collectives traced into each block's forward and backward graphs). With cp, MoE or tp_overlap a
+compiled run is refused before launch: see tests/unit/test_config.py.
 """
 
 import pytest
@@ -16,6 +16,7 @@ from tests.parity import assert_losses_match, losses
 pytestmark = pytest.mark.dist
 STEPS = 10
 COMPILE = "--train.compile=true"
+TP_FSDP = ["--parallel.tp=2", "--parallel.dp_shard=2"]
 
 
 @pytest.mark.parametrize(
@@ -27,9 +28,20 @@ COMPILE = "--train.compile=true"
             4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"], [], id="hsdp2x2"
         ),
         pytest.param(2, ["--parallel.pp=2"], [], id="pp2"),
+        pytest.param(4, TP_FSDP, [], id="tp2-fsdp2"),
     ],
 )
 def test_compiled_blocks_train_like_eager(reference_run, nproc, layout, extra):
     eager = losses(reference_run(nproc, *layout, steps=STEPS))
     compiled = losses(reference_run(nproc, *layout, *extra, COMPILE, steps=STEPS))
     assert_losses_match(eager, compiled, rtol=1e-5)
+
+
+def test_the_ledger_counts_the_collectives_inside_compiled_blocks(reference_run):
+    # The same runs as the tp2-fsdp2 case above. TP's gathers and reduce-scatters run inside the
+    # compiled graphs, where no Python wrapper executes: each is booked by an op traced beside it,
+    # so every step's bytes per <dim>/<op> equal eager's exactly.
+    eager = reference_run(4, *TP_FSDP, steps=STEPS)
+    compiled = reference_run(4, *TP_FSDP, COMPILE, steps=STEPS)
+    assert [r["comm_bytes"] for r in compiled] == [r["comm_bytes"] for r in eager]
+    assert compiled[-1]["comm_bytes"]["tp/all_gather"] > 0

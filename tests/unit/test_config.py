@@ -585,14 +585,19 @@ def test_validation_imports_no_torch():
 
 
 @pytest.mark.parametrize(
-    "section, key, value, world",
-    [("parallel", "tp", 2, 2), ("parallel", "cp", 2, 2), ("moe", "num_experts", 4, 1)],
-    ids=["tp", "cp", "moe"],
+    "settings, world",
+    [
+        ({("parallel", "cp"): 2}, 2),
+        ({("moe", "num_experts"): 4}, 1),
+        ({("parallel", "tp"): 2, ("comm", "tp_overlap"): True}, 2),
+    ],
+    ids=["cp", "moe", "tp_overlap"],
 )
-def test_compiled_blocks_are_refused_where_they_are_not_proven(section, key, value, world):
+def test_compiled_blocks_are_refused_where_they_are_not_proven(settings, world):
     cfg = Config()
     cfg.train.compile = True
-    setattr(getattr(cfg, section), key, value)
+    for (section, key), value in settings.items():
+        setattr(getattr(cfg, section), key, value)
     with pytest.raises(ConfigError, match="train.compile") as err:
         validate(cfg, world_size=world)
     assert "\n" not in str(err.value)
