@@ -1,6 +1,9 @@
 """A private two-node SLURM cluster on this machine (munged, slurmctld, two slurmd), per test session.
 
-Two NodeNames on 127.0.0.1 with their own ports, each served by ``slurmd -N name``. Outside CI the
+Two NodeNames on 127.0.0.1 with their own ports, each served by ``slurmd -N name``. Credentials
+expire after 10 s instead of 120 s: that is also how long a requeued job waits before it may start
+again (a job started before its old credential expired is refused by slurmd); the scheduler looks at
+pending jobs every 2 s instead of 60 s, so it starts then. Outside CI the
 tests skip when SLURM is not installed; in CI (CI=true) .ci/run installs it and they must run.
 """
 
@@ -21,6 +24,8 @@ CONF = """ClusterName=meshweave-test
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
