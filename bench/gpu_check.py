@@ -3,9 +3,10 @@
 On a machine without CUDA it prints one line saying so and exits 0. With CUDA it runs:
 
 - (a) single GPU: tests/gpu (bf16 flash attention forward/backward vs the fp32 twin, model forward
-  and backward vs the CPU, compiled vs eager training, fused AdamW, NVML telemetry in metrics);
-- (b) NCCL: the same file's parity tests (replicate, FSDP, TP, CP ring, EP, PP on 2 GPUs against
-  one), when there are at least 2 GPUs;
+  and backward vs the CPU, compiled vs eager training, fused AdamW, NVML telemetry in metrics,
+  the comm stream's event ordering without host syncs);
+- (b) NCCL: the parity tests (replicate, FSDP, TP, CP ring, EP, PP on 2 GPUs against one) and an
+  async all-reduce beside compute that never syncs the host, when there are at least 2 GPUs;
 - (c) bench/mfu.py: tokens/s and MFU of a ~0.9B Llama (bf16, compiled, flash, seq 4096).
 
 It installs nothing (``make venv`` does, with the GPU extras when ``nvidia-smi`` exists) and ends

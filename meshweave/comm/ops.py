@@ -33,6 +33,9 @@ per ``"<dim>/<op>"`` beside it (:meth:`CommLedger.take_exposed`, metrics.jsonl `
   the compute stream was held up. Events are resolved when the step's figures are taken (the
   trainer already synchronises there for the loss), never on the critical path.
 
+On CUDA every async op here is issued from the comm stream and joined by events only, never a host
+sync (comm/streams.py).
+
 Collectives torch issues itself (FSDP2, DTensor) get the same treatment where they can be seen:
 see comm/capture.py for what is and is not measured there.
 """
@@ -50,6 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+
+from meshweave.comm.streams import issued_on_comm_stream, join_comm_stream
 
 Tensor = torch.Tensor
 
@@ -245,6 +250,8 @@ class Handle:
         mark = self._stall if self._stall is not None else stall_begin(self._device)
         for work in self._works():
             work.wait()
+        if self._stall is None:  # async: issued from the comm stream
+            join_comm_stream(self._device)
         self._done = True
         stall_end(mark, self._dim, self._op)
         LEDGER.add_seconds(self._dim, self._op, time.perf_counter() - self._started)
@@ -275,14 +282,17 @@ def wire_bytes(kind: str, nbytes: int, n: int) -> int:
     }[kind]
 
 
-def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool, device: torch.device | None) -> Handle:
+def _launch(group: CommGroup, op: str, nbytes: int, fn, async_op: bool, tensors: Sequence[Tensor]) -> Handle:
     """Record, launch ``fn`` (which returns the async work), and wait at once unless ``async_op``.
-    ``device``: where the tensors live (CUDA exposed time is timed with events)."""
+    ``tensors``: every tensor the collective reads or writes (on CUDA an async op is issued from
+    the comm stream, comm/streams.py, and they are kept alive on it; exposed time uses events)."""
+    device = tensors[0].device if tensors else None
     started = time.perf_counter()
     stall = None if async_op else stall_begin(device)
     LEDGER.record(group.dim, op, nbytes)
     note_launch(group.dim, op)
-    with suspend_recording():
+    issued_on = issued_on_comm_stream(device, tensors) if async_op else contextlib.nullcontext()
+    with suspend_recording(), issued_on:
         work = fn()
     handle = Handle(work, group.dim, op, started, device, stall)
     if not async_op:
@@ -309,7 +319,7 @@ def all_reduce(
         wire_bytes("all_reduce", _nbytes(t), n),
         lambda: dist.all_reduce(t, op=op, group=group.pg, async_op=True),
         async_op,
-        t.device,
+        [t],
     )
 
 
@@ -325,7 +335,7 @@ def all_gather_into(out: Tensor, t: Tensor, group: CommGroup, async_op: bool = F
         wire_bytes("gather", _nbytes(t), n),
         lambda: dist.all_gather_single(out, t, group=group.pg, async_op=True),
         async_op,
-        t.device,
+        [t, out],
     )
 
 
@@ -343,7 +353,7 @@ def reduce_scatter_into(
         wire_bytes("scatter", _nbytes(t), n),
         lambda: dist.reduce_scatter_single(out, t, op=op, group=group.pg, async_op=True),
         async_op,
-        t.device,
+        [t, out],
     )
 
 
@@ -359,7 +369,7 @@ def broadcast(t: Tensor, group: CommGroup, src_group_rank: int = 0, async_op: bo
         wire_bytes("bcast", _nbytes(t), n),
         lambda: dist.broadcast(t, src=src, group=group.pg, async_op=True),
         async_op,
-        t.device,
+        [t],
     )
 
 
@@ -385,20 +395,20 @@ def all_to_all_single(
         sent,
         lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group.pg, async_op=True),
         async_op,
-        t.device,
+        [t, out],
     )
 
 
 def send(t: Tensor, group: CommGroup, dst_group_rank: int) -> Handle:
     """Point-to-point send to group rank ``dst_group_rank`` (async; wait before reusing ``t``)."""
     dst = dist.get_global_rank(group.pg, dst_group_rank)
-    return _launch(group, "send", _nbytes(t), lambda: dist.isend(t, dst=dst, group=group.pg), True, t.device)
+    return _launch(group, "send", _nbytes(t), lambda: dist.isend(t, dst=dst, group=group.pg), True, [t])
 
 
 def recv(t: Tensor, group: CommGroup, src_group_rank: int) -> Handle:
     """Point-to-point receive into ``t`` from group rank ``src_group_rank`` (async)."""
     src = dist.get_global_rank(group.pg, src_group_rank)
-    return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True, t.device)
+    return _launch(group, "recv", 0, lambda: dist.irecv(t, src=src, group=group.pg), True, [t])
 
 
 def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, int]], group: CommGroup) -> Handle:
@@ -418,14 +428,14 @@ def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, 
         ops += [dist.P2POp(dist.irecv, t, to_global(peer), group.pg) for t, peer in recvs]
         return dist.batch_isend_irecv(ops)
 
-    device = (sends or recvs)[0][0].device
-    return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True, device)
+    tensors = [t for t, _ in (*sends, *recvs)]
+    return _launch(group, "send", sum(_nbytes(t) for t, _ in sends), launch, True, tensors)
 
 
 def barrier(group: CommGroup) -> None:
     """Block until every member arrives (moves no payload)."""
     if group.size > 1:
-        _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False, None)
+        _launch(group, "barrier", 0, lambda: dist.barrier(group=group.pg, async_op=True), False, [])
 
 
 def all_reduce_scalars(
