@@ -166,8 +166,9 @@ class Trainer:
             return messages
         saved_replicas = read_manifest(path).get("layout", {}).get("dp_replicate", 1)
         if self.replicas.checkpoint_replica() is not None and saved_replicas != self.dims.dp_replicate:
+            kind = "CO2" if self.replicas.mode == "co2" else "DiLoCo"
             raise CheckpointError(
-                f"{path} holds {saved_replicas} DiLoCo replicas but this run has "
+                f"{path} holds {saved_replicas} {kind} replicas but this run has "
                 f"dp_replicate={self.dims.dp_replicate}; resume with the same dp_replicate"
             )
         extra = self.replicas.checkpoint_extra()
