@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import os
 import shutil
 import signal
@@ -49,6 +50,9 @@ BRIDGE_HINT = (
     "ranks in shaped namespaces; if they never connected, check that bridged traffic is not filtered "
     "(/proc/sys/net/bridge/bridge-nf-call-iptables with a FORWARD DROP policy)"
 )
+
+
+_NETWORKS = itertools.count()
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -81,7 +85,9 @@ class ShapedNetwork:
     """
 
     def __init__(self, n: int, rate_mbit: float) -> None:
-        tag = str(os.getpid() % 100000)
+        # Unique per network, not only per process: the kernel deletes a namespace's veths
+        # asynchronously, so the next network of the same process could meet the old names.
+        tag = f"{os.getpid() % 100000}n{next(_NETWORKS) % 100}"
         self.n, self.rate_mbit = n, rate_mbit
         self.bridge = f"mwbr{tag}"  # interface names: at most 15 characters
         self.ns = [f"mw-{tag}-{i}" for i in range(n)]
