@@ -96,18 +96,12 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelDims:
         "comm.tp_overlap",
         "overlaps tensor-parallel communication: set parallel.tp > 1 or drop it",
     )
-    if t.compile:
-        # Compiled blocks are proven with data parallelism (FSDP / HSDP / replicas), tensor
-        # parallelism, activation checkpointing and the pipeline; CP's attention collectives, MoE
-        # dispatch and the tp_overlap ring (autograd Functions posting P2P) are not traceable yet,
-        # so they are refused, not run unproven.
-        untested = {
-            "parallel.cp > 1": dims.cp > 1,
-            "moe": cfg.moe.num_experts > 0,
-            "comm.tp_overlap": cfg.comm.tp_overlap,
-        }
-        for what, present in untested.items():
-            require(not present, "train.compile", f"compiled blocks are not supported with {what} yet; drop one")
+    require(
+        not (t.compile and cfg.comm.tp_overlap),
+        "train.compile",
+        "compiled blocks are not supported with comm.tp_overlap yet (its ring's autograd Functions "
+        "post P2P inside the block); drop one",
+    )
     return dims
 
 

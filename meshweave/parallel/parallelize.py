@@ -20,7 +20,7 @@ from meshweave.lowcomm.diloco import StreamingDiLoCo
 from meshweave.lowcomm.replicas import ReplicaExchange, replica_mode
 from meshweave.models.family import family_of, seam
 from meshweave.models.lora import freeze_base, is_adapter, lora_init_value
-from meshweave.models.moe import init_moe_buffers, set_aux_loss_scale
+from meshweave.models.moe import init_moe_buffers, moe_layers, set_aux_loss_scale
 from meshweave.parallel.context import ContextParallel
 from meshweave.parallel.data import (
     MIXED_PRECISION,
@@ -61,7 +61,9 @@ def parallelize(
         apply_tensor_parallel(model, mesh["tp"], overlap=cfg.comm.tp_overlap)
     cp = context_parallel(dims, mesh, cfg)
     if cp is not None:
-        seam(model).set_attention_op(cp.attention_op)
+        # Compiled blocks run CP's exchanges eagerly between their compiled halves: its autograd
+        # Functions post P2P and plan blocks on the host, which dynamo cannot trace.
+        seam(model).set_attention_op(torch.compiler.disable(cp.attention_op) if cfg.train.compile else cp.attention_op)
     experts = expert_parallel(model, dims, mesh, cfg)
     if cfg.lora.rank:  # before FSDP, which keeps each parameter's flag (TP styles may not)
         freeze_base(model)
@@ -97,6 +99,10 @@ def compile_blocks(model: nn.Module) -> None:
     """``torch.compile`` every decoder block in place (after TP and activation checkpointing,
     before FSDP, as TorchTitan orders them). In place (``Module.compile``), so parameter names,
     checkpoints and the HF name map are unchanged; blocks of one shape share their compiled code."""
+    for moe in moe_layers(model):
+        # Token routing sizes every grouped matmul and all-to-all from host-side counts: run the
+        # dispatch eagerly between the block's compiled parts (compiled, it would recompile per count).
+        moe.dispatch_op = torch.compiler.disable(moe.dispatch_op)
     for block in family_of(model).block_dict(model).values():
         block.compile()
 

@@ -4,9 +4,11 @@
 fused pointwise chains differs (observed <= 1e-7; a block that missed its compiled gradient or ran
 twice would be off by far more). Checked where compile meets the rest of the stack: one process,
 dp_shard2 with activation checkpointing (compiled blocks inside FSDP units, recomputation in
-backward), HSDP 2x2, the pipeline (pp2), and tp2 x dp_shard2 (TP's DTensor hooks and their
-collectives traced into each block's forward and backward graphs). With cp, MoE or tp_overlap a
-compiled run is refused before launch: see tests/unit/test_config.py.
+backward), HSDP 2x2, the pipeline (pp2), tp2 x dp_shard2 (TP's DTensor hooks and their
+collectives traced into each block's forward and backward graphs), ring context parallelism and
+expert-parallel MoE (both run eagerly between the compiled parts of a block: CP's attention
+exchange and the token dispatch). With tp_overlap a compiled run is refused before launch: see
+tests/unit/test_config.py.
 """
 
 import pytest
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.dist
 STEPS = 10
 COMPILE = "--train.compile=true"
 TP_FSDP = ["--parallel.tp=2", "--parallel.dp_shard=2"]
+MOE = ["--moe.num_experts=4", "--moe.top_k=2", "--moe.expert_ffn_dim=64", "--moe.shared_experts=1"]
 
 
 @pytest.mark.parametrize(
@@ -29,6 +32,8 @@ TP_FSDP = ["--parallel.tp=2", "--parallel.dp_shard=2"]
         ),
         pytest.param(2, ["--parallel.pp=2"], [], id="pp2"),
         pytest.param(4, TP_FSDP, [], id="tp2-fsdp2"),
+        pytest.param(2, ["--parallel.cp=2", "--parallel.cp_method=ring"], [], id="cp2-ring"),
+        pytest.param(2, [*MOE, "--parallel.ep=2", "--parallel.dp_shard=2"], [], id="moe-ep2-fsdp2"),
     ],
 )
 def test_compiled_blocks_train_like_eager(reference_run, nproc, layout, extra):
