@@ -129,7 +129,6 @@ def check_lora(cfg: Config) -> None:
         "lora.rank",
         "LoRA trains with the plain data-parallel exchange; drop optim.name=onebit_adam / comm.diloco / comm.co2",
     )
-    require(not cfg.train.compile, "lora.rank", "compiled blocks are not supported with LoRA yet; drop train.compile")
     require(not cfg.model.ladder_residual, "lora.rank", "LoRA on a ladder-residual model is not supported; drop one")
 
 
