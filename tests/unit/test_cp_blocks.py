@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshweave.parallel.context.blockwise import BlockPlan, block_visible, chunk_sharing
+from meshweave.parallel.context.blockwise import BlockPlan, block_plan, block_visible, chunk_sharing
 from meshweave.parallel.context.layout import SequenceLayout
 
 
@@ -152,3 +152,16 @@ def test_own_block_pieces_cover_every_visible_pair_once(documents, size, causal)
                 position = visible_pairs(torch.zeros_like(documents), size, causal, rank, rank)
                 assert position[:, rows, cols].all()
         assert (cover <= 1).all() and not (pairs.any(0) & (cover == 0)).any(), rank
+
+
+def test_block_plan_is_reused_for_the_same_ids_tensor_and_rebuilt_for_any_other():
+    # Every layer of a microbatch (and its backward) passes the same ids tensor: one plan for all.
+    documents = torch.arange(64).div(8, rounding_mode="floor").expand(2, 64)
+    plan = block_plan(documents, 4, True, 16)
+    assert block_plan(documents, 4, True, 16) is plan
+    assert block_plan(documents.clone(), 4, True, 16) is not plan  # equal values, another tensor
+    assert block_plan(documents, 2, True, 32) is not plan  # another layout
+    changed = documents.clone()
+    plan = block_plan(changed, 4, True, 16)
+    changed[:, 8:16] = 99  # modified in place: its plan would be stale
+    assert block_plan(changed, 4, True, 16) is not plan

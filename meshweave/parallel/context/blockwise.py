@@ -117,6 +117,26 @@ def block_visible(sharing: Tensor | list, size: int, q_rank: int, k_rank: int, c
     return any(bool(sharing[i][j]) for i in q_chunks for j in k_chunks)
 
 
+_PLANS: dict[tuple[int, bool, int], tuple[int, BlockPlan]] = {}
+
+
+def block_plan(documents: Tensor | None, size: int, causal: bool, seq: int) -> BlockPlan:
+    """The :class:`BlockPlan` of these arguments, reused while the same (unmodified) ``documents``
+    tensor comes back — every layer of a microbatch and every backward pass into them share one
+    ids tensor — so the plan's host copies and trimmed rows are computed once per microbatch, not
+    twice per layer. The cache holds the newest plan per ``(size, causal, seq)``; a plan keeps its
+    ids tensor alive, so an identity match cannot be a recycled object."""
+    if documents is None:
+        return BlockPlan(None, size, causal, seq)
+    key = (size, causal, seq)
+    cached = _PLANS.get(key)
+    if cached is not None and cached[1].documents is documents and cached[0] == documents._version:
+        return cached[1]
+    plan = BlockPlan(documents, size, causal, seq)
+    _PLANS[key] = (documents._version, plan)
+    return plan
+
+
 class BlockPlan:
     """The blocks of one blockwise attention call on ``size`` zigzag ranks of ``seq`` local tokens:
     their rows, their document ids and whether they are empty (module docstring).

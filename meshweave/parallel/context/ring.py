@@ -52,6 +52,7 @@ from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import attention, attention_backward, merge_partial
 from meshweave.parallel.context.blockwise import (
     BlockPlan,
+    block_plan,
     blockwise_function,
     own_block,
     own_block_backward,
@@ -81,7 +82,7 @@ def ring_forward(
     ``documents``: ids ``[b, P * s]`` of the group's whole sequence (same on every rank), or None.
     """
     rank, size = group.rank, group.size
-    plan = BlockPlan(documents, size, causal, q.shape[1])
+    plan = block_plan(documents, size, causal, q.shape[1])
     kv = torch.cat([k, v], dim=2).contiguous()
     n_kv = k.shape[2]
     pending = _fetch_kv(1, kv, plan, group) if size > 1 else None
@@ -127,7 +128,7 @@ def ring_backward(
     """Gradients of :func:`ring_forward` (collective): K/V come straight from their owners again and
     each block's dK/dV go straight home."""
     rank, size = group.rank, group.size
-    plan = BlockPlan(documents, size, causal, q.shape[1])
+    plan = block_plan(documents, size, causal, q.shape[1])
     if size == 1:
         dq, dk, dv = own_block_backward(attention_backward, dout, q, k, v, out, lse, plan, 0)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -56,6 +56,7 @@ from meshweave.comm.ops import CommGroup
 from meshweave.kernels.attention import attention, attention_backward, merge_partial
 from meshweave.parallel.context.blockwise import (
     BlockPlan,
+    block_plan,
     blockwise_function,
     own_block,
     own_block_backward,
@@ -120,7 +121,7 @@ def tokenring_forward(
     ``documents``: ids ``[b, P * s]`` of the group's whole sequence (same on every rank), or None.
     """
     rank, size = group.rank, group.size
-    plan = BlockPlan(documents, size, causal, q.shape[1])
+    plan = block_plan(documents, size, causal, q.shape[1])
     sched = _Schedule(group, plan)
     queries = [q.contiguous()]
     pending = sched.fetch_queries(1, queries) if size > 1 else None
@@ -167,7 +168,7 @@ def tokenring_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`tokenring_forward` (collective): query packages travel, dK/dV stay local."""
     rank, size = group.rank, group.size
-    plan = BlockPlan(documents, size, causal, q.shape[1])
+    plan = block_plan(documents, size, causal, q.shape[1])
     sched = _Schedule(group, plan)
     package = [torch.cat([q, dout.to(q.dtype), out.to(q.dtype)], dim=2).contiguous(), lse.contiguous()]
     heads = q.shape[2]
