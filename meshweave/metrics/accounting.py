@@ -1,7 +1,8 @@
 """Accounting: model FLOPs per token, MFU against a device's peak, and peak memory.
 
 MFU follows the PaLM appendix: ``6 N + 12 L d s`` FLOPs per token for N non-embedding parameters
-(forward + backward, attention scores included), over the device's dense bf16 peak.
+(forward + backward, attention scores included; MoE experts at their routed share, frozen weights
+without their weight gradient), over the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import sys
 import torch
 
 
-def model_flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N + 12 n_layers dim seq_len``.
+def model_flops_per_token(
+    n_params_non_embedding: float, n_layers: int, dim: int, seq_len: int, n_frozen: float = 0.0
+) -> float:
+    """Training FLOPs per token: ``6 N - 2 F + 12 n_layers dim seq_len``.
 
-    ``6 N`` is forward (2N) plus backward (4N) for the dense matmuls over the non-embedding
-    parameters; ``12 L d T`` is the attention score and value matmuls (QK^T and AV, forward and
-    backward) that the parameter count misses. This is the PaLM appendix-B / nanoGPT estimate: it
-    ignores causal masking savings and activation recomputation, so MFU stays comparable across
-    runs that differ only in activation checkpointing.
+    ``6 N`` is forward (2N) plus backward (4N: input gradients 2N, weight gradients 2N) for the
+    matmuls over the ``N`` non-embedding parameters a token uses (an MoE layer's routed experts at
+    ``top_k / num_experts``: models/llama.py ``params_per_token``); the ``F`` of them that are
+    frozen (a LoRA base) need no weight gradient, hence ``- 2 F``. ``12 L d T`` is the attention
+    score and value matmuls (QK^T and AV, forward and backward) that the parameter count misses.
+    This is the PaLM appendix-B / nanoGPT estimate: it ignores causal masking savings and
+    activation recomputation, so MFU stays comparable across runs that differ only in activation
+    checkpointing.
     """
-    return 6.0 * n_params_non_embedding + 12.0 * n_layers * dim * seq_len
+    return 6.0 * n_params_non_embedding - 2.0 * n_frozen + 12.0 * n_layers * dim * seq_len
 
 
 # Dense (no structured sparsity) peak tensor-core TFLOPs per device for bf16 inputs with fp32

@@ -311,6 +311,27 @@ def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
     return total
 
 
+def params_per_token(model: nn.Module) -> tuple[float, float]:
+    """``(parameters, of them frozen)`` that one token's matmuls use, the inputs of the model-FLOPs
+    estimate: non-embedding parameters, each MoE layer's routed experts counted at ``top_k /
+    num_experts`` (a token visits ``top_k`` of them); tied weights once. Works on ``meta``."""
+    share: dict[int, float] = {}
+    for layer in model.modules():
+        if isinstance(layer, MoEFeedForward):
+            for p in layer.experts.parameters():
+                share[id(p)] = layer.settings.top_k / layer.settings.num_experts
+    seen: set[int] = set()
+    used = frozen = 0.0
+    for name, p in model.named_parameters():
+        if id(p) in seen or name.startswith("embed_tokens"):
+            continue
+        seen.add(id(p))
+        n = p.numel() * share.get(id(p), 1.0)
+        used += n
+        frozen += 0.0 if p.requires_grad else n
+    return used, frozen
+
+
 def hf_name(name: str) -> str:
     """Hugging Face Llama name of a meshweave parameter (``layers.0...`` -> ``model.layers.0...``)."""
     return name if name.startswith("lm_head") else f"model.{name}"

@@ -38,7 +38,7 @@ from meshweave.metrics.accounting import device_peak_tflops, mfu, model_flops_pe
 from meshweave.metrics.sinks import MetricsLogger
 from meshweave.metrics.tensor_memory import TensorMemoryPeak
 from meshweave.models.family import family_of
-from meshweave.models.llama import Transformer, build_model, num_params
+from meshweave.models.llama import Transformer, build_model, num_params, params_per_token
 from meshweave.models.lora import apply_lora, count_parameters, freeze_base
 from meshweave.options import to_toml
 from meshweave.parallel.dims import resolve_degrees
@@ -76,8 +76,9 @@ class Trainer:
             freeze_base(model)
         self.n_params = num_params(model)
         self.n_trainable, _ = count_parameters(model)
+        used, frozen = params_per_token(model)
         self.flops_per_token = model_flops_per_token(
-            num_params(model, exclude_embedding=True), cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len
+            used, cfg.model.n_layers, cfg.model.dim, cfg.train.seq_len, n_frozen=frozen
         )
         self.runtime: ParallelRuntime = parallelize(model, self.dims, self.mesh, cfg, self.device, _token_loss_sum)
         self.model = self.runtime.model

@@ -65,6 +65,33 @@ def test_flops_per_token_matches_hand_computation() -> None:
     assert model_flops_per_token(10_000_000, 4, 256, 128) == 61_572_864.0
 
 
+def test_frozen_weights_need_no_weight_gradient_flops() -> None:
+    # a LoRA base of 9M frozen parameters: 2 FLOPs per parameter fewer (no weight-gradient matmul)
+    assert model_flops_per_token(10_000_000, 4, 256, 128, n_frozen=9_000_000) == 61_572_864.0 - 18_000_000
+
+
+def test_params_per_token_counts_routed_experts_at_their_share_and_a_lora_base_as_frozen() -> None:
+    from meshweave.config import LoRAConfig, ModelConfig, MoEConfig
+    from meshweave.models.llama import build_model, num_params, params_per_token
+    from meshweave.models.lora import apply_lora, freeze_base
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=260)
+    dense = build_model(cfg)
+    assert params_per_token(dense) == (num_params(dense, exclude_embedding=True), 0.0)
+
+    moe = build_model(cfg, moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=32))
+    experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+    assert experts == 2 * 8 * 3 * 64 * 32  # 2 layers x 8 experts x gate/up/down
+    assert params_per_token(moe) == (num_params(moe, exclude_embedding=True) - experts * (1 - 2 / 8), 0.0)
+
+    lora = build_model(cfg)
+    apply_lora(lora.layers.values(), LoRAConfig(rank=4))
+    freeze_base(lora)
+    used, frozen = params_per_token(lora)
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert (used, frozen) == (num_params(lora, exclude_embedding=True), used - adapters)
+
+
 def test_mfu_none_without_peak_and_exact_with_one() -> None:
     assert mfu(1000.0, 1e9, None) is None
     assert mfu(1000.0, 1e9, 0.0) is None
