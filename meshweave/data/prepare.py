@@ -197,8 +197,11 @@ class ChatEncoder:
             docs.append(ids)
             masks.append(mask)
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        tokens = np.fromiter((t for d in docs for t in d), dtype=self.dtype, count=int(lengths.sum()))
-        loss_mask = np.fromiter((m for d in masks for m in d), dtype=np.uint8, count=int(lengths.sum()))
+        tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
+        loss_mask = np.empty(len(tokens), dtype=np.uint8)
+        for d, m, end in zip(docs, masks, np.cumsum(lengths)):  # one slice copy per conversation
+            tokens[end - len(d) : end] = d
+            loss_mask[end - len(m) : end] = m
         return Encoded(tokens, lengths, bad, loss_mask, cut)
 
 
