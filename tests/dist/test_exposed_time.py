@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from meshweave.comm import ops
 from meshweave.comm.ops import LEDGER, CommLedger, Handle
 from meshweave.launch.harness import spawn
 
@@ -105,6 +106,9 @@ def test_cuda_wait_is_timed_by_events_on_the_compute_stream(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"compute-stream-of-{device}")
+    # An async op was issued from the comm stream (comm/streams.py): the wait joins it, between
+    # the two events, so the stall it causes is counted too.
+    monkeypatch.setattr(ops, "join_comm_stream", lambda device: recorded.append(("join", str(device))))
     LEDGER.reset()
     device = torch.device("cuda", 1)
 
@@ -116,7 +120,11 @@ def test_cuda_wait_is_timed_by_events_on_the_compute_stream(monkeypatch):
             return False
 
     Handle(Work(), "tp", "all_gather", time.perf_counter(), device).wait()  # type: ignore[arg-type]
-    assert recorded == [("record", "compute-stream-of-cuda:1")] * 2
+    assert recorded == [
+        ("record", "compute-stream-of-cuda:1"),
+        ("join", "cuda:1"),
+        ("record", "compute-stream-of-cuda:1"),
+    ]
     assert LEDGER.take_exposed() == {"tp/all_gather": pytest.approx(0.040)}
     LEDGER.reset()
 
